@@ -1,0 +1,28 @@
+"""Typed exceptions for user mistakes. The CLI turns each into one line on stderr and exit code 2.
+
+The message of every error names the problem and the fix; no traceback is shown for these.
+"""
+
+
+class LongRopeError(Exception):
+    """Base class: a mistake the user can fix (bad input, missing file, ...)."""
+
+
+class ConfigError(LongRopeError):
+    """The YAML config or a command-line override is invalid."""
+
+
+class ModelError(LongRopeError):
+    """The model cannot be loaded, or has no RoPE we can rescale."""
+
+
+class DataError(LongRopeError):
+    """The corpus cannot be read, or has too few long documents."""
+
+
+class CheckpointError(LongRopeError):
+    """A run directory or checkpoint is missing, corrupt, or belongs to another search."""
+
+
+class ExportError(LongRopeError):
+    """Factors cannot be exported, or the exported model does not reproduce them."""
