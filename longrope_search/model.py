@@ -1,0 +1,204 @@
+"""Load a Hugging Face causal LM, read its RoPE geometry, and install a LongRoPE candidate into it.
+
+Every current HF RoPE model computes (cos, sin) once per forward in one module
+(`model.model.rotary_emb`) and hands them to all layers; we replace that module with ours.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from longrope_search.errors import ModelError
+from longrope_search.rope import RopeSpec, base_inv_freq, cos_sin, scaled_inv_freq
+
+
+# --- RoPE geometry ------------------------------------------------------------------------------------
+
+
+def _rope_parameters(config: Any) -> dict:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params
+    if getattr(config, "rope_theta", None) is not None:  # configs written before transformers 5
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    model_type = getattr(config, "model_type", "?")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise ModelError(
+            f"model type {model_type!r} uses a different RoPE per layer type ({', '.join(params)}); "
+            "longrope supports models with one RoPE for all layers (Llama, Mistral, Qwen2/3, Phi-3, Gemma)."
+        )
+    raise ModelError(
+        f"model type {model_type!r} has no rotary position embedding (no rope_theta in its config); "
+        "LongRoPE only applies to RoPE models such as Llama, Mistral, Qwen, Phi-3 or Gemma."
+    )
+
+
+def rotary_dim(config: Any) -> int:
+    """Rotated dims per head: head_dim (or hidden/heads) times partial_rotary_factor."""
+    params = _rope_parameters(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    partial = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(head_dim * partial)
+
+
+def rope_spec(config: Any) -> RopeSpec:
+    """The RoPE geometry of a model config; a model whose RoPE is already rescaled is refused."""
+    params = _rope_parameters(config)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ModelError(
+            f"the model already uses rope_type {rope_type!r}; search on its unscaled base checkpoint "
+            "(rope_type 'default'), or continue a previous longrope run with --init-from."
+        )
+    original = (
+        params.get("original_max_position_embeddings")
+        or getattr(config, "original_max_position_embeddings", None)
+        or config.max_position_embeddings
+    )
+    return RopeSpec(base=float(params["rope_theta"]), rotary_dim=rotary_dim(config), original_length=int(original))
+
+
+# --- our rotary embedding -----------------------------------------------------------------------------
+
+
+class LongRopeRotaryEmbedding(nn.Module):
+    """Drop-in for HF `*RotaryEmbedding`: forward(x, position_ids) -> (cos, sin) under one candidate.
+
+    `set_candidate` rewrites the tables in place, so scoring many candidates never rebuilds the model and
+    never keeps stale frequencies (transformers caches `long_inv_freq` on its own module).
+    """
+
+    def __init__(self, spec: RopeSpec, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        original = base_inv_freq(spec).to(device)
+        self.register_buffer("original_inv_freq", original, persistent=False)  # (d/2,)
+        self.register_buffer("inv_freq", original.clone(), persistent=False)  # (d/2,)
+        self.n_hat = 0
+        self.mscale = 1.0
+
+    def set_candidate(self, factors: Sequence[float] | torch.Tensor, n_hat: int = 0, mscale: float = 1.0) -> None:
+        factors = torch.as_tensor(factors, dtype=torch.float32)
+        if factors.shape != (self.spec.num_factors,):
+            raise ModelError(
+                f"got {factors.numel()} factors but the model has {self.spec.num_factors} rotary pairs "
+                f"(rotary_dim {self.spec.rotary_dim}); pass one factor per pair."
+            )
+        if not torch.isfinite(factors).all() or (factors <= 0).any():
+            raise ModelError("factors must be finite and positive; check the factors file.")
+        self.inv_freq.copy_(scaled_inv_freq(self.spec, factors))
+        self.n_hat = int(n_hat)
+        self.mscale = float(mscale)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
+        # x only carries device and dtype; position_ids: (b, L)
+        return cos_sin(position_ids, self.inv_freq, self.original_inv_freq, self.n_hat, self.mscale, x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rotary_dim={self.spec.rotary_dim}, base={self.spec.base}, n_hat={self.n_hat}, mscale={self.mscale:.4f}"
+
+
+def _rotary_owner(model: nn.Module) -> nn.Module:
+    """The module that holds `rotary_emb` (the decoder body of a *ForCausalLM)."""
+    for owner in (getattr(model, "model", None), model):
+        if owner is not None and isinstance(getattr(owner, "rotary_emb", None), nn.Module):
+            return owner
+    found = [name for name, _ in model.named_modules() if name.endswith("rotary_emb")]
+    raise ModelError(
+        f"cannot find the rotary embedding of {type(model).__name__} (modules named rotary_emb: {found or 'none'}); "
+        "longrope supports transformers models that compute RoPE once in model.model.rotary_emb."
+    )
+
+
+def install_rope(
+    model: nn.Module, factors: Sequence[float] | torch.Tensor, n_hat: int = 0, mscale: float = 1.0
+) -> LongRopeRotaryEmbedding:
+    """Make the next forward of `model` use this candidate: theta_i / factors[i] for positions >= n_hat."""
+    owner = _rotary_owner(model)
+    module = owner.rotary_emb
+    if not isinstance(module, LongRopeRotaryEmbedding):
+        device = next((b.device for b in module.buffers()), None)
+        module = LongRopeRotaryEmbedding(rope_spec(model.config), device=device)
+        owner.rotary_emb = module
+    module.set_candidate(factors, n_hat, mscale)
+    return module
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_backend(device: str) -> str:
+    """flash_attention_2 where flash-attn is importable on CUDA, else PyTorch SDPA."""
+    if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU unless asked otherwise."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of: auto, {', '.join(sorted(_DTYPES))}.")
+    return _DTYPES[dtype]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """builtin:NAME -> the shipped directory; a local path must exist; anything else is a hub id."""
+    if name_or_path.startswith("builtin:"):
+        from longrope_search import builtin
+
+        return str(builtin.resolve_model(name_or_path))
+    path = Path(name_or_path).expanduser()
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.exists():
+        raise ModelError(f"model directory {name_or_path} does not exist; pass an existing directory or a hub id.")
+    return str(path) if path.exists() else name_or_path
+
+
+def load_config(name_or_path: str) -> Any:
+    from transformers import AutoConfig
+
+    source = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load model config {name_or_path!r} ({first}); pass a local model directory, "
+            "builtin:tiny, or a hub id reachable from this machine."
+        ) from exc
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None):
+    """(model, tokenizer) in eval mode without gradients; the RoPE check runs before weights load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = load_config(name_or_path)
+    rope_spec(config)  # refuse non-RoPE models before loading gigabytes
+    source = resolve_model_path(name_or_path)
+    device = device or default_device()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype, device), attn_implementation=attention_backend(device)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name_or_path!r} ({first}); check the path or hub id.") from exc
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer

@@ -1,0 +1,117 @@
+"""Installing a candidate into real transformers models: identity, no stale tables, every family."""
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
+from transformers import GPT2Config, LlamaForCausalLM
+
+from longrope_search import rope
+from longrope_search.errors import ModelError
+from longrope_search.model import LongRopeRotaryEmbedding, install_rope, load_model, rope_spec
+
+
+def tokens(length: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_identity_candidate_gives_identical_logits():
+    model = tiny_model("llama")
+    ids = tokens(200)  # longer than the 64-token window
+    before = model(ids).logits
+    spec = rope_spec(model.config)
+    install_rope(model, torch.ones(spec.num_factors), n_hat=0, mscale=1.0)
+    assert isinstance(model.model.rotary_emb, LongRopeRotaryEmbedding)
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_two_candidates_differ_and_switching_back_is_exact():
+    model = tiny_model("llama")
+    ids = tokens(256)
+    n = rope_spec(model.config).num_factors
+    install_rope(model, torch.full((n,), 4.0))
+    first = model(ids).logits
+    install_rope(model, torch.linspace(1.0, 4.0, n))
+    second = model(ids).logits
+    assert (first - second).abs().max() > 1e-3
+    install_rope(model, torch.full((n,), 4.0))
+    assert torch.equal(model(ids).logits, first)
+
+
+def test_matches_transformers_longrope_model():
+    scale, original = 4.0, 64
+    config = tiny_config("llama")
+    spec = rope_spec(config)
+    long_factor = torch.linspace(1.0, 1.25 * scale, spec.num_factors).tolist()
+    hf_config = tiny_config(
+        "llama", max_position_embeddings=int(original * scale),
+        rope_parameters={
+            "rope_type": "longrope", "rope_theta": spec.base, "long_factor": long_factor,
+            "short_factor": [1.0] * spec.num_factors, "original_max_position_embeddings": original,
+        },
+    )
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf_model = LlamaForCausalLM(hf_config).eval()
+    ours = tiny_model("llama", seed=0)
+    install_rope(ours, long_factor, mscale=rope.longrope_mscale(scale, original))
+    ids = tokens(int(original * scale))
+    diff = (hf_model(ids).logits - ours(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_runs_with_a_candidate(family):
+    model = tiny_model(family)
+    spec = rope_spec(model.config)
+    expected_dim = 8 if family == "phi3" else 16
+    assert spec.rotary_dim == expected_dim and spec.num_factors == expected_dim // 2
+    ids = tokens(160)
+    base = model(ids).logits
+    install_rope(model, torch.linspace(1.0, 5.0, spec.num_factors), n_hat=4, mscale=1.1)
+    out = model(ids).logits
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, base)
+
+
+def test_n_hat_changes_only_through_early_positions():
+    model = tiny_model("llama")
+    n = rope_spec(model.config).num_factors
+    ids = tokens(128)
+    install_rope(model, torch.full((n,), 3.0), n_hat=0)
+    without = model(ids).logits
+    install_rope(model, torch.full((n,), 3.0), n_hat=8)
+    with_n_hat = model(ids).logits
+    # the first token attends only to itself: its rotation cancels, so logits there do not move
+    torch.testing.assert_close(with_n_hat[:, 0], without[:, 0])
+    assert (with_n_hat[:, 8:] - without[:, 8:]).abs().max() > 1e-4
+
+
+def test_refusals_are_typed_errors():
+    with pytest.raises(ModelError, match="no rotary position embedding"):
+        rope_spec(GPT2Config())
+    scaled = tiny_config("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    with pytest.raises(ModelError, match="already uses rope_type 'linear'"):
+        rope_spec(scaled)
+    model = tiny_model("llama")
+    with pytest.raises(ModelError, match="got 3 factors"):
+        install_rope(model, [1.0, 2.0, 3.0])
+    with pytest.raises(ModelError, match="finite and positive"):
+        install_rope(model, [float("nan")] * rope_spec(model.config).num_factors)
+
+
+def test_load_model_from_local_directory(tmp_path):
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    loaded, tokenizer = load_model(str(tmp_path / "m"), device="cpu")
+    assert rope_spec(loaded.config) == rope_spec(model.config)
+    assert loaded.dtype == torch.float32 and not loaded.training
+    assert loaded.config._attn_implementation == "sdpa"
+    ids = tokens(32)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert tokenizer.bos_token_id == 1
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(str(tmp_path / "missing"))
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(ModelError, match="cannot load model config"):
+        load_model(str(tmp_path / "broken"))
