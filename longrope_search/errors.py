@@ -26,3 +26,7 @@ class CheckpointError(LongRopeError):
 
 class ExportError(LongRopeError):
     """Factors cannot be exported, or the exported model does not reproduce them."""
+
+
+class SearchError(LongRopeError):
+    """The search space is impossible, or exhausted before the search could continue."""
