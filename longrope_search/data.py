@@ -1,0 +1,376 @@
+"""Corpus sources (embedded, local files, hub datasets) and seeded sampling of long token windows.
+
+Samples are cached on disk under a key of tokenizer, corpus identity and sampling settings, so a
+repeated or resumed search never tokenises again; their fingerprint ties checkpoints to the exact ids.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from longrope_search.errors import ConfigError, DataError
+
+# suffix (after any compression suffix) -> `datasets` packaged builder
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+COMPRESSIONS = (".gz", ".bz2", ".xz")
+CACHE_FORMAT = 1  # bump when the sampling rule changes, so old cache files are never reused
+_BLOCK_CHARS = 4_000_000  # grow the tokenising block while a block holds fewer characters than this
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where the text comes from: "builtin:NAME", "hub:NAME", or a local file, directory or glob."""
+
+    source: str
+    hub_config: str | None = None
+    split: str = "validation"  # hub only
+    text_field: str = "text"  # json / jsonl / parquet / hub; a .txt file is one document
+    concatenate: bool = False  # join documents with EOS and cut windows (corpora of short documents)
+
+
+@dataclass
+class Samples:
+    """Token windows for the search and a held-out set drawn from other documents."""
+
+    search: torch.Tensor  # (n, L) int64
+    heldout: torch.Tensor  # (m, L) int64
+    length: int
+    fingerprint: str  # hash of the search ids: the only tokens a search score depends on
+    search_docs: list[int]  # corpus row indices that fed each set, in sampling order
+    heldout_docs: list[int]
+
+
+# --- corpus sources -----------------------------------------------------------------------------------
+
+
+def _suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def local_files(source: str) -> list[Path]:
+    """The files a local source names: one file, every supported file under a directory, or a glob."""
+    expanded = os.path.expanduser(source)
+    if glob.has_magic(expanded):
+        files = [Path(p) for p in sorted(glob.glob(expanded, recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise DataError(f"no file matches the corpus glob {source!r}; check the pattern and the directory.")
+        return files
+    path = Path(expanded)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in BUILDERS)
+        if not files:
+            raise DataError(
+                f"corpus directory {source} holds no {', '.join(BUILDERS)} files; point the source at the data files."
+            )
+        return files
+    if not path.is_file():
+        raise DataError(f"corpus file {source} does not exist; fix the path, or use hub:NAME for a hub dataset.")
+    return [path]
+
+
+def _builder(files: list[Path], source: str) -> str:
+    builders = {BUILDERS.get(_suffix(p)) for p in files}
+    if None in builders:
+        odd = next(p for p in files if _suffix(p) not in BUILDERS)
+        raise DataError(
+            f"corpus file {odd} has an unsupported type; use {', '.join(BUILDERS)} files (optionally .gz)."
+        )
+    if len(builders) > 1:
+        raise DataError(
+            f"corpus {source!r} mixes file types ({', '.join(sorted(builders))}); use one type per corpus."
+        )
+    return builders.pop()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_hub(spec: CorpusSpec) -> Any:
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetsError
+
+    name = spec.source.removeprefix("hub:")
+    try:
+        return load_dataset(name, spec.hub_config, split=spec.split)
+    except (DatasetsError, FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise DataError(
+            f"cannot load hub dataset {name!r} (config {spec.hub_config!r}, split {spec.split!r}: "
+            f"{_first_line(exc)}); check the name, hub_config and split, and that the hub is reachable."
+        ) from exc
+
+
+def _load_local(files: list[Path], spec: CorpusSpec) -> Any:
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetsError
+
+    builder = _builder(files, spec.source)
+    options = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
+    try:
+        return load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+    except (DatasetsError, ValueError, OSError) as exc:
+        raise DataError(
+            f"cannot read corpus {spec.source!r} as {builder} ({_first_line(exc)}); check the files are valid {builder}."
+        ) from exc
+
+
+def _builtin_path(source: str) -> Path:
+    from longrope_search import builtin
+
+    return Path(builtin.resolve_corpus(source))
+
+
+def _files(spec: CorpusSpec) -> list[Path]:
+    if spec.source.startswith("builtin:"):
+        return [_builtin_path(spec.source)]
+    return local_files(spec.source)
+
+
+def load_texts(spec: CorpusSpec) -> Any:
+    """The corpus as a `datasets.Dataset` with one column, "text" (one row per document)."""
+    if spec.source.startswith("hub:"):
+        ds = _load_hub(spec)
+        field = spec.text_field
+    else:
+        files = _files(spec)
+        ds = _load_local(files, spec)
+        field = "text" if _builder(files, spec.source) == "text" else spec.text_field
+    if field not in ds.column_names:
+        raise DataError(
+            f"corpus {spec.source!r} has no field {field!r} (fields: {', '.join(ds.column_names)}); "
+            "set text_field to the one holding the documents."
+        )
+    ds = ds.select_columns([field])
+    return ds.rename_column(field, "text") if field != "text" else ds
+
+
+# --- cache identity -----------------------------------------------------------------------------------
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of everything that decides token ids: the serialised fast tokenizer (or vocab) and bos/eos."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    extra = f"{type(tokenizer).__name__}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}"
+    return hashlib.sha256((body + extra).encode()).hexdigest()
+
+
+def corpus_identity(spec: CorpusSpec) -> dict:
+    """What names the corpus without reading it: hub name/config/split, or local paths, sizes, mtimes."""
+    if spec.source.startswith("hub:"):
+        where: Any = {"hub": spec.source, "config": spec.hub_config, "split": spec.split}
+    else:
+        where = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in _files(spec)]
+    return {"source": where, "text_field": spec.text_field, "concatenate": spec.concatenate}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LONGROPE_CACHE") or Path.home() / ".cache" / "longrope")
+
+
+def _cache_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return cache_dir / "samples" / f"{digest[:32]}.pt"
+
+
+def ids_fingerprint(ids: torch.Tensor) -> str:
+    """Short sha256 of a (n, L) id tensor, shape included."""
+    array = np.ascontiguousarray(ids.numpy().astype("<i8"))
+    return hashlib.sha256(str(tuple(ids.shape)).encode() + array.tobytes()).hexdigest()[:16]
+
+
+def _read_cache(path: Path, n_search: int, n_heldout: int, length: int) -> Samples | None:
+    """The cached samples, or None when the file is missing, unreadable or does not match."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+        samples = Samples(
+            search=blob["search"], heldout=blob["heldout"], length=int(blob["length"]),
+            fingerprint=str(blob["fingerprint"]), search_docs=list(blob["search_docs"]),
+            heldout_docs=list(blob["heldout_docs"]),
+        )
+    except Exception:  # any damage (truncated zip, pickle error, missing key) means: rebuild
+        return None
+    shapes_ok = samples.search.shape == (n_search, length) and samples.heldout.shape == (n_heldout, length)
+    if not shapes_ok or samples.length != length or ids_fingerprint(samples.search) != samples.fingerprint:
+        return None
+    return samples
+
+
+def _write_cache(path: Path, samples: Samples) -> None:
+    blob = {
+        "format": CACHE_FORMAT, "search": samples.search, "heldout": samples.heldout, "length": samples.length,
+        "fingerprint": samples.fingerprint, "search_docs": samples.search_docs, "heldout_docs": samples.heldout_docs,
+    }
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise DataError(
+            f"cannot write the sample cache in {path.parent} ({_first_line(exc)}); "
+            "set LONGROPE_CACHE (or cache_dir) to a writable directory."
+        ) from exc
+
+
+# --- sampling -----------------------------------------------------------------------------------------
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # verbose=False: documents longer than model_max_length are the point here, not a mistake
+    out = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return out["input_ids"]
+
+
+def _documents(ds: Any, tokenizer: Any, order: np.ndarray) -> Iterator[tuple[int, list[int]]]:
+    """(row, token ids) in `order`, tokenised lazily in growing blocks so a huge corpus stops early."""
+    pos, block = 0, 16
+    while pos < len(order):
+        rows = [int(r) for r in order[pos : pos + block]]
+        pos += len(rows)
+        texts = [t or "" for t in ds[rows]["text"]]
+        yield from zip(rows, _encode(tokenizer, texts))
+        if sum(len(t) for t in texts) < _BLOCK_CHARS:
+            block = min(block * 2, 4096)
+
+
+def _describe(spec: CorpusSpec) -> str:
+    return f"corpus {spec.source!r}" + (f" (split {spec.split!r})" if spec.source.startswith("hub:") else "")
+
+
+def _pick_documents(
+    docs: Iterator[tuple[int, list[int]]], take: int, n_search: int, n_heldout: int, spec: CorpusSpec
+) -> tuple[list[int], list[list[int]]]:
+    """The first n_search + n_heldout documents with >= take tokens, each cut to its first `take` tokens."""
+    need = n_search + n_heldout
+    rows: list[int] = []
+    windows: list[list[int]] = []
+    qualifying, longest = 0, 0
+    for row, ids in docs:
+        longest = max(longest, len(ids))
+        if len(ids) >= take:
+            qualifying += 1
+            rows.append(row)
+            windows.append(ids[:take])
+            if qualifying == need:
+                return rows, windows
+    raise DataError(
+        f"{_describe(spec)} has {qualifying} documents of at least {take} tokens but {need} are needed "
+        f"({n_search} search + {n_heldout} held-out), and its longest document has {longest} tokens; "
+        "use another split or corpus, set concatenate: true, choose a shorter target length, or ask for fewer samples."
+    )
+
+
+def _cut_stream(
+    docs: Iterator[tuple[int, list[int]]], take: int, counts: tuple[int, int], sep: list[int], spec: CorpusSpec
+) -> tuple[list[list[int]], list[list[list[int]]]]:
+    """Per set: documents joined with `sep` and cut into windows of `take`; a new set starts on a new document."""
+    set_rows: list[list[int]] = []
+    set_windows: list[list[list[int]]] = []
+    total = 0
+    for count in counts:
+        stream: list[int] = []
+        rows: list[int] = []
+        while len(stream) < count * take:
+            row, ids = next(docs, (None, None))
+            if row is None:
+                made = sum(len(w) for w in set_windows) + len(stream) // take
+                raise DataError(
+                    f"{_describe(spec)} yields only {made} windows of {take} tokens when concatenated but "
+                    f"{sum(counts)} are needed ({counts[0]} search + {counts[1]} held-out) from its "
+                    f"{total + len(stream)} tokens; use a larger corpus or split, a shorter target length, or fewer samples."
+                )
+            if ids:
+                rows.append(row)
+                stream.extend(ids + sep)
+        # the rest of the last document is dropped so the next set shares no document with this one
+        total += len(stream)
+        set_rows.append(rows)
+        set_windows.append([stream[i * take : (i + 1) * take] for i in range(count)])
+    return set_rows, set_windows
+
+
+def _sample(
+    tokenizer: Any, spec: CorpusSpec, length: int, n_search: int, n_heldout: int, seed: int
+) -> Samples:
+    ds = load_texts(spec)
+    order = np.random.default_rng(seed).permutation(len(ds))  # (N,) document order for this seed
+    docs = _documents(ds, tokenizer, order)
+    bos = tokenizer.bos_token_id
+    prefix = [bos] if bos is not None else []
+    take = length - len(prefix)
+    if spec.concatenate:
+        sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        (search_rows, heldout_rows), (search_w, heldout_w) = _cut_stream(
+            docs, take, (n_search, n_heldout), sep, spec
+        )
+    else:
+        rows, windows = _pick_documents(docs, take, n_search, n_heldout, spec)
+        search_rows, heldout_rows = rows[:n_search], rows[n_search:]
+        search_w, heldout_w = windows[:n_search], windows[n_search:]
+
+    def stack(windows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([prefix + w for w in windows], dtype=torch.long).reshape(len(windows), length)
+
+    search = stack(search_w)  # (n, L)
+    return Samples(
+        search=search, heldout=stack(heldout_w), length=length, fingerprint=ids_fingerprint(search),
+        search_docs=search_rows, heldout_docs=heldout_rows,
+    )
+
+
+def build_samples(
+    tokenizer: Any,
+    spec: CorpusSpec,
+    length: int,
+    n_search: int,
+    n_heldout: int,
+    seed: int,
+    cache_dir: str | Path | None = None,
+) -> Samples:
+    """Seeded windows of `length` tokens: [bos] + the first length-1 tokens of a document.
+
+    Documents are shuffled with the seed; the first n_search with at least length-1 tokens form the
+    search set and the next n_heldout the held-out set, so the two never share a document. A tokenizer
+    without a bos token gives the first `length` tokens instead. With `spec.concatenate`, documents are
+    joined with EOS into one stream per set and cut into consecutive windows. The result is cached
+    under `cache_dir` (default $LONGROPE_CACHE or ~/.cache/longrope).
+    """
+    if length < 2 or n_search < 1 or n_heldout < 0:
+        raise ConfigError(
+            f"cannot sample {n_search} search and {n_heldout} held-out windows of {length} tokens; "
+            "use length >= 2, n_search >= 1 and n_heldout >= 0."
+        )
+    key = {
+        "format": CACHE_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus_identity(spec),
+        "length": length, "n_search": n_search, "n_heldout": n_heldout, "seed": seed,
+    }
+    path = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
+    cached = _read_cache(path, n_search, n_heldout, length)
+    if cached is not None:
+        return cached
+    samples = _sample(tokenizer, spec, length, n_search, n_heldout, seed)
+    _write_cache(path, samples)
+    return samples
