@@ -1,0 +1,128 @@
+"""Fitness of a RoPE candidate: long-context perplexity on fixed token windows.
+
+The decoder runs once to its last hidden states; lm_head and cross-entropy then run over chunks of
+positions, so L x vocab logits never exist. `Evaluator` installs candidates and scores each key once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from longrope_search.errors import ConfigError, DataError, ModelError
+from longrope_search.model import install_rope
+
+
+@dataclass
+class FitnessResult:
+    ppl: float  # exp(mean per-sample NLL); inf when a loss was not finite
+    nlls: list[float] = field(default_factory=list)  # mean NLL per sample (empty for preloaded scores)
+    tokens: int = 0  # predicted tokens scored
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _decoder(model: Any) -> Any:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """lm_head plus the per-architecture logit transforms that *ForCausalLM.forward applies."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.device)).float()  # (c, V)
+    config = model.config
+    if getattr(config, "logit_scale", None) is not None:  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:  # Granite
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = 1024) -> float:
+    """Mean NLL over the L-1 predicted tokens of one sequence (1, L) or (L,), in fp32 per chunk."""
+    ids = input_ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, L)
+    length = ids.shape[1]
+    if length < 2:
+        raise DataError(f"a sample of {length} token has nothing to predict; use samples of at least 2 tokens.")
+    with torch.inference_mode():
+        # use_cache=False: a KV cache would only hold every layer's keys and values until the end
+        hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H), final norm applied
+        total = torch.zeros((), dtype=torch.float64)
+        for start in range(0, length - 1, chunk_size):
+            end = min(start + chunk_size, length - 1)
+            logits = _logits(model, hidden[start:end])  # (c, V) fp32
+            targets = ids[0, start + 1 : end + 1].to(logits.device)  # (c,)
+            total += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
+    return total.item() / (length - 1)
+
+
+def perplexity(model: Any, samples: torch.Tensor, chunk_size: int = 1024) -> FitnessResult:
+    """exp(mean over samples (n, L) of each sample's mean NLL); a non-finite loss gives ppl inf, not a raise."""
+    began = time.perf_counter()
+    nlls: list[float] = []
+    for i, row in enumerate(samples):
+        nll = sequence_nll(model, row, chunk_size)
+        nlls.append(nll)
+        if not math.isfinite(nll):  # the candidate is broken: the other samples cannot redeem it
+            return FitnessResult(
+                math.inf, nlls, len(nlls) * (samples.shape[1] - 1), time.perf_counter() - began,
+                error=f"loss is {nll} on sample {i}",
+            )
+    mean = sum(nlls) / len(nlls)
+    ppl = math.exp(mean) if mean < 709.0 else math.inf  # 709: largest exponent a float holds
+    return FitnessResult(ppl, nlls, samples.shape[0] * (samples.shape[1] - 1), time.perf_counter() - began)
+
+
+FITNESS: dict[str, Callable[..., FitnessResult]] = {"ppl": perplexity}
+
+
+def check_head(model: Any, input_ids: torch.Tensor) -> None:
+    """Refuse a model whose own logits differ from our chunked head (an architecture with another transform)."""
+    ids = input_ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, l)
+    with torch.inference_mode():
+        theirs = model(input_ids=ids, use_cache=False).logits[0].float()  # (l, V)
+        ours = _logits(model, _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0])
+    tolerance = 1e-4 if model.get_output_embeddings().weight.dtype == torch.float32 else 2e-2  # bf16/fp16: rounding
+    scale = theirs.abs().max().clamp_min(1.0)
+    if not torch.allclose(ours.to(theirs.device), theirs, rtol=0.0, atol=tolerance * scale.item()):
+        raise ModelError(
+            f"{type(model).__name__} transforms its logits in a way longrope does not reproduce "
+            "(chunked logits differ from the model's own); report the architecture so its head can be supported."
+        )
+
+
+class Evaluator:
+    """Scores RoPE candidates on fixed samples (n, L); each distinct key is evaluated once."""
+
+    def __init__(self, model: Any, samples: torch.Tensor, chunk_size: int = 1024, kind: str = "ppl") -> None:
+        if kind not in FITNESS:
+            raise ConfigError(f"unknown fitness {kind!r}; use one of: {', '.join(FITNESS)}.")
+        self.model = model
+        self.samples = samples  # (n, L)
+        self.chunk_size = chunk_size
+        self.fitness = FITNESS[kind]
+        self.results: dict[str, FitnessResult] = {}
+        self.evaluations = 0
+        check_head(model, samples[0, :64])
+
+    def score(
+        self, key: str, factors: Sequence[float] | torch.Tensor, n_hat: int = 0, mscale: float = 1.0
+    ) -> FitnessResult:
+        if key not in self.results:
+            install_rope(self.model, factors, n_hat, mscale)
+            self.results[key] = self.fitness(self.model, self.samples, self.chunk_size)
+            self.evaluations += 1
+        return self.results[key]
+
+    def preload(self, scores: Mapping[str, float]) -> None:
+        """Reuse scores from a resumed search; a key already scored here keeps its full result."""
+        for key, ppl in scores.items():
+            self.results.setdefault(key, FitnessResult(float(ppl)))

@@ -1,0 +1,123 @@
+"""fitness.py: chunked NLL equals transformers' own loss, PPL aggregation, NaN handling, Evaluator cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from longrope_search.errors import ConfigError, ModelError
+from longrope_search.fitness import FITNESS, Evaluator, FitnessResult, check_head, perplexity, sequence_nll
+
+VOCAB = 1000
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+# architectures whose forward transforms the logits after lm_head, with the transform switched on
+HEADS = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}, "sdpa"),
+    "gemma2-softcap": (Gemma2Config, Gemma2ForCausalLM, {"head_dim": 16, "final_logit_softcapping": 3.0}, "eager"),
+    "granite-scaling": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 4.0}, "sdpa"),
+    "cohere-scale": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.5}, "sdpa"),
+}
+
+
+def tiny(kind: str = "llama", seed: int = 0):
+    config_cls, model_cls, extra, attn = HEADS[kind]
+    config = config_cls(**COMMON, **extra)
+    config._attn_implementation = attn  # Gemma 2 soft-caps attention, which SDPA cannot do
+    torch.manual_seed(seed)
+    return model_cls(config).eval().requires_grad_(False)
+
+
+def random_ids(n: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))  # (n, L)
+
+
+def reference_loss(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(ids.reshape(1, -1), labels=ids.reshape(1, -1)).loss.item()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 32, 99, 100, 4096])
+def test_chunked_nll_equals_transformers_loss(chunk_size):
+    model = tiny()
+    ids = random_ids(1, 100)  # 99 predicted tokens: 7 and 32 do not divide it
+    ours = sequence_nll(model, ids, chunk_size)
+    assert math.exp(ours) == pytest.approx(math.exp(reference_loss(model, ids)), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gemma2-softcap", "granite-scaling", "cohere-scale"])
+def test_chunked_nll_applies_each_architecture_logit_transform(kind):
+    model = tiny(kind)
+    ids = random_ids(1, 80)
+    assert sequence_nll(model, ids[0], 13) == pytest.approx(reference_loss(model, ids), rel=1e-5)
+    check_head(model, ids)
+
+
+def test_perplexity_is_exp_of_the_mean_per_sample_nll():
+    model = tiny()
+    samples = random_ids(3, 60)
+    result = perplexity(model, samples, chunk_size=16)
+    expected = [reference_loss(model, row) for row in samples]
+    assert result.nlls == pytest.approx(expected, rel=1e-5)
+    assert result.ppl == pytest.approx(math.exp(sum(expected) / 3), rel=1e-5)
+    assert result.tokens == 3 * 59 and result.error is None
+    assert FITNESS["ppl"] is perplexity
+
+
+def test_non_finite_loss_gives_infinite_ppl_and_an_error_not_a_raise():
+    model = tiny()
+    model.lm_head.weight[0, 0] = float("nan")
+    result = perplexity(model, random_ids(2, 20))
+    assert result.ppl == math.inf and "nan" in result.error and "sample 0" in result.error
+    assert len(result.nlls) == 1  # later samples are skipped
+
+
+def test_evaluator_scores_each_key_once_and_candidates_differ():
+    evaluator = Evaluator(tiny(), random_ids(2, 48), chunk_size=16)
+    ones, pi = [1.0] * 8, [4.0] * 8  # rotary_dim 16 -> 8 factors
+    first = evaluator.score("ones", ones)
+    assert evaluator.score("ones", ones) is first and evaluator.evaluations == 1
+    second = evaluator.score("pi", pi)
+    assert evaluator.evaluations == 2 and second.ppl != pytest.approx(first.ppl, rel=1e-4)
+    # scoring the first key again must not silently reuse the tables of the last installed candidate
+    evaluator.results.clear()
+    assert evaluator.score("ones", ones).ppl == pytest.approx(first.ppl, rel=1e-6)
+
+
+def test_plain_factors_score_like_the_untouched_model():
+    model, samples = tiny(), random_ids(2, 48)
+    baseline = perplexity(model, samples).ppl
+    assert Evaluator(model, samples).score("ones", [1.0] * 8).ppl == pytest.approx(baseline, rel=1e-5)
+
+
+def test_preloaded_scores_are_reused_without_evaluation():
+    evaluator = Evaluator(tiny(), random_ids(1, 32))
+    evaluator.preload({"a": 12.5})
+    assert evaluator.score("a", [1.0] * 8) == FitnessResult(12.5)
+    assert evaluator.evaluations == 0
+
+
+def test_unknown_fitness_kind_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown fitness 'needle'; use one of: ppl"):
+        Evaluator(tiny(), random_ids(1, 32), kind="needle")
+
+
+def test_a_head_transform_we_do_not_know_is_refused():
+    model = tiny()
+    model.config.logit_scale = 2.0  # our head would scale, Llama's forward does not
+    with pytest.raises(ModelError, match="transforms its logits"):
+        Evaluator(model, random_ids(1, 32))
