@@ -1,0 +1,336 @@
+"""Export searched factors into a Hugging Face model directory that transformers (4.5x and 5.x) and vLLM load
+as rope type "longrope", then reload it and check its logits against the search-time model.
+
+SRC is only ever read: weights are symlinked (or copied), config.json is rewritten in DST from SRC's raw JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longrope_search.errors import ExportError
+from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.files import atomic_write_text
+from longrope_search.model import install_rope, load_config, resolve_model_path, rope_spec, rotary_dim
+from longrope_search.rope import longrope_mscale
+
+# Files transformers loads weights from; symlinked by default because they are the only big ones.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+# Other frameworks' checkpoints: transformers never reads them, and copying them would double the disk use.
+FOREIGN_WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
+# An mscale this close to transformers' default needs no explicit `attention_factor` (keeps Phi-3's strict form).
+MSCALE_RTOL = 1e-6
+# Short-factor check length: any length <= the original window selects the short factors, so keep it cheap.
+SHORT_VERIFY_LENGTH = 64
+# Past the original window by a little: enough to select the long factors, cheap on CPU.
+LONG_VERIFY_MARGIN = 16
+
+
+@dataclass
+class ExportReport:
+    out: Path
+    max_abs_diff: float | None  # DST vs search-time SRC at verify_length (long factors); None if not verified
+    verify_length: int | None
+    dropped_n_hat: bool
+    notes: list[str] = field(default_factory=list)
+    short_max_abs_diff: float | None = None  # same check inside the original window (short factors)
+
+
+# --- config.json ------------------------------------------------------------------------------------------
+
+
+def needs_attention_factor(ff: FactorsFile) -> bool:
+    """True when the searched mscale is not the one transformers and vLLM derive from target/original."""
+    default = longrope_mscale(ff.scale, ff.rope.original_length)
+    return not math.isclose(ff.mscale, default, rel_tol=MSCALE_RTOL)
+
+
+def hf_rope_config(ff: FactorsFile, model_type: str, partial_rotary_factor: float | None = None) -> dict[str, Any]:
+    """The config.json keys that make a transformers 4.5x / 5.x or vLLM model run these factors as longrope.
+
+    `rope_scaling` is what 4.5x and vLLM read, and what 5.x prefers over `rope_parameters` when both are present;
+    `rope_parameters` mirrors it in 5.x's standardised form so a reader of the new key sees the same RoPE.
+    Top-level `original_max_position_embeddings` is required: 4.5x takes the window from there, not from
+    `rope_scaling`, and without it would fall back to `max_position_embeddings` (never switching to long factors).
+    """
+    original = ff.rope.original_length
+    long_factor = [float(x) for x in ff.factors]
+    short_factor = [float(x) for x in ff.short_factors] if ff.short_factors is not None else [1.0] * len(long_factor)
+    full = {
+        "rope_type": "longrope",
+        "long_factor": long_factor,
+        "short_factor": short_factor,
+        "factor": ff.scale,
+        "original_max_position_embeddings": original,
+    }
+    if needs_attention_factor(ff):
+        full["attention_factor"] = ff.mscale
+        # vLLM ignores attention_factor; it takes these instead and otherwise derives the default sqrt formula
+        full["short_mscale"] = full["long_mscale"] = ff.mscale
+    if model_type == "phi3" and "attention_factor" not in full:
+        # transformers 4.x Phi3Config rejects rope_scaling unless it has exactly these three keys
+        rope_scaling: dict[str, Any] = {"type": "longrope", "short_factor": short_factor, "long_factor": long_factor}
+    else:
+        rope_scaling = dict(full)
+    rope_parameters = {**full, "rope_theta": ff.rope.base}
+    updates: dict[str, Any] = {
+        "rope_scaling": rope_scaling,
+        "rope_parameters": rope_parameters,
+        "rope_theta": ff.rope.base,
+        "original_max_position_embeddings": original,
+        "max_position_embeddings": ff.target_length,
+    }
+    if partial_rotary_factor is not None:
+        rope_parameters["partial_rotary_factor"] = partial_rotary_factor
+        # 5.x reads rope_scaling first and 4.x never reads rope_parameters: the top level is the one both see
+        updates["partial_rotary_factor"] = partial_rotary_factor
+    return updates
+
+
+def _partial_rotary_factor(config_doc: dict[str, Any]) -> float | None:
+    """SRC's partial rotary factor wherever its config.json keeps it (5.x may keep it inside rope_parameters)."""
+    if config_doc.get("partial_rotary_factor") is not None:
+        return float(config_doc["partial_rotary_factor"])
+    params = config_doc.get("rope_parameters")
+    if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
+        return float(params["partial_rotary_factor"])
+    return None
+
+
+def compatibility_notes(ff: FactorsFile, model_type: str) -> list[str]:
+    """What the exported config cannot carry, or carries with a different meaning than the search used."""
+    notes = []
+    if needs_attention_factor(ff):
+        default = longrope_mscale(ff.scale, ff.rope.original_length)
+        notes.append(
+            f"mscale {ff.mscale:.6g} differs from the default {default:.6g}: written as attention_factor "
+            "(transformers) and short_mscale/long_mscale (vLLM); other runtimes use the default."
+        )
+        if model_type == "phi3":
+            notes.append(
+                "Phi-3 with a custom attention_factor cannot use the strict 3-key rope_scaling, so transformers 4.x "
+                "will refuse this config.json; transformers 5.x and vLLM load it."
+            )
+    if ff.mscale != 1.0:
+        notes.append(
+            f"transformers and vLLM apply the attention factor {ff.mscale:.6g} inside the original window too, so "
+            "DST differs from SRC on short inputs even where the short factors are 1.0."
+        )
+    return notes
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def _is_weight(path: Path) -> bool:
+    return path.name.endswith(WEIGHT_SUFFIXES)
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)  # follows symlinks (HF cache snapshots link into blobs)
+    os.replace(tmp, dst)
+
+
+def _place_files(src: Path, out: Path, copy_weights: bool) -> list[str]:
+    """Copy SRC's small top-level files, link or copy its weights; returns notes on what was skipped."""
+    skipped = []
+    for path in sorted(src.iterdir()):
+        if path.name.startswith(".") or path.name in ("config.json", "longrope.json"):
+            continue
+        if path.is_dir() or path.name.endswith(FOREIGN_WEIGHT_SUFFIXES):
+            skipped.append(path.name + ("/" if path.is_dir() else ""))
+            continue
+        target = out / path.name
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        if _is_weight(path) and not copy_weights:
+            target.symlink_to(path.absolute())
+        else:
+            _copy_atomic(path, target)
+    notes = []
+    if skipped:
+        notes.append(f"not copied (transformers does not load them): {', '.join(skipped)}")
+    if not copy_weights:
+        notes.append(f"weights are symlinks into {src}; keep it in place, or export with copy_weights for a "
+                     "self-contained directory.")
+    return notes
+
+
+def _remove_stale_weights(out: Path) -> None:
+    """With force: weights of a previous export would be mixed with the new ones (shard names differ)."""
+    for path in out.iterdir():
+        if _is_weight(path) and (path.is_symlink() or path.is_file()):
+            path.unlink()
+
+
+# --- refusals ---------------------------------------------------------------------------------------------
+
+
+def _factors_path(source: Path) -> Path:
+    return source / "factors.json" if source.is_dir() else source
+
+
+def _source_model_dir(ff: FactorsFile, model: str | None) -> Path:
+    name = model or ff.model
+    src = Path(resolve_model_path(name))
+    if not src.is_dir():
+        raise ExportError(
+            f"export needs the model as a local directory but {name!r} is not one; download it first "
+            "(e.g. `huggingface-cli download ID --local-dir DIR`) and pass --model DIR."
+        )
+    if not (src / "config.json").is_file():
+        raise ExportError(f"{src} has no config.json; pass the directory of a Hugging Face model with --model.")
+    return src.resolve()
+
+
+def _check_geometry(ff: FactorsFile, config: Any, src: Path) -> None:
+    pairs = rotary_dim(config) // 2
+    if len(ff.factors) != pairs:
+        raise ExportError(
+            f"the factors file has {len(ff.factors)} factors but {src} has {pairs} rotary pairs; "
+            "export onto the model the search ran on (or one with the same geometry) with --model."
+        )
+    spec = rope_spec(config)
+    if (spec.base, spec.original_length) != (ff.rope.base, ff.rope.original_length):
+        raise ExportError(
+            f"the factors were searched for rope_theta {ff.rope.base:g} and window {ff.rope.original_length} but "
+            f"{src} has rope_theta {spec.base:g} and window {spec.original_length}; export onto the searched model."
+        )
+    if ff.target_length <= ff.rope.original_length:
+        raise ExportError(
+            f"target_length {ff.target_length} does not exceed the original window {ff.rope.original_length}; "
+            "longrope only extends the context, re-run the search with a longer --target."
+        )
+
+
+def _check_destination(out: Path, src: Path, force: bool) -> None:
+    if _is_within(out, src) or _is_within(src, out):
+        raise ExportError(f"--out {out} overlaps the source model {src}; choose a directory outside it.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; choose a directory path.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out} exists and is not empty; choose a new directory or pass --force to overwrite.")
+
+
+# --- verification -----------------------------------------------------------------------------------------
+
+
+def _random_ids(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))  # (1, L)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids.to(model.device)).logits.float().cpu()  # (1, L, vocab)
+
+
+def verify_export(
+    out: Path, src: Path, ff: FactorsFile, n_hat: int, length: int, device: str = "cpu"
+) -> tuple[float, float]:
+    """(long, short) max abs logit differences: DST loaded plainly vs SRC with our rotary module installed.
+
+    fp32 on both sides so the comparison measures the RoPE, not rounding. The two models are loaded one after
+    the other to keep peak memory at one copy of the weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dst_config = AutoConfig.from_pretrained(out)
+    rope_type = (dst_config.rope_parameters or {}).get("rope_type")
+    if rope_type != "longrope":
+        raise ExportError(f"verification failed: transformers loads {out} with rope_type {rope_type!r}, not "
+                          "'longrope'; report this with your transformers version.")
+    vocab = dst_config.get_text_config().vocab_size
+    long_ids = _random_ids(vocab, length)
+    short_ids = _random_ids(vocab, min(SHORT_VERIFY_LENGTH, ff.rope.original_length), seed=1)
+    short = ff.short_factors if ff.short_factors is not None else [1.0] * len(ff.factors)
+
+    dst = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+    dst_long, dst_short = _logits(dst, long_ids), _logits(dst, short_ids)
+    del dst
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(device).eval()
+    install_rope(ref, ff.factors, n_hat=n_hat, mscale=ff.mscale)
+    ref_long = _logits(ref, long_ids)
+    install_rope(ref, short, n_hat=0, mscale=ff.mscale)
+    ref_short = _logits(ref, short_ids)
+    return (dst_long - ref_long).abs().max().item(), (dst_short - ref_short).abs().max().item()
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+
+def export(
+    source: str | Path,
+    out: Path,
+    model: str | None = None,
+    copy_weights: bool = False,
+    force: bool = False,
+    drop_n_hat: bool = False,
+    verify: bool = True,
+    tolerance: float = 1e-4,
+    verify_length: int | None = None,
+    device: str = "cpu",
+) -> ExportReport:
+    """Write a Hugging Face model directory at `out` that runs the searched factors as rope type longrope.
+
+    source: a run directory or factors.json; model: the model to export onto (default: the one searched).
+    Every refusal happens before anything is written. A failed verification leaves `out` in place.
+    """
+    factors_path = _factors_path(Path(source))
+    ff = load_factors(factors_path)
+    if ff.n_hat > 0 and not drop_n_hat:
+        raise ExportError(
+            f"the factors were searched with n_hat={ff.n_hat}, which no runtime (transformers, vLLM, llama.cpp) can "
+            "express in a config; re-run with --drop-n-hat, or use longrope_search.runtime.apply in Python."
+        )
+    src = _source_model_dir(ff, model)
+    config = load_config(str(src))
+    _check_geometry(ff, config, src)
+    out = Path(out).expanduser().absolute()
+    _check_destination(out.resolve(), src, force)
+    original = ff.rope.original_length
+    length = verify_length if verify_length is not None else original + LONG_VERIFY_MARGIN
+    if verify and length <= original:
+        raise ExportError(f"verify_length {length} must exceed the original window {original} to test the long "
+                          "factors; pass a longer --verify-length.")
+
+    config_doc = json.loads((src / "config.json").read_text())
+    model_type = str(config_doc.get("model_type", config.model_type))
+    config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
+
+    out.mkdir(parents=True, exist_ok=True)
+    if force:
+        _remove_stale_weights(out)
+    notes = _place_files(src, out, copy_weights)
+    atomic_write_text(out / "config.json", json.dumps(config_doc, indent=2) + "\n")
+    atomic_write_text(out / "longrope.json", factors_path.read_text())  # provenance; runtime.apply reads it
+    notes += compatibility_notes(ff, model_type)
+    if ff.n_hat > 0:
+        notes.append(f"n_hat={ff.n_hat} dropped: DST runs the factors with n_hat=0 (the searched PPL used "
+                     f"n_hat={ff.n_hat}); longrope.json keeps it for longrope_search.runtime.apply.")
+
+    report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
+    if not verify:
+        return report
+    long_diff, short_diff = verify_export(out, src, ff, n_hat=0, length=length, device=device)
+    report.max_abs_diff, report.short_max_abs_diff, report.verify_length = long_diff, short_diff, length
+    worst = max(long_diff, short_diff)
+    if not worst <= tolerance:  # also catches NaN
+        raise ExportError(
+            f"verification failed: {out} (written) differs from the search-time model by {worst:.3g} in logits "
+            f"(tolerance {tolerance:g}; long {long_diff:.3g} at {length} tokens, short {short_diff:.3g}); "
+            "do not use it, and report this with your transformers version."
+        )
+    return report

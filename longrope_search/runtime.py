@@ -1,0 +1,99 @@
+"""Run searched factors in Python exactly as searched (n_hat and mscale included), which no config.json can express.
+
+`apply(model, factors_path)` swaps the model's rotary embedding for one that picks short or long factors per
+forward, like transformers' longrope, and applies n_hat to the long ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from longrope_search.errors import ModelError
+from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.model import LongRopeRotaryEmbedding, _rotary_owner, rotary_dim
+from longrope_search.rope import RopeSpec
+
+Mode = Literal["auto", "long"]
+MODES = ("auto", "long")
+
+
+class ShortLongRotaryEmbedding(nn.Module):
+    """Short factors while a forward's positions fit the original window, long factors (with n_hat) past it.
+
+    mode "auto" decides per forward from `position_ids.max() + 1 > original_length`, as transformers' longrope
+    does. With a KV cache this switches mid-generation: keys cached before the switch stay rotated with the
+    short factors while new queries use the long ones (transformers' Phi3ForCausalLM re-encodes the prompt at
+    the crossing; Llama, Mistral, Qwen and Gemma do not). mode "long" always uses the long factors, which is
+    what vLLM >= 0.12 does whenever --max-model-len exceeds the original window.
+    mscale multiplies cos/sin for both sets, as transformers' attention_factor does.
+    """
+
+    def __init__(
+        self,
+        spec: RopeSpec,
+        short_factors: list[float],
+        long_factors: list[float],
+        n_hat: int,
+        mscale: float,
+        mode: Mode = "auto",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ModelError(f"unknown mode {mode!r}; use one of: {', '.join(MODES)}.")
+        self.spec = spec
+        self.mode = mode
+        self.short = LongRopeRotaryEmbedding(spec, device=device)
+        self.short.set_candidate(short_factors, n_hat=0, mscale=mscale)
+        self.long = LongRopeRotaryEmbedding(spec, device=device)
+        self.long.set_candidate(long_factors, n_hat=n_hat, mscale=mscale)
+
+    def uses_long(self, position_ids: torch.Tensor) -> bool:
+        # a host sync per forward; transformers avoids it with torch.where, at the cost of computing both sets
+        return self.mode == "long" or int(position_ids.max()) + 1 > self.spec.original_length
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args: Any, **kwargs: Any):
+        # x only carries device and dtype; position_ids: (b, L) -> cos, sin: (b, L, rotary_dim)
+        return (self.long if self.uses_long(position_ids) else self.short)(x, position_ids)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, original_length={self.spec.original_length}"
+
+
+def _factors_file(path: str | Path) -> FactorsFile:
+    """A factors.json, a run directory, or an exported model directory (its longrope.json)."""
+    path = Path(path)
+    if path.is_dir() and not (path / "factors.json").exists() and (path / "longrope.json").is_file():
+        path = path / "longrope.json"
+    return load_factors(path)
+
+
+def _rope_theta(config: Any) -> float | None:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return None if theta is None else float(theta)
+
+
+def apply(model: nn.Module, factors_path: str | Path, mode: Mode = "auto") -> nn.Module:
+    """Install the searched factors (long, short, n_hat, mscale) into `model` in place; returns the model.
+
+    Works on the searched model and on an exported one (its config's RoPE is bypassed). factors_path: a run
+    directory, a factors.json, or an exported model directory. The config is left as it is.
+    """
+    ff = _factors_file(factors_path)
+    dims, theta = rotary_dim(model.config), _rope_theta(model.config)
+    if dims != ff.rope.rotary_dim or (theta is not None and theta != ff.rope.base):
+        raise ModelError(
+            f"the factors were searched for rotary_dim {ff.rope.rotary_dim} and rope_theta {ff.rope.base:g} but "
+            f"the model has rotary_dim {dims} and rope_theta {theta}; apply them to the model they were searched on."
+        )
+    owner = _rotary_owner(model)
+    device = next((b.device for b in owner.rotary_emb.buffers()), None)
+    short = ff.short_factors if ff.short_factors is not None else [1.0] * len(ff.factors)
+    owner.rotary_emb = ShortLongRotaryEmbedding(ff.rope, short, ff.factors, ff.n_hat, ff.mscale, mode, device)
+    return model

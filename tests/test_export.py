@@ -1,0 +1,191 @@
+"""Export: the written config loads as longrope in transformers, reproduces the searched model, leaves SRC alone."""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from longrope_search.errors import ExportError
+from longrope_search.export import export, hf_rope_config
+from longrope_search.factors import FactorsFile
+from longrope_search.model import install_rope, rope_spec
+from longrope_search.rope import longrope_mscale
+
+ORIGINAL, SCALE = 64, 4
+
+
+def make_source(tmp_path: Path, family: str) -> Path:
+    """A saved tiny model; Phi-3's class default window (4096) is lowered to the tiny model's 64."""
+    overrides = {"original_max_position_embeddings": ORIGINAL} if family == "phi3" else {}
+    src = tmp_path / f"src-{family}"
+    tiny_model(family, **overrides).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    return src
+
+
+def make_factors(tmp_path: Path, src: Path, **fields) -> Path:
+    spec = rope_spec(AutoConfig.from_pretrained(src))
+    n = spec.num_factors
+    doc = dict(
+        model=str(src), rope=spec, target_length=ORIGINAL * SCALE,
+        factors=torch.linspace(1.0, 1.25 * SCALE, n).tolist(),
+        mscale=longrope_mscale(SCALE, ORIGINAL), short_factors=torch.linspace(1.0, 1.5, n).tolist(),
+    )
+    doc.update(fields)
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    FactorsFile(**doc).save(run / "factors.json")
+    return run
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def ids(length: int) -> torch.Tensor:
+    return torch.randint(0, 128, (1, length), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_export_loads_as_longrope_and_matches_search_time_model(tmp_path, family):
+    src = make_source(tmp_path, family)
+    run = make_factors(tmp_path, src)
+    before = tree_digest(src)
+    out = tmp_path / "dst"
+
+    report = export(run, out)
+
+    assert tree_digest(src) == before
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4
+    assert report.short_max_abs_diff is not None and report.short_max_abs_diff <= 1e-4
+    assert report.verify_length > ORIGINAL and not report.dropped_n_hat
+    config = AutoConfig.from_pretrained(out)
+    assert config.rope_parameters["rope_type"] == "longrope"
+    assert config.rope_parameters["original_max_position_embeddings"] == ORIGINAL
+    assert config.max_position_embeddings == ORIGINAL * SCALE
+    written = json.loads((out / "config.json").read_text())
+    if family == "phi3":
+        assert set(written["rope_scaling"]) == {"type", "short_factor", "long_factor"}
+        assert written["partial_rotary_factor"] == 0.5
+    else:
+        assert written["rope_scaling"]["factor"] == SCALE and "attention_factor" not in written["rope_scaling"]
+    assert written["original_max_position_embeddings"] == ORIGINAL and written["rope_theta"] == 10000.0
+    assert (out / "model.safetensors").is_symlink() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "longrope.json").read_text())["factors"] == json.loads(
+        (run / "factors.json").read_text())["factors"]
+
+    # an independent check at another length: plain transformers vs our module on SRC
+    dst_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    doc = json.loads((run / "factors.json").read_text())
+    install_rope(ref, doc["factors"], mscale=doc["mscale"])
+    x = ids(3 * ORIGINAL)
+    assert (dst_model(x).logits - ref(x).logits).abs().max().item() <= 1e-4
+
+
+def test_custom_mscale_is_written_for_transformers_and_vllm(tmp_path):
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src, mscale=1.05, short_factors=None)
+    report = export(run, tmp_path / "dst", copy_weights=True)
+    assert report.max_abs_diff <= 1e-4 and report.short_max_abs_diff <= 1e-4
+    scaling = json.loads((tmp_path / "dst" / "config.json").read_text())["rope_scaling"]
+    assert scaling["attention_factor"] == scaling["short_mscale"] == scaling["long_mscale"] == 1.05
+    assert scaling["short_factor"] == [1.0] * 8
+    assert not (tmp_path / "dst" / "model.safetensors").is_symlink()
+    assert any("attention_factor" in note for note in report.notes)
+
+
+def test_hf_rope_config_phi3_with_custom_mscale_falls_back_to_full_form(tmp_path):
+    spec = rope_spec(AutoConfig.from_pretrained(make_source(tmp_path, "phi3")))
+    ff = FactorsFile(model="x", rope=spec, target_length=256, factors=[2.0] * 4, mscale=1.3)
+    updates = hf_rope_config(ff, "phi3", partial_rotary_factor=0.5)
+    assert updates["rope_scaling"]["rope_type"] == "longrope" and updates["rope_scaling"]["attention_factor"] == 1.3
+    assert updates["rope_parameters"]["partial_rotary_factor"] == 0.5
+    assert math.isclose(updates["rope_parameters"]["factor"], 4.0)
+
+
+def test_refuses_non_empty_destination_without_force(tmp_path):
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src)
+    out = tmp_path / "dst"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty.*--force"):
+        export(run, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard")
+    report = export(run, out, force=True, verify=False)
+    assert report.max_abs_diff is None
+    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "keep.txt").exists()
+
+
+def test_refuses_destination_inside_source(tmp_path):
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src)
+    before = tree_digest(src)
+    for out in (src, src / "longrope"):
+        with pytest.raises(ExportError, match="overlaps the source model"):
+            export(run, out, force=True)
+    assert tree_digest(src) == before
+
+
+def test_refuses_factor_count_that_does_not_match_the_model(tmp_path):
+    llama, phi3 = make_source(tmp_path, "llama"), make_source(tmp_path, "phi3")
+    run = make_factors(tmp_path, llama)  # 8 factors; the Phi-3 model has 4 rotary pairs
+    with pytest.raises(ExportError, match="8 factors but .* has 4 rotary pairs"):
+        export(run, tmp_path / "dst", model=str(phi3))
+    assert not (tmp_path / "dst").exists()
+
+
+def test_refuses_non_finite_factors(tmp_path):
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src)
+    doc = json.loads((run / "factors.json").read_text())
+    doc["factors"][3] = float("nan")
+    (run / "factors.json").write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match="non-finite"):
+        export(run, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_n_hat_needs_drop_n_hat(tmp_path):
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src, n_hat=8)
+    with pytest.raises(ExportError, match="n_hat=8.*--drop-n-hat.*runtime.apply"):
+        export(run, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+    report = export(run / "factors.json", tmp_path / "dst", drop_n_hat=True)
+    assert report.dropped_n_hat and report.max_abs_diff <= 1e-4
+    assert any("n_hat=8 dropped" in note for note in report.notes)
+    assert json.loads((tmp_path / "dst" / "longrope.json").read_text())["n_hat"] == 8
+
+
+def test_refuses_verify_length_inside_the_window(tmp_path):
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src)
+    with pytest.raises(ExportError, match="must exceed the original window"):
+        export(run, tmp_path / "dst", verify_length=ORIGINAL)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_verification_catches_a_config_that_does_not_reproduce_the_search(tmp_path, monkeypatch):
+    import longrope_search.export as export_module
+
+    def wrong_window(ff, model_type, partial_rotary_factor=None):
+        updates = hf_rope_config(ff, model_type, partial_rotary_factor)
+        updates["rope_scaling"]["original_max_position_embeddings"] = ff.target_length  # never switches to long
+        updates["original_max_position_embeddings"] = ff.target_length
+        return updates
+
+    monkeypatch.setattr(export_module, "hf_rope_config", wrong_window)
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src)
+    with pytest.raises(ExportError, match="verification failed.*tolerance"):
+        export(run, tmp_path / "dst")
+    assert (tmp_path / "dst" / "config.json").is_file()  # left for inspection, the message says not to use it
