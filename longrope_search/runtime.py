@@ -27,8 +27,9 @@ class ShortLongRotaryEmbedding(nn.Module):
     mode "auto" decides per forward from `position_ids.max() + 1 > original_length`, as transformers' longrope
     does. With a KV cache this switches mid-generation: keys cached before the switch stay rotated with the
     short factors while new queries use the long ones (transformers' Phi3ForCausalLM re-encodes the prompt at
-    the crossing; Llama, Mistral, Qwen and Gemma do not). mode "long" always uses the long factors, which is
-    what vLLM >= 0.12 does whenever --max-model-len exceeds the original window.
+    the crossing; Llama, Mistral, Qwen and Gemma do not), and n_hat only reaches keys encoded in a long forward.
+    This is exactly what an exported model does in transformers. mode "long" always uses the long factors (and
+    n_hat), as vLLM >= 0.12 does whenever --max-model-len exceeds the original window.
     mscale multiplies cos/sin for both sets, as transformers' attention_factor does.
     """
 

@@ -72,3 +72,23 @@ def test_refuses_other_geometry_and_unknown_mode(factors):
         apply(tiny_model("phi3"), path)
     with pytest.raises(ModelError, match="unknown mode 'short'"):
         apply(tiny_model("llama"), path, mode="short")
+
+
+def test_cached_generation_across_the_window_matches_exported_model(tmp_path, factors):
+    from transformers import AutoModelForCausalLM
+
+    from longrope_search.export import export
+
+    ff, _ = factors
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    ff.model, ff.n_hat = str(src), 0  # n_hat=0: the one setting a config can carry
+    ff.save(tmp_path / "run" / "factors.json")
+    export(tmp_path / "run", tmp_path / "dst", verify=False)
+    dst = AutoModelForCausalLM.from_pretrained(tmp_path / "dst", dtype=torch.float32).eval()
+    ours = apply(tiny_model("llama"), tmp_path / "dst")  # reads the exported longrope.json
+    prompt = ids(ORIGINAL - 4)  # the cache holds short-factor keys when decoding crosses the window
+    kwargs = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    expected, got = dst.generate(prompt, **kwargs), ours.generate(prompt, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, expected.logits)) <= 1e-5
