@@ -116,8 +116,8 @@ def compatibility_notes(ff: FactorsFile, model_type: str) -> list[str]:
         )
         if model_type == "phi3":
             notes.append(
-                "Phi-3 with a custom attention_factor cannot use the strict 3-key rope_scaling, so transformers 4.x "
-                "will refuse this config.json; transformers 5.x and vLLM load it."
+                "Phi-3 with a custom attention_factor cannot use the strict 3-key rope_scaling, so transformers "
+                "4.x will refuse this config.json (5.x and vLLM load it); search with mscale: auto to avoid this."
             )
     if ff.mscale != 1.0:
         notes.append(
