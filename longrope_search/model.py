@@ -104,7 +104,7 @@ class LongRopeRotaryEmbedding(nn.Module):
         return f"rotary_dim={self.spec.rotary_dim}, base={self.spec.base}, n_hat={self.n_hat}, mscale={self.mscale:.4f}"
 
 
-def _rotary_owner(model: nn.Module) -> nn.Module:
+def rotary_owner(model: nn.Module) -> nn.Module:
     """The module that holds `rotary_emb` (the decoder body of a *ForCausalLM)."""
     for owner in (getattr(model, "model", None), model):
         if owner is not None and isinstance(getattr(owner, "rotary_emb", None), nn.Module):
@@ -120,7 +120,7 @@ def install_rope(
     model: nn.Module, factors: Sequence[float] | torch.Tensor, n_hat: int = 0, mscale: float = 1.0
 ) -> LongRopeRotaryEmbedding:
     """Make the next forward of `model` use this candidate: theta_i / factors[i] for positions >= n_hat."""
-    owner = _rotary_owner(model)
+    owner = rotary_owner(model)
     module = owner.rotary_emb
     if not isinstance(module, LongRopeRotaryEmbedding):
         device = next((b.device for b in module.buffers()), None)
@@ -200,5 +200,10 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name_or_path!r} ({first}); check the path or hub id.") from exc
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ModelError(
+            f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model embeds only "
+            f"{model.get_input_embeddings().num_embeddings}; use the tokenizer that belongs to the model."
+        )
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer

@@ -14,7 +14,7 @@ from torch import nn
 
 from longrope_search.errors import ModelError
 from longrope_search.factors import FactorsFile, load_factors
-from longrope_search.model import LongRopeRotaryEmbedding, _rotary_owner, rotary_dim
+from longrope_search.model import LongRopeRotaryEmbedding, rotary_owner, rotary_dim
 from longrope_search.rope import RopeSpec
 
 Mode = Literal["auto", "long"]
@@ -93,7 +93,7 @@ def apply(model: nn.Module, factors_path: str | Path, mode: Mode = "auto") -> nn
             f"the factors were searched for rotary_dim {ff.rope.rotary_dim} and rope_theta {ff.rope.base:g} but "
             f"the model has rotary_dim {dims} and rope_theta {theta}; apply them to the model they were searched on."
         )
-    owner = _rotary_owner(model)
+    owner = rotary_owner(model)
     device = next((b.device for b in owner.rotary_emb.buffers()), None)
     short = ff.short_factors if ff.short_factors is not None else [1.0] * len(ff.factors)
     owner.rotary_emb = ShortLongRotaryEmbedding(ff.rope, short, ff.factors, ff.n_hat, ff.mscale, mode, device)

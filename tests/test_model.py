@@ -10,7 +10,7 @@ from longrope_search.errors import ModelError
 from longrope_search.model import LongRopeRotaryEmbedding, install_rope, load_model, rope_spec
 
 
-def tokens(length: int, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+def tokens(length: int, vocab: int = 320, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
 
 

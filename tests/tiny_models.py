@@ -17,7 +17,7 @@ from transformers import (
 )
 
 COMMON = dict(
-    vocab_size=128,
+    vocab_size=320,  # byte-level BPE needs 256 bytes + specials + merges
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -35,7 +35,7 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     # Phi-3 rotates only part of each head: rotary_dim = 16 * 0.5 = 8
-    "phi3": (Phi3Config, Phi3ForCausalLM, {"partial_rotary_factor": 0.5}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"partial_rotary_factor": 0.5, "original_max_position_embeddings": 64}),
     "gemma": (GemmaConfig, GemmaForCausalLM, {"head_dim": 16}),
 }
 
@@ -55,7 +55,7 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     return model_cls(config).eval().requires_grad_(False)
 
 
-def tiny_tokenizer(vocab_size: int = 128):
+def tiny_tokenizer(vocab_size: int = 300):
     """A byte-level BPE tokenizer trained on a few strings; <pad>=0, <s>=1, </s>=2 like the tiny models."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
