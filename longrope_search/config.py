@@ -1,0 +1,203 @@
+"""The search config: YAML schema with defaults, `key=value` overrides, lengths like `256k` or `8x`.
+
+Validated by pydantic when loaded, every problem reported at once in one line, unknown keys named with
+the nearest valid key. Cross-field checks that need the model (target longer than the window) live in
+`search.py`, which knows the model's original length.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from longrope_search.errors import ConfigError
+
+# The paper's n_hat candidates (LongRoPE, section 4.1); those not below the window are dropped at search time.
+PAPER_N_HAT = [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256]
+
+_LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?|x)\s*$")
+
+
+def parse_length(text: str | int, original_length: int | None = None) -> int:
+    """'256k' -> 262144 (k = 1024), '2m' -> 2097152, '8x' -> 8 * original_length, '4096' -> 4096."""
+    if isinstance(text, int):
+        return text
+    match = _LENGTH.match(str(text))
+    if not match:
+        raise ConfigError(f"cannot read length {text!r}; write it as 4096, 256k, 2m or 8x (times the original window).")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit == "x":
+        if original_length is None:
+            raise ConfigError(f"length {text!r} is relative to the model's window, which is unknown here; give tokens.")
+        return int(round(number * original_length))
+    return int(round(number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
+
+
+def check_length(text: str | int) -> str | int:
+    """Syntax check for a config field; the window, needed for '8x', is known only later."""
+    try:
+        parse_length(text, original_length=1)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    name: str = "builtin:tiny"  # local directory, hub id, or builtin:NAME
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda when available
+    # The context the model was trained on, when its config says otherwise (Mistral-7B-v0.1 declares
+    # 32768 positions but was trained on 8192). None: original_max_position_embeddings or max_position_embeddings.
+    original_length: int | None = Field(None, ge=2)
+
+
+class DataSection(Section):
+    source: str = "builtin:cpython"  # builtin:NAME | hub:NAME | local path or glob (.txt, .jsonl, .parquet)
+    hub_config: str | None = None
+    split: str = "validation"
+    text_field: str = "text"
+    concatenate: bool = False  # join short documents with EOS to reach the length
+    samples: int = Field(5, ge=1)  # the paper: 5 PG19 books (3 for >= 512k)
+    heldout_samples: int = Field(8, ge=0)  # disjoint documents that validate the winner
+    seed: int = 0
+    cache_dir: str | None = None  # tokenised samples; default $LONGROPE_CACHE or ~/.cache/longrope
+
+
+class SearchSection(Section):
+    target: str | int = "8x"  # 256k, 2m, 131072, or 8x the model's original window
+    population: int = Field(64, ge=2)  # P
+    generations: int = Field(40, ge=0)  # T
+    parents: int = Field(32, ge=1)  # top-k kept each generation
+    mutations: int = Field(16, ge=0)  # N1
+    crossovers: int = Field(16, ge=0)  # N2
+    mutation_prob: float = Field(0.3, ge=0.0, le=1.0)  # p, also the gene swap probability of crossover
+    max_factor: float | None = Field(None, gt=1.0)  # None: 1.25 * scale (the paper)
+    step: float = Field(0.01, gt=0.0)
+    monotonic: bool = True  # factors non-decreasing with the rotary pair index
+    n_hat: list[int] = Field(default_factory=lambda: list(PAPER_N_HAT))
+    mscale: float | Literal["auto"] = "auto"  # auto: sqrt(1 + ln s / ln L), transformers' default
+    seeds: list[Literal["pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
+    init_factors: str | None = None  # a factors.json whose factors join the initial population
+    seed: int = 0
+    chunk_size: int = Field(1024, ge=1)  # positions per lm_head + loss chunk
+
+    _target = field_validator("target")(classmethod(lambda cls, v: check_length(v)))
+
+    @field_validator("n_hat")
+    @classmethod
+    def _n_hat(cls, values: list[int]) -> list[int]:
+        if not values or any(v < 0 for v in values):
+            raise ValueError("n_hat needs at least one value, all >= 0 (use [0] to switch it off)")
+        return sorted(set(values))
+
+    @field_validator("mscale")
+    @classmethod
+    def _mscale(cls, value: float | str) -> float | str:
+        if value != "auto" and value <= 0:
+            raise ValueError("mscale must be positive or 'auto'")
+        return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> "SearchSection":
+        if self.parents > self.population:
+            raise ValueError(f"parents ({self.parents}) cannot exceed population ({self.population})")
+        if self.generations > 0 and self.mutations + self.crossovers == 0:
+            raise ValueError("mutations + crossovers must be > 0 when generations > 0")
+        return self
+
+
+class OutputSection(Section):
+    dir: str | None = None  # default runs/<model>-<target>
+
+
+class Config(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    search: SearchSection = SearchSection()
+    output: OutputSection = OutputSection()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (the unknown key's parent)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    where = ".".join(loc) or "config"
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(Config, loc)
+        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(valid)}"
+        return f"{where}: unknown key ({hint})"
+    message = error["msg"].removeprefix("Value error, ").rstrip(".")
+    if error["type"] in ("model_type", "dict_type"):
+        message = "must be a mapping of keys"
+    return f"{where}: {message} (got {error.get('input')!r})" if error["type"] != "value_error" else f"{where}: {message}"
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file (see configs/).")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "malformed YAML"
+        raise ConfigError(f"{path}: {problem}{where}; fix the YAML syntax.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with model/data/search/output sections.")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`search.generations=10` style overrides; values parsed as YAML (10 -> int, [0,4] -> list)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value; write e.g. search.generations=10.")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section.")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    raw = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, overrides or []), source=str(path or "config"))
