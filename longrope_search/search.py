@@ -1,0 +1,381 @@
+"""The generation loop: evolve, score the new candidates, checkpoint, repeat; then validate the winner.
+
+Reads a validated Config, writes runs/<name>/ (config.resolved.yaml, state/, log.jsonl, factors.json).
+Resuming continues from the newest complete state and gives the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from longrope_search import __version__, checkpoint, evolution, rope
+from longrope_search.checkpoint import Evaluation, SearchState
+from longrope_search.config import Config, from_dict, parse_length, read_yaml
+from longrope_search.errors import CheckpointError, ConfigError
+from longrope_search.evolution import Candidate, SearchSpace
+from longrope_search.factors import FactorsFile
+from longrope_search.files import atomic_write_text
+from longrope_search.rope import RopeSpec
+
+# Settings that may change on resume: they change how much is searched, not what a score means.
+BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob")
+
+
+@dataclass
+class Plan:
+    """Everything derived from the config and the model's geometry before anything heavy is loaded."""
+
+    config: Config
+    spec: RopeSpec
+    target_length: int
+    space: SearchSpace
+    mscale: float
+
+    @property
+    def scale(self) -> float:
+        return self.spec.scale(self.target_length)
+
+
+def make_plan(config: Config, spec: RopeSpec) -> Plan:
+    s = config.search
+    if config.model.original_length is not None:
+        spec = RopeSpec(spec.base, spec.rotary_dim, config.model.original_length)
+    target = parse_length(s.target, spec.original_length)
+    if target <= spec.original_length:
+        raise ConfigError(
+            f"target {s.target} ({target} tokens) is not longer than the model's original window "
+            f"({spec.original_length} tokens); set search.target above it, e.g. {spec.original_length * 8} or 8x."
+        )
+    scale = target / spec.original_length
+    # n_hat positions keep the original rotation; values at or beyond the window would mean "no scaling".
+    n_hat = tuple(v for v in s.n_hat if v < spec.original_length) or (0,)
+    space = SearchSpace(
+        num_factors=spec.num_factors, max_factor=s.max_factor or 1.25 * scale, step=s.step,
+        monotonic=s.monotonic, n_hat_choices=n_hat,
+    )
+    mscale = rope.longrope_mscale(scale, spec.original_length) if s.mscale == "auto" else float(s.mscale)
+    return Plan(config, spec, target, space, mscale)
+
+
+def default_run_dir(config: Config) -> Path:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.model.name.removeprefix("builtin:")).strip("-")
+    return Path("runs") / f"{name}-{config.search.target}"
+
+
+def seed_vectors(plan: Plan) -> dict[str, np.ndarray]:
+    seeds = {name: rope.BASELINES[name](plan.spec, plan.scale).numpy() for name in plan.config.search.seeds}
+    if plan.config.search.init_factors:
+        from longrope_search.factors import load_factors
+
+        init = load_factors(plan.config.search.init_factors)
+        if len(init.factors) != plan.spec.num_factors:
+            raise ConfigError(
+                f"search.init_factors has {len(init.factors)} factors, the model needs {plan.spec.num_factors}; "
+                "use a factors file searched on the same model."
+            )
+        seeds["init"] = np.asarray(init.factors, dtype=np.float64)
+    return seeds
+
+
+def fingerprint(plan: Plan, model_id: str, data_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
+    space = plan.space
+    return {
+        "model": model_id,
+        "target_length": plan.target_length,
+        "original_length": plan.spec.original_length,
+        "rotary_dim": plan.spec.rotary_dim,
+        "rope_base": plan.spec.base,
+        "data": data_fingerprint,
+        "tokenizer": tokenizer_fingerprint,
+        "space": [space.max_factor, space.min_factor, space.step, space.monotonic, list(space.n_hat_choices)],
+        "mscale": plan.mscale,
+        "seeds": sorted(seed_vectors(plan)),
+    }
+
+
+def model_identity(name: str, model_config: Any) -> str:
+    """The model name plus a hash of its config: a different checkpoint under the same path is caught."""
+    digest = hashlib.sha256(model_config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return f"{name}@{digest}"
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"longrope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+# --- the loop -----------------------------------------------------------------------------------------
+
+
+ScoreFn = Callable[[Sequence[Candidate]], list[float]]
+
+
+class Search:
+    """One search run. `score` maps candidates to PPLs (single process, or sharded over ranks)."""
+
+    def __init__(self, plan: Plan, run_dir: Path, score: ScoreFn, identity: dict[str, Any], reporter: Any = None):
+        self.plan = plan
+        self.run_dir = run_dir
+        self.score_fn = score
+        self.identity = identity
+        self.reporter = reporter
+        self.log_path = run_dir / "log.jsonl"
+
+    # one place that evaluates: logs every score as soon as it exists (the resume cache)
+    def _evaluate(self, state: SearchState, batch: list[tuple[Candidate, str]], generation: int) -> list[float]:
+        started = time.perf_counter()
+        scores = self.score_fn([c for c, _ in batch])
+        state.seconds += time.perf_counter() - started
+        for (cand, origin), ppl in zip(batch, scores):
+            state.history.append(Evaluation(cand, ppl, generation, origin))
+        return scores
+
+    def _log_generation(self, state: SearchState) -> None:
+        best = state.best()
+        checkpoint.append_log(self.log_path, {
+            "event": "generation", "generation": state.generation, "evaluations": len(state.history),
+            "best_ppl": checkpoint._ppl_out(best.ppl), "best_key": best.candidate.key, "seconds": round(state.seconds, 3),
+        })
+
+    def initial(self) -> SearchState:
+        s = self.plan.config.search
+        rng = np.random.default_rng(s.seed)
+        seeds = seed_vectors(self.plan)
+        named = evolution.seed_candidates(self.plan.space, seeds)
+        population = evolution.initial_population(self.plan.space, seeds, s.population, rng, s.mutation_prob)
+        origin = {c.key: name for name, c in reversed(list(named.items()))}
+        state = SearchState(0, [], [], {}, self.identity)
+        batch = [(c, origin.get(c.key, "mutation")) for c in population]
+        scores = self._evaluate(state, batch, 0)
+        state.population = list(zip(population, scores))
+        state.rng_state = rng.bit_generator.state
+        return state
+
+    def step(self, state: SearchState) -> SearchState:
+        s = self.plan.config.search
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state.rng_state
+        parents = evolution.select(state.population, s.parents)
+        children = evolution.next_generation(
+            parents, self.plan.space, rng, s.mutations, s.crossovers, s.mutation_prob, state.seen()
+        )
+        # next_generation returns mutants first, then crossover children
+        batch = [(c, "mutation" if i < s.mutations else "crossover") for i, c in enumerate(children)]
+        generation = state.generation + 1
+        scores = self._evaluate(state, batch, generation)
+        scored = dict((c.key, (c, p)) for c, p in state.population)
+        state.population = [scored[p.key] for p in parents] + list(zip(children, scores))
+        state.generation = generation
+        state.rng_state = rng.bit_generator.state
+        if len(children) < s.mutations + s.crossovers:
+            state.notes.append(f"generation {generation}: only {len(children)} new candidates (space nearly exhausted)")
+        return state
+
+    def run(self, state: SearchState | None) -> SearchState:
+        if state is None:
+            state = self.initial()
+            self._checkpoint(state)
+        while state.generation < self.plan.config.search.generations:
+            state = self.step(state)
+            self._checkpoint(state)
+        return state
+
+    def _checkpoint(self, state: SearchState) -> None:
+        checkpoint.save_state(self.run_dir, state)
+        self._log_generation(state)
+        self.write_factors(state)
+        if self.reporter is not None:
+            self.reporter.generation(state)
+
+    def write_factors(self, state: SearchState, extra: dict[str, Any] | None = None) -> FactorsFile:
+        best = state.best()
+        s = self.plan.config.search
+        ff = FactorsFile(
+            model=self.plan.config.model.name, rope=self.plan.spec, target_length=self.plan.target_length,
+            factors=[round(float(x), 10) for x in self.plan.space.factors(best.candidate.genes)], n_hat=best.candidate.n_hat,
+            mscale=self.plan.mscale, ppl={"search": best.ppl},
+            search={
+                "generations": state.generation, "evaluations": len(state.history),
+                "settings": s.model_dump(mode="json"), "samples": self.plan.config.data.samples,
+                "best_key": best.candidate.key, "best_origin": best.origin, "best_generation": best.generation,
+            },
+            versions=versions(),
+        )
+        if extra:
+            ff.ppl.update(extra.get("ppl", {}))
+            ff.baselines = extra.get("baselines", {})
+        ff.save(self.run_dir / "factors.json")
+        return ff
+
+
+# --- run directory --------------------------------------------------------------------------------------
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise CheckpointError(
+            f"{run_dir} already exists and is not empty; resume it with `longrope search --resume {run_dir}` "
+            "or choose another --out."
+        )
+
+
+def resolved_config_for_resume(run_dir: Path, overrides: dict[str, Any]) -> tuple[Config, list[str]]:
+    """The run's saved config with budget overrides applied; identity overrides are refused."""
+    path = run_dir / "config.resolved.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} is not a longrope run (no config.resolved.yaml); pass the folder a search wrote.")
+    saved = read_yaml(path)
+    notes = []
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section != "search" or name not in BUDGET_KEYS:
+            raise ConfigError(
+                f"{key} cannot change when resuming (it changes what a score means); start a new run with --out, "
+                f"or change only {', '.join('search.' + k for k in BUDGET_KEYS)}."
+            )
+        old = saved.setdefault("search", {}).get(name)
+        if old != value:
+            saved["search"][name] = value
+            notes.append(f"search.{name}: {old} -> {value}")
+    return from_dict(saved, source=str(path)), notes
+
+
+def write_resolved_config(run_dir: Path, config: Config) -> None:
+    atomic_write_text(run_dir / "config.resolved.yaml", config.to_yaml())
+
+
+def ensure_log_line_end(log_path: Path) -> None:
+    """A kill mid-write leaves a torn last line; start the next record on a fresh line."""
+    if log_path.is_file() and log_path.stat().st_size:
+        with log_path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+# --- orchestration --------------------------------------------------------------------------------------
+
+
+def logged_scorer(evaluator: Any, plan: Plan, log_path: Path, reporter: Any = None) -> ScoreFn:
+    """Score candidates one by one on this process, logging each new score immediately."""
+
+    def score(candidates: Sequence[Candidate]) -> list[float]:
+        scores = []
+        for cand in candidates:
+            before = evaluator.evaluations
+            result = evaluator.score(cand.key, plan.space.factors(cand.genes), cand.n_hat, plan.mscale)
+            cached = evaluator.evaluations == before
+            if not cached:
+                record = {"event": "eval", "key": cand.key, "ppl": checkpoint._ppl_out(result.ppl),
+                          "seconds": round(result.seconds, 4)}
+                if result.error:
+                    record["error"] = result.error
+                checkpoint.append_log(log_path, record)
+            if reporter is not None:
+                reporter.evaluated(result.ppl, cached)
+            scores.append(result.ppl)
+        return scores
+
+    return score
+
+
+def compare_methods(plan: Plan, best: Candidate, search_eval: Any, heldout_eval: Any | None) -> dict[str, Any]:
+    """PPL of the winner and of each baseline (with its own mscale) on the search and held-out samples."""
+    space = plan.space
+    results: dict[str, Any] = {"ppl": {}, "baselines": {}}
+    if heldout_eval is not None:
+        results["ppl"]["heldout"] = heldout_eval.score(best.key, space.factors(best.genes), best.n_hat, plan.mscale).ppl
+    for name in ("none", *rope.BASELINES):
+        factors = rope.baseline(name)(plan.spec, plan.scale).numpy()
+        mscale = rope.BASELINE_MSCALE[name](plan.scale, plan.spec.original_length)
+        key = f"baseline:{name}"
+        row = {"search": search_eval.score(key, factors, 0, mscale).ppl}
+        if heldout_eval is not None:
+            row["heldout"] = heldout_eval.score(key, factors, 0, mscale).ppl
+        results["baselines"][name] = row
+    return results
+
+
+def run_search(
+    config: Config | None,
+    run_dir: Path | None,
+    resume: bool = False,
+    overrides: dict[str, Any] | None = None,
+    reporter: Any = None,
+) -> tuple[FactorsFile, Path]:
+    """Start or resume a search; returns the final factors file and the run directory.
+
+    Every check that can fail on user input runs before anything is written or any weights load.
+    """
+    from longrope_search import data, fitness
+    from longrope_search.model import load_config, load_model, rope_spec
+
+    notes: list[str] = []
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
+        config, notes = resolved_config_for_resume(run_dir, overrides or {})
+        saved_state, warnings = checkpoint.load_state(run_dir)
+    else:
+        if config is None:
+            raise ConfigError("pass --config with a YAML file (see configs/) or --resume with a run directory.")
+        run_dir = run_dir or Path(config.output.dir or default_run_dir(config))
+        check_new_run_dir(run_dir)
+        saved_state, warnings = None, []
+
+    model_config = load_config(config.model.name)
+    plan = make_plan(config, rope_spec(model_config))
+    seed_vectors(plan)  # a bad init_factors file fails here, before anything is written
+
+    write_resolved_config(run_dir, config)  # exactly what runs, before the model loads
+    if reporter is not None:
+        for w in warnings:
+            reporter.warn(w)
+
+    device = None if config.model.device == "auto" else config.model.device
+    model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype)
+    d = config.data
+    corpus = data.CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
+    samples = data.build_samples(tokenizer, corpus, plan.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir)
+    identity = fingerprint(plan, model_identity(config.model.name, model_config), samples.fingerprint,
+                           data.tokenizer_fingerprint(tokenizer))
+
+    log_path = run_dir / "log.jsonl"
+    evaluator = fitness.Evaluator(model, samples.search, chunk_size=config.search.chunk_size)
+    if saved_state is not None:
+        differences = checkpoint.identity_differences(saved_state.fingerprint, identity)
+        if differences:
+            raise CheckpointError(
+                f"{run_dir} was searched with a different setup ({'; '.join(differences)}); "
+                "resume with the original model and data, or start a new run with --out."
+            )
+        ensure_log_line_end(log_path)
+        evaluator.preload(checkpoint.read_log_scores(log_path))
+        saved_state.notes.extend(notes)
+        checkpoint.append_log(log_path, {"event": "resume", "generation": saved_state.generation, "changes": notes})
+
+    if reporter is not None:
+        reporter.start(plan, saved_state)
+    search = Search(plan, run_dir, logged_scorer(evaluator, plan, log_path, reporter), identity, reporter)
+    state = search.run(saved_state)
+
+    heldout_eval = None
+    if samples.heldout.shape[0] > 0:
+        heldout_eval = fitness.Evaluator(model, samples.heldout, chunk_size=config.search.chunk_size)
+    best = state.best().candidate
+    final = search.write_factors(state, compare_methods(plan, best, evaluator, heldout_eval))
+    checkpoint.append_log(log_path, {"event": "done", "generation": state.generation, "ppl": final.ppl})
+    return final, run_dir

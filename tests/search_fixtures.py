@@ -1,0 +1,44 @@
+"""A complete tiny search setup on disk: model directory, tokenizer, corpus, config (no network)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import yaml
+from tiny_models import tiny_model, tiny_tokenizer
+
+WORDS = ["def", "return", "class", "self", "value", "import", "for", "in", "range", "if", "else", "print",
+         "the", "quick", "brown", "fox", "lazy", "dog", "x", "y", "+", "=", "(", ")", ":"]
+
+
+def write_model(root: Path, window: int = 32) -> Path:
+    path = root / "model"
+    tiny_model("llama", max_position_embeddings=window).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_corpus(root: Path, documents: int = 10, words: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path = root / "corpus"
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(documents):
+        (path / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(words)))
+    return path
+
+
+def search_config(model: Path, corpus: Path, **search) -> dict:
+    settings = dict(target="4x", population=8, parents=4, mutations=3, crossovers=3, generations=3,
+                    n_hat=[0, 2, 4], seed=0, chunk_size=48)
+    settings.update(search)
+    return {
+        "model": {"name": str(model), "device": "cpu"},
+        "data": {"source": str(corpus / "*.txt"), "samples": 2, "heldout_samples": 2, "cache_dir": str(corpus.parent / "cache")},
+        "search": settings,
+    }
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path

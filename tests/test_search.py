@@ -1,0 +1,195 @@
+"""The search loop end to end on a tiny model: exact resume after kill -9, damaged checkpoints,
+every bad input as one line and exit code 2, constraint and no-re-evaluation invariants."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from search_fixtures import search_config, write_config, write_corpus, write_model
+from typer.testing import CliRunner
+
+from longrope_search import checkpoint
+from longrope_search.cli import app
+from longrope_search.config import from_dict
+from longrope_search.errors import CheckpointError
+from longrope_search.evolution import SearchSpace
+from longrope_search.search import make_plan, run_search
+from longrope_search.model import load_config, rope_spec
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    return write_model(root), write_corpus(root)
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def final_history(run_dir: Path) -> list[dict]:
+    state, _ = checkpoint.load_state(run_dir)
+    return checkpoint.state_to_json(state)["history"]
+
+
+def test_search_writes_outputs_and_keeps_invariants(setup, tmp_path):
+    model, corpus = setup
+    config = from_dict(search_config(model, corpus, generations=4))
+    final, run_dir = run_search(config, tmp_path / "run")
+    assert {p.name for p in run_dir.iterdir()} >= {"config.resolved.yaml", "state", "log.jsonl", "factors.json"}
+    history = final_history(run_dir)
+    keys = [(tuple(e["genes"]), e["n_hat"]) for e in history]
+    assert len(keys) == len(set(keys)) == 8 + 4 * 6  # no candidate evaluated twice, full budget used
+    plan = make_plan(config, rope_spec(load_config(str(model))))
+    space: SearchSpace = plan.space
+    for genes, n_hat in keys:
+        assert all(a <= b for a, b in zip(genes, genes[1:])) and n_hat in space.n_hat_choices
+    # the winner is the best evaluation, and its held-out score and baselines are recorded
+    assert final.ppl["search"] == min(e["ppl"] for e in history)
+    assert set(final.baselines) == {"none", "pi", "ntk", "yarn"} and "heldout" in final.ppl
+    assert len(final.factors) == 8 and final.target_length == 128
+    events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert events.count("eval") == len(history) and events.count("generation") == 5 and events[-1] == "done"
+
+
+def cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "longrope_search", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(setup, tmp_path):
+    model, corpus = setup
+    cfg = write_config(tmp_path / "cfg.yaml", search_config(model, corpus, generations=12))
+    reference = cli("search", "--config", str(cfg), "--out", "ref", cwd=tmp_path)
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+
+    seed = random.randrange(1_000_000)
+    delay = random.Random(seed).uniform(0.0, 1.5)
+    victim = cli("search", "--config", str(cfg), "--out", "run", cwd=tmp_path)
+    state_dir = tmp_path / "run" / "state"
+    deadline = time.time() + 120
+    while not any(state_dir.glob("gen_*.json")) and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    resumed = cli("search", "--resume", "run", cwd=tmp_path)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, f"seed {seed}: {err}"
+
+    ref_factors = json.loads((tmp_path / "ref" / "factors.json").read_text())
+    run_factors = json.loads((tmp_path / "run" / "factors.json").read_text())
+    ref_factors.pop("model"), run_factors.pop("model")
+    assert run_factors == ref_factors, f"kill after {delay:.2f}s (seed {seed})"
+    assert final_history(tmp_path / "run") == final_history(tmp_path / "ref")
+
+
+def test_truncated_newest_checkpoint_falls_back_with_warning(setup, tmp_path):
+    model, corpus = setup
+    config = from_dict(search_config(model, corpus, generations=3))
+    run_search(config, tmp_path / "run")
+    reference = final_history(tmp_path / "run")
+    newest = tmp_path / "run" / "state" / "gen_00003.json"
+    newest.write_text(newest.read_text()[: len(newest.read_text()) // 2])
+    state, warnings = checkpoint.load_state(tmp_path / "run")
+    assert state.generation == 2 and warnings and "gen_00003.json is damaged" in warnings[0]
+    result = runner.invoke(app, ["search", "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "warning: gen_00003.json is damaged" in result.output
+    assert final_history(tmp_path / "run") == reference  # scores reused from the log, same trajectory
+
+
+def test_resume_with_more_generations_extends_the_run(setup, tmp_path):
+    model, corpus = setup
+    config = from_dict(search_config(model, corpus, generations=2))
+    run_search(config, tmp_path / "run")
+    result = runner.invoke(app, ["search", "--resume", str(tmp_path / "run"), "--set", "search.generations=4"])
+    assert result.exit_code == 0, result.output
+    state, _ = checkpoint.load_state(tmp_path / "run")
+    assert state.generation == 4 and "search.generations: 2 -> 4" in state.notes
+    result = runner.invoke(app, ["search", "--resume", str(tmp_path / "run"), "--set", "search.target=8x"])
+    assert result.exit_code == 2 and "search.target cannot change when resuming" in result.stderr
+
+
+BAD_INPUTS = {
+    "malformed YAML": ("search: {population: [1, 2\n", "fix the YAML syntax"),
+    "unknown key": ({"search": {"populaton": 8}}, "search.populaton: unknown key (did you mean 'population'?)"),
+    "wrong type": ({"search": {"generations": "many"}}, "search.generations: Input should be a valid integer"),
+    "target not longer": ({"search": {"target": 32}}, "is not longer than the model's original window (32 tokens)"),
+    "population < parents": ({"search": {"population": 4, "parents": 8}}, "parents (8) cannot exceed population (4)"),
+    "missing model": ({"model": {"name": "/no/such/model"}}, "model directory /no/such/model does not exist"),
+    "corpus too short": ({"search": {"target": "64x"}}, "documents"),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(setup, tmp_path_factory):
+    model, corpus = setup
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_search(from_dict(search_config(model, corpus, generations=1)), run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_leaves_run_untouched(setup, finished_run, tmp_path, case):
+    model, corpus = setup
+    good = search_config(model, corpus, generations=1)
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = snapshot(run_dir)
+
+    change, expected = BAD_INPUTS[case]
+    cfg = tmp_path / "bad.yaml"
+    if isinstance(change, str):
+        cfg.write_text(change)
+    else:
+        merged = yaml.safe_load(yaml.safe_dump(good))
+        for section, values in change.items():
+            merged[section].update(values)
+        write_config(cfg, merged)
+    for out in (run_dir, tmp_path / "fresh"):  # an existing run and a new directory
+        result = runner.invoke(app, ["search", "--config", str(cfg), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        if out != run_dir or case != "malformed YAML":
+            assert expected in lines[0] or out == run_dir, lines[0]
+    assert snapshot(run_dir) == before
+
+
+def test_existing_run_is_never_overwritten(setup, tmp_path):
+    model, corpus = setup
+    config = from_dict(search_config(model, corpus, generations=0))
+    run_search(config, tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="already exists and is not empty; resume it"):
+        run_search(config, tmp_path / "run")
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_resume_refuses_a_changed_identity(setup, tmp_path):
+    model, _ = setup
+    corpus = write_corpus(tmp_path)
+    run_search(from_dict(search_config(model, corpus, generations=1)), tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    for doc in corpus.glob("*.txt"):  # other text at the start of every document: other samples
+        doc.write_text("import os " + doc.read_text())
+    result = runner.invoke(app, ["search", "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "was searched with a different setup (data: checkpoint has" in result.stderr
+    assert snapshot(tmp_path / "run") == {**before, "config.resolved.yaml": before["config.resolved.yaml"]}
