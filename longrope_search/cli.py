@@ -1,0 +1,251 @@
+"""The `longrope` command line. Heavy imports (torch, transformers) happen inside commands, so
+`longrope --help` is instant; every LongRopeError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from longrope_search.errors import LongRopeError
+
+app = typer.Typer(
+    help="Search LongRoPE's per-dimension RoPE rescale factors to extend a Hugging Face causal LM's context window.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USER_ERROR)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes -> one line and exit 2; Ctrl-C -> a resume hint and exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LongRopeError as exc:
+            fail(str(exc))
+        except KeyboardInterrupt:
+            err_console.print("interrupted; finished generations are saved.", markup=False)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Our progress display replaces the per-file bars of transformers and datasets."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()
+
+
+def parse_overrides(items: list[str] | None) -> list[str]:
+    from longrope_search.errors import ConfigError
+
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not key=value; write e.g. --set search.generations=10.")
+    return list(items or [])
+
+
+class RichReporter:
+    """Live progress of a search: a bar over evaluations plus one printed line per generation."""
+
+    def __init__(self, out: Console) -> None:
+        self.console = out
+        self.progress: Any = None
+        self.task: Any = None
+        self.started = time.perf_counter()
+        self.fresh_evals = 0
+        self.eval_seconds = 0.0
+        self.last = time.perf_counter()
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"warning: {message}", markup=False, style="yellow")
+
+    def start(self, plan: Any, state: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        s = plan.config.search
+        total = s.population + s.generations * (s.mutations + s.crossovers)
+        done = len(state.history) if state is not None else 0
+        self.console.print(
+            f"searching {plan.spec.num_factors} factors for {plan.target_length} tokens "
+            f"({plan.scale:g}x the {plan.spec.original_length}-token window), mscale {plan.mscale:.4f}, "
+            f"n_hat in {list(plan.space.n_hat_choices)}"
+            + (f"; resuming after generation {state.generation}" if state is not None else ""),
+            markup=False,
+        )
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
+            TimeRemainingColumn(), console=self.console, transient=True,
+        )
+        self.task = self.progress.add_task("generation 0", total=total, completed=done)
+        self.progress.start()
+        self.last = time.perf_counter()
+
+    def evaluated(self, ppl: float, cached: bool) -> None:
+        now = time.perf_counter()
+        if not cached:
+            self.fresh_evals += 1
+            self.eval_seconds += now - self.last
+        self.last = now
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+    def generation(self, state: Any) -> None:
+        best = state.best()
+        per_eval = self.eval_seconds / self.fresh_evals if self.fresh_evals else float("nan")
+        line = (f"generation {state.generation}: best ppl {best.ppl:.4f} ({best.origin}), "
+                f"{len(state.history)} evaluations, {per_eval:.2f} s/eval")
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"generation {state.generation}, best {best.ppl:.3f}")
+            self.progress.console.print(line, markup=False)
+        else:
+            self.console.print(line, markup=False)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command()
+@user_errors
+def search(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target length: 256k, 2m, 131072, or 8x."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<target>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the search in this run directory."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: --set search.generations=10."),
+) -> None:
+    """Search per-dimension rescale factors (and n_hat) for a target context length.
+
+    Every generation is checkpointed to RUN/state/; after Ctrl-C, a crash or kill -9, run
+    `longrope search --resume RUN` to continue with the same result as an uninterrupted run.
+    The best factors so far are always in RUN/factors.json.
+    """
+    import yaml
+
+    from longrope_search import config as config_mod
+    from longrope_search.search import run_search
+
+    quiet_libraries()
+    overrides = parse_overrides(set_)
+    if target is not None:
+        overrides.append(f"search.target={target}")
+    reporter = RichReporter(console)
+    try:
+        if resume is not None:
+            if config is not None:
+                fail("--resume continues the saved config of the run; drop --config (budget changes go in --set).")
+            parsed = {k.strip(): yaml.safe_load(v) for k, _, v in (o.partition("=") for o in overrides)}
+            final, run_dir = run_search(None, resume, resume=True, overrides=parsed, reporter=reporter)
+        else:
+            cfg = config_mod.load_config(config, overrides)
+            final, run_dir = run_search(cfg, out, reporter=reporter)
+    finally:
+        reporter.stop()
+    show_result(final, run_dir)
+
+
+def show_result(final: Any, run_dir: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{final.target_length} tokens ({final.scale:g}x): perplexity, lower is better")
+    table.add_column("method")
+    table.add_column("search samples", justify="right")
+    table.add_column("held-out samples", justify="right")
+    table.add_row("longrope (searched)", f"{final.ppl.get('search', float('nan')):.4f}",
+                  f"{final.ppl.get('heldout', float('nan')):.4f}")
+    for name, row in final.baselines.items():
+        table.add_row(name, f"{row.get('search', float('nan')):.4f}", f"{row.get('heldout', float('nan')):.4f}")
+    console.print(table)
+    console.print(f"n_hat {final.n_hat}, mscale {final.mscale:.4f}; factors written to {run_dir / 'factors.json'}",
+                  markup=False)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    source: Path = typer.Argument(..., help="Run directory (or its factors.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="New Hugging Face model directory to write."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model directory to export onto (default: the one searched)."),
+    copy_weights: bool = typer.Option(False, "--copy-weights", help="Copy the weights instead of symlinking them."),
+    force: bool = typer.Option(False, "--force", help="Write into an existing, non-empty --out."),
+    drop_n_hat: bool = typer.Option(False, "--drop-n-hat", help="Export factors searched with n_hat > 0 without n_hat."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload --out and compare its logits with the searched model."),
+    verify_length: Optional[int] = typer.Option(None, "--verify-length", help="Tokens for the check (default: window + 16)."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest accepted max abs logit difference."),
+    device: str = typer.Option("cpu", "--device", help="Device for the fp32 check (cuda for big models)."),
+) -> None:
+    """Write a Hugging Face model directory that runs the searched factors as rope type longrope.
+
+    transformers (4.5x and 5.x) and vLLM load it; the check reloads it and compares logits past the
+    original window with the search-time model. SRC is never written; weights are symlinked by default.
+    """
+    from longrope_search.export import export
+
+    quiet_libraries()
+    report = export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat,
+                    verify=verify, tolerance=tolerance, verify_length=verify_length, device=device)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False)
+    if report.max_abs_diff is not None:
+        console.print(f"verified: max abs logit difference {report.max_abs_diff:.2e} at {report.verify_length} tokens, "
+                      f"{report.short_max_abs_diff:.2e} inside the original window", markup=False)
+    console.print(f"exported to {report.out}", markup=False)
+
+
+@app.command()
+@user_errors
+def info(
+    model: str = typer.Option("builtin:tiny", "--model", "-m", help="Local directory, hub id, or builtin:NAME."),
+    target: str = typer.Option("8x", "--target", "-t", help="Target length for the baseline factor vectors."),
+) -> None:
+    """Show a model's RoPE geometry and the PI / NTK / YaRN factor vectors for a target length."""
+    from rich.table import Table
+
+    from longrope_search import rope
+    from longrope_search.config import parse_length
+    from longrope_search.model import load_config, rope_spec
+
+    spec = rope_spec(load_config(model))
+    length = parse_length(target, spec.original_length)
+    scale = spec.scale(length)
+    console.print(f"{model}: rope_theta {spec.base:g}, rotary_dim {spec.rotary_dim} ({spec.num_factors} factors), "
+                  f"original window {spec.original_length}; target {length} = {scale:g}x, "
+                  f"LongRoPE mscale {rope.longrope_mscale(scale, spec.original_length):.4f}", markup=False)
+    table = Table(title="factor per rotary pair (1 = untouched)")
+    table.add_column("pair", justify="right")
+    table.add_column("wavelength", justify="right")
+    vectors = {name: fn(spec, scale) for name, fn in rope.BASELINES.items()}
+    for name in vectors:
+        table.add_column(name, justify="right")
+    wavelengths = 2 * 3.141592653589793 / rope.base_inv_freq(spec)
+    for i in range(spec.num_factors):
+        table.add_row(str(i), f"{wavelengths[i].item():.1f}", *(f"{v[i].item():.3f}" for v in vectors.values()))
+    console.print(table)
+
+
+def main() -> None:
+    app()
