@@ -1,0 +1,253 @@
+"""Figures of a run directory: searched factors against PI/NTK/YaRN, search progress, and `longrope eval`
+results by length. Reads factors.json, state/ and eval.json; writes PNGs with matplotlib's Agg renderer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+
+from longrope_search import rope
+from longrope_search.checkpoint import SearchState, load_state
+from longrope_search.errors import CheckpointError
+from longrope_search.factors import FactorsFile, load_factors
+
+SEARCHED = "longrope"
+# One colour per method in every figure, so a reader matches lines across plots at a glance.
+METHOD_COLORS = {SEARCHED: "black", "pi": "tab:blue", "ntk": "tab:orange", "yarn": "tab:green", "none": "tab:gray"}
+METHOD_LABELS = {SEARCHED: "LongRoPE (searched)", "pi": "PI", "ntk": "NTK-aware", "yarn": "YaRN",
+                 "none": "none (original RoPE)"}
+BASELINE_DASHES = {"pi": (0, (6, 3)), "ntk": "-.", "yarn": (0, (2, 2))}
+ORIGIN_COLORS = {"init": "tab:purple", "mutation": "tab:red", "crossover": "tab:cyan"}
+EXTRA_COLORS = ["tab:brown", "tab:pink", "tab:olive", "tab:purple", "tab:red", "tab:cyan"]
+DPI = 120
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
+             warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Write factors.png, search.png and, when eval.json exists, ppl_by_length.png / passkey.png.
+
+    out_dir defaults to RUN/plots. `warn` receives one line per damaged newer checkpoint skipped, since
+    search.png then stops at an older generation.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(
+            f"{run_dir} is not a directory; pass the run directory a search wrote (e.g. runs/tiny-8x)."
+        )
+    factors = load_factors(run_dir)
+    state, warnings = load_state(run_dir)
+    if warn is not None:
+        for line in warnings:
+            warn(line)
+    figures = {"factors.png": factors_figure(factors), "search.png": search_figure(state, factors)}
+    results = load_eval(run_dir)
+    if results is not None:
+        lengths = (factors.rope.original_length, factors.target_length)
+        if results["ppl"]:
+            figures["ppl_by_length.png"] = by_length_figure(
+                results["ppl"], lengths, "perplexity (lower is better)", "Perplexity by context length", log_y=True)
+        if results["passkey"]:
+            figures["passkey.png"] = by_length_figure(
+                results["passkey"], lengths, "passkey retrieval accuracy (fraction correct)", "Passkey retrieval by context length",
+                log_y=False)
+    return save_figures(figures, Path(out_dir) if out_dir is not None else run_dir / "plots")
+
+
+def save_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
+    paths = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, figure in figures.items():
+            path = out_dir / name
+            figure.savefig(path, dpi=DPI)
+            paths.append(path)
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write plots to {out_dir} ({exc.strerror or exc}); pass a writable --out folder."
+        ) from exc
+    return paths
+
+
+# --- factors --------------------------------------------------------------------------------------------
+
+
+def factors_figure(ff: FactorsFile) -> Figure:
+    """Factor per rotary pair, log y: the searched vector over the baselines for the same scale."""
+    spec, scale = ff.rope, ff.scale
+    pairs = np.arange(spec.num_factors)
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.add_subplot()
+    # Pairs whose wavelength exceeds the original window never completed a turn in pre-training
+    # (LongRoPE2's critical dimensions): they must be interpolated, which is where methods differ most.
+    wavelengths = (2 * math.pi / rope.base_inv_freq(spec)).numpy()
+    long_pairs = np.flatnonzero(wavelengths > spec.original_length)
+    if long_pairs.size:
+        ax.axvspan(long_pairs[0] - 0.5, pairs[-1] + 0.5, color="0.92", zorder=0,
+                   label=f"wavelength > original window ({spec.original_length:,})")
+    # YaRN equals PI on its interpolated pairs: distinct dashes keep both visible where they overlap.
+    for name, fn in rope.BASELINES.items():
+        ax.plot(pairs, fn(spec, scale).numpy(), color=METHOD_COLORS[name], linewidth=2, alpha=0.85,
+                linestyle=BASELINE_DASHES[name], label=f"{METHOD_LABELS[name]} (same scale)")
+    ax.plot(pairs, ff.factors, color=METHOD_COLORS[SEARCHED], linewidth=2.5, marker="o", markersize=4,
+            label="LongRoPE long factors (searched)")
+    if ff.short_factors is not None:
+        ax.plot(pairs, ff.short_factors, color=METHOD_COLORS[SEARCHED], linewidth=1.5, linestyle=":", marker="s",
+                markersize=3, label="LongRoPE short factors")
+    ax.set_yscale("log")
+    _readable_log_axis(ax.yaxis, [*ff.factors, *(ff.short_factors or []), 1.0, scale])
+    ax.set_xlim(-0.5, pairs[-1] + 0.5)
+    ax.set_xlabel("rotary pair i (low i = high frequency, short wavelength)")
+    ax.set_ylabel("rescale factor λ_i (frequency divided by λ_i)")
+    ax.set_title(f"Rescale factors for {ff.target_length:,} tokens: scale {scale:g}x, n_hat {ff.n_hat}, "
+                 f"mscale {ff.mscale:.3f}\n{ff.model}", fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9)
+    return fig
+
+
+# --- search progress ------------------------------------------------------------------------------------
+
+
+def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
+    """Every evaluation by generation (coloured by where it came from), the best so far, and the seeds."""
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.add_subplot()
+    generations = np.array([e.generation for e in state.history])
+    ppls = np.array([e.ppl for e in state.history], dtype=float)
+    origins = [e.origin for e in state.history]
+    finite = np.isfinite(ppls)
+    # Spread each generation's points over its own slot so equal scores do not hide each other.
+    x = generations.astype(float)
+    for g in np.unique(generations):
+        members = np.flatnonzero(generations == g)
+        x[members] += np.linspace(-0.3, 0.3, members.size) if members.size > 1 else 0.0
+
+    # The seeds are the baselines snapped to the grid: their PPLs are the bar the search has to clear.
+    others = iter(EXTRA_COLORS)
+    for origin in dict.fromkeys(origins):
+        chosen = finite & np.array([o == origin for o in origins])
+        if not chosen.any():
+            continue
+        if origin in rope.BASELINES:
+            ppl = float(ppls[chosen][0])
+            ax.scatter(x[chosen], ppls[chosen], s=45, marker="D", color=METHOD_COLORS[origin], zorder=4)
+            ax.axhline(ppl, color=METHOD_COLORS[origin], linestyle="--", linewidth=1, alpha=0.8,
+                       label=f"{METHOD_LABELS[origin]} seed: {ppl:.6g}")
+        else:
+            ax.scatter(x[chosen], ppls[chosen], s=18, alpha=0.8, zorder=3,
+                       color=ORIGIN_COLORS.get(origin) or next(others, None), label=f"{origin} ({chosen.sum()})")
+
+    last = int(generations.max()) if generations.size else 0
+    best_so_far = [min((p for g, p in zip(generations, ppls) if g <= gen and math.isfinite(p)), default=math.nan)
+                   for gen in range(last + 1)]
+    edges = [-0.4, *(g + 0.5 for g in range(last)), last + 0.4]  # each generation's slot of points
+    ax.stairs(best_so_far, edges, color=METHOD_COLORS[SEARCHED], linewidth=2.5, zorder=5, baseline=None,
+              label=f"best so far: {best_so_far[-1]:.6g}")
+    if not finite.all():
+        ax.plot([], [], " ", label=f"{(~finite).sum()} non-finite PPL not shown")
+
+    ax.set_yscale("log")
+    _readable_log_axis(ax.yaxis, ppls[finite].tolist())
+    ax.set_xticks(range(last + 1) if last < 25 else np.linspace(0, last, 11).round().astype(int))
+    ax.set_xlim(-0.6, last + 0.6)
+    ax.set_xlabel("generation (0 = initial population)")
+    ax.set_ylabel("perplexity on the search samples (lower is better)")
+    ax.set_title(f"Search for {ff.target_length:,} tokens ({ff.scale:g}x): {len(state.history)} evaluations "
+                 f"over {last} generations", fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=4, fontsize=9)
+    return fig
+
+
+# --- eval results ---------------------------------------------------------------------------------------
+
+
+def load_eval(run_dir: Path) -> dict[str, dict[str, dict[int, float]]] | None:
+    """eval.json as {"ppl"|"passkey": {method: {length: value}}} with int lengths; None when absent.
+
+    Length keys arrive as strings after a JSON round trip and as ints from Python writers; both are read.
+    Missing scores (null, inf) are left out rather than drawn at an arbitrary height.
+    """
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        return {kind: {str(method): {int(length): float(value) for length, value in by_length.items()
+                                     if value is not None and math.isfinite(float(value))}
+                       for method, by_length in (doc.get(kind) or {}).items()}
+                for kind in ("ppl", "passkey")}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged or not in the `longrope eval` format ({type(exc).__name__}); re-run `longrope eval`."
+        ) from exc
+
+
+def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, int], ylabel: str, title: str,
+                     log_y: bool) -> Figure:
+    """One line per method over context length (log x); the original window and the target marked."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    extra = iter(EXTRA_COLORS)
+    for method, by_length in results.items():
+        if not by_length:
+            continue
+        xs = sorted(by_length)
+        searched = method == SEARCHED
+        ax.plot(xs, [by_length[n] for n in xs], marker="o", linewidth=2.5 if searched else 1.5,
+                color=METHOD_COLORS.get(method) or next(extra, None), label=METHOD_LABELS.get(method, method))
+    original, target = lengths
+    ax.axvline(original, color="0.5", linestyle=":", label=f"original window ({format_length(original)})")
+    ax.axvline(target, color="0.5", linestyle="--", label=f"search target ({format_length(target)})")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_length(int(round(v)))))
+    if log_y:
+        ax.set_yscale("log")
+        _readable_log_axis(ax.yaxis, [v for by_length in results.values() for v in by_length.values()])
+    else:
+        # A little room below 0 and above the top score, so markers at exactly 0 or 1 stay whole.
+        top = max([1.0, *(v for by_length in results.values() for v in by_length.values())])
+        ax.set_ylim(-0.03 * top, 1.05 * top)
+    ax.set_xlabel("context length (tokens, log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=4, fontsize=9)
+    return fig
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+
+def format_length(tokens: int) -> str:
+    """Lengths as the CLI spells them (k = 1024): 4096 -> 4k, 2097152 -> 2m; others as plain numbers."""
+    for unit, size in (("m", 1024 * 1024), ("k", 1024)):
+        if tokens >= size and tokens % size == 0:
+            return f"{tokens // size}{unit}"
+    return str(tokens)
+
+
+def _readable_log_axis(axis: Any, values: list[float]) -> None:
+    """Plain-number ticks on a log axis (matplotlib's default labels only powers of ten)."""
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    ratio = max(finite) / min(finite) if finite else math.inf
+    # Within a factor of 2 a log locator finds no tick at all; evenly spaced ones read fine on so short a span.
+    if ratio < 2:
+        locator = MaxNLocator(nbins=6)
+    else:
+        locator = LogLocator(base=10, subs=tuple(range(1, 10)) if ratio < 10 else (1.0, 2.0, 5.0), numticks=12)
+    axis.set_major_locator(locator)
+    if ratio < 2:
+        formatter = ScalarFormatter(useOffset=False)  # digits follow the tick spacing: 320.82, 320.84, ...
+        formatter.set_scientific(False)
+    else:
+        formatter = FuncFormatter(lambda v, _: f"{v:g}")  # round ticks (1, 2, 5, 10) need no decimals
+    axis.set_major_formatter(formatter)
+    axis.set_minor_formatter(NullFormatter())
