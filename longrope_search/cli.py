@@ -218,6 +218,23 @@ def export_cmd(
 
 @app.command()
 @user_errors
+def plot(
+    run: Path = typer.Argument(..., help="Run directory a search wrote."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default RUN/plots)."),
+) -> None:
+    """Draw a run as PNGs: factors against PI/NTK/YaRN, search progress, and (after `longrope eval`)
+    perplexity and passkey accuracy by length."""
+    from longrope_search.plot import plot_run
+
+    def warn(line: str) -> None:
+        console.print(f"warning: {line}", markup=False, style="yellow")
+
+    for path in plot_run(run, out, warn=warn):
+        console.print(f"wrote {path}", markup=False)
+
+
+@app.command()
+@user_errors
 def info(
     model: str = typer.Option("builtin:tiny", "--model", "-m", help="Local directory, hub id, or builtin:NAME."),
     target: str = typer.Option("8x", "--target", "-t", help="Target length for the baseline factor vectors."),
