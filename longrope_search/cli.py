@@ -216,6 +216,48 @@ def export_cmd(
     console.print(f"exported to {report.out}", markup=False)
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory: the model, corpus and factors come from it."),
+    lengths: str = typer.Option(..., "--lengths", "-l", help="Comma-separated: 1x,8x,16x (times the original window) or 4k,32k."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model to load (with RUN_DIR: the searched one)."),
+    factors: Optional[Path] = typer.Option(None, "--factors", "-f", help="factors.json or run directory, without RUN_DIR."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Corpus without RUN_DIR: builtin:NAME, hub:NAME or a path."),
+    samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Windows per length (default: the run's heldout_samples, or 8)."),
+    passkey: bool = typer.Option(False, "--passkey", help="Also measure passkey retrieval."),
+    trials: int = typer.Option(10, "--trials", help="Passkey prompts per length."),
+    seed: int = typer.Option(0, "--seed", help="Picks the passkey prompts (and the documents without RUN_DIR)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: the run's, else auto)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
+) -> None:
+    """Perplexity (and passkey retrieval) per length of no scaling, PI, NTK, YaRN and the searched factors.
+
+    With RUN_DIR, perplexity is measured on held-out documents the search never scored, and the result is
+    also written to RUN_DIR/eval.json. Without it, pass --model, --factors and --data.
+    """
+    import json
+
+    from longrope_search.evaluate import evaluate, render_tables
+    from longrope_search.factors import load_factors
+
+    quiet_libraries()
+    with err_console.status("loading") as status:
+        result = evaluate(
+            [x.strip() for x in lengths.split(",") if x.strip()], run_dir=run_dir, model=model, factors=factors,
+            data=data, samples=samples, seed=seed, passkey_trials=trials if passkey else 0, device=device,
+            progress=status.update,
+        )
+    if json_out:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+        return
+    window = load_factors(result.factors).rope.original_length
+    for table in render_tables(result, original_length=window):
+        console.print(table)
+    if run_dir is not None:
+        console.print(f"written to {run_dir / 'eval.json'}", markup=False)
+
+
 @app.command()
 @user_errors
 def plot(
