@@ -47,13 +47,17 @@ def rotary_dim(config: Any) -> int:
 
 
 def rope_spec(config: Any) -> RopeSpec:
-    """The RoPE geometry of a model config; a model whose RoPE is already rescaled is refused."""
+    """The RoPE geometry of a model config.
+
+    Plain RoPE and LongRoPE-extended models (rope_type longrope, e.g. an exported or fine-tuned
+    extended model) are accepted; other rescalings are refused since their factors are not ours to compose.
+    """
     params = _rope_parameters(config)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "longrope"):
         raise ModelError(
             f"the model already uses rope_type {rope_type!r}; search on its unscaled base checkpoint "
-            "(rope_type 'default'), or continue a previous longrope run with --init-from."
+            "(rope_type 'default'), or on a LongRoPE-extended model (rope_type 'longrope')."
         )
     original = (
         params.get("original_max_position_embeddings")
@@ -61,6 +65,14 @@ def rope_spec(config: Any) -> RopeSpec:
         or config.max_position_embeddings
     )
     return RopeSpec(base=float(params["rope_theta"]), rotary_dim=rotary_dim(config), original_length=int(original))
+
+
+def carried_factors(config: Any) -> list[float] | None:
+    """The long factors a LongRoPE-extended model already runs with (None for plain RoPE)."""
+    params = _rope_parameters(config)
+    if params.get("rope_type", params.get("type")) != "longrope":
+        return None
+    return [float(x) for x in params["long_factor"]]
 
 
 # --- our rotary embedding -----------------------------------------------------------------------------

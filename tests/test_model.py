@@ -7,7 +7,7 @@ from transformers import GPT2Config, LlamaForCausalLM
 
 from longrope_search import rope
 from longrope_search.errors import ModelError
-from longrope_search.model import LongRopeRotaryEmbedding, install_rope, load_model, rope_spec
+from longrope_search.model import LongRopeRotaryEmbedding, carried_factors, install_rope, load_model, rope_spec
 
 
 def tokens(length: int, vocab: int = 320, seed: int = 0) -> torch.Tensor:
@@ -92,6 +92,11 @@ def test_refusals_are_typed_errors():
     scaled = tiny_config("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
     with pytest.raises(ModelError, match="already uses rope_type 'linear'"):
         rope_spec(scaled)
+    extended = tiny_config("llama", max_position_embeddings=256, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "long_factor": [2.0] * 8, "short_factor": [1.0] * 8,
+        "original_max_position_embeddings": 64})
+    assert rope_spec(extended).original_length == 64 and carried_factors(extended) == [2.0] * 8
+    assert carried_factors(tiny_config("llama")) is None
     model = tiny_model("llama")
     with pytest.raises(ModelError, match="got 3 factors"):
         install_rope(model, [1.0, 2.0, 3.0])
