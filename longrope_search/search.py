@@ -6,6 +6,7 @@ Resuming continues from the newest complete state and gives the same result as a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from longrope_search import __version__, checkpoint, evolution, rope
+from longrope_search import __version__, checkpoint, distributed, evolution, rope
 from longrope_search.checkpoint import Evaluation, SearchState
 from longrope_search.config import Config, from_dict, parse_length, read_yaml
 from longrope_search.errors import CheckpointError, ConfigError
@@ -124,14 +125,21 @@ ScoreFn = Callable[[Sequence[Candidate]], list[float]]
 
 
 class Search:
-    """One search run. `score` maps candidates to PPLs (single process, or sharded over ranks)."""
+    """One search run. `score` maps candidates to PPLs (single process, or sharded over ranks).
 
-    def __init__(self, plan: Plan, run_dir: Path, score: ScoreFn, identity: dict[str, Any], reporter: Any = None):
+    Under torchrun every rank runs the same loop; only the one with `writes` touches the run directory.
+    """
+
+    def __init__(
+        self, plan: Plan, run_dir: Path, score: ScoreFn, identity: dict[str, Any], reporter: Any = None,
+        writes: bool = True,
+    ):
         self.plan = plan
         self.run_dir = run_dir
         self.score_fn = score
         self.identity = identity
         self.reporter = reporter
+        self.writes = writes
         self.log_path = run_dir / "log.jsonl"
 
     # one place that evaluates: logs every score as soon as it exists (the resume cache)
@@ -194,9 +202,10 @@ class Search:
         return state
 
     def _checkpoint(self, state: SearchState) -> None:
-        checkpoint.save_state(self.run_dir, state)
-        self._log_generation(state)
-        self.write_factors(state)
+        if self.writes:
+            checkpoint.save_state(self.run_dir, state)
+            self._log_generation(state)
+            self.write_factors(state)
         if self.reporter is not None:
             self.reporter.generation(state)
 
@@ -217,7 +226,8 @@ class Search:
         if extra:
             ff.ppl.update(extra.get("ppl", {}))
             ff.baselines = extra.get("baselines", {})
-        ff.save(self.run_dir / "factors.json")
+        if self.writes:
+            ff.save(self.run_dir / "factors.json")
         return ff
 
 
@@ -269,44 +279,84 @@ def ensure_log_line_end(log_path: Path) -> None:
 # --- orchestration --------------------------------------------------------------------------------------
 
 
-def logged_scorer(evaluator: Any, plan: Plan, log_path: Path, reporter: Any = None) -> ScoreFn:
-    """Score candidates one by one on this process, logging each new score immediately."""
+def logged_scorer(
+    evaluator: Any, plan: Plan, log_path: Path, reporter: Any = None,
+    ctx: distributed.Context = distributed.SINGLE_PROCESS,
+) -> ScoreFn:
+    """Score the candidates not scored yet, spread over the ranks; rank 0 logs each new score as it arrives.
+
+    Every rank caches every score, so all ranks agree on what is left to score in the next batch.
+    """
+
+    def evaluate(cand: Candidate) -> Any:
+        return evaluator.score(cand.key, plan.space.factors(cand.genes), cand.n_hat, plan.mscale)
 
     def score(candidates: Sequence[Candidate]) -> list[float]:
-        scores = []
-        for cand in candidates:
-            before = evaluator.evaluations
-            result = evaluator.score(cand.key, plan.space.factors(cand.genes), cand.n_hat, plan.mscale)
-            cached = evaluator.evaluations == before
-            if not cached:
-                record = {"event": "eval", "key": cand.key, "ppl": checkpoint._ppl_out(result.ppl),
-                          "seconds": round(result.seconds, 4)}
-                if result.error:
-                    record["error"] = result.error
-                checkpoint.append_log(log_path, record)
+        fresh = list({c.key: c for c in candidates if c.key not in evaluator.results}.values())
+        if reporter is not None:
+            for cand in candidates:
+                if cand.key in evaluator.results:
+                    reporter.evaluated(evaluator.results[cand.key].ppl, True)
+
+        def log(i: int, result: Any) -> None:
+            record = {"event": "eval", "key": fresh[i].key, "ppl": checkpoint._ppl_out(result.ppl),
+                      "seconds": round(result.seconds, 4)}
+            if result.error:
+                record["error"] = result.error
+            checkpoint.append_log(log_path, record)
             if reporter is not None:
-                reporter.evaluated(result.ppl, cached)
-            scores.append(result.ppl)
-        return scores
+                reporter.evaluated(result.ppl, False)
+
+        for cand, result in zip(fresh, distributed.map_candidates(evaluate, fresh, ctx, log)):
+            evaluator.results[cand.key] = result
+        return [evaluator.results[c.key].ppl for c in candidates]
 
     return score
 
 
-def compare_methods(plan: Plan, best: Candidate, search_eval: Any, heldout_eval: Any | None) -> dict[str, Any]:
-    """PPL of the winner and of each baseline (with its own mscale) on the search and held-out samples."""
-    space = plan.space
-    results: dict[str, Any] = {"ppl": {}, "baselines": {}}
-    if heldout_eval is not None:
-        results["ppl"]["heldout"] = heldout_eval.score(best.key, space.factors(best.genes), best.n_hat, plan.mscale).ppl
+def compare_methods(
+    plan: Plan, best: Candidate, search_eval: Any, heldout_eval: Any | None,
+    ctx: distributed.Context = distributed.SINGLE_PROCESS,
+) -> dict[str, Any]:
+    """PPL of the winner and of each baseline (with its own mscale) on the search and held-out samples.
+
+    The evaluations are spread over the ranks like the search's own.
+    """
+    evaluators = {"search": search_eval} if heldout_eval is None else {"search": search_eval, "heldout": heldout_eval}
+    # (baseline name or None for the winner, samples, key, factors, n_hat, mscale)
+    jobs: list[tuple[str | None, str, str, Any, int, float]] = []
+    if heldout_eval is not None:  # the winner's search PPL is already known
+        jobs.append((None, "heldout", best.key, plan.space.factors(best.genes), best.n_hat, plan.mscale))
     for name in ("none", *rope.BASELINES):
         factors = rope.baseline(name)(plan.spec, plan.scale).numpy()
         mscale = rope.BASELINE_MSCALE[name](plan.scale, plan.spec.original_length)
-        key = f"baseline:{name}"
-        row = {"search": search_eval.score(key, factors, 0, mscale).ppl}
-        if heldout_eval is not None:
-            row["heldout"] = heldout_eval.score(key, factors, 0, mscale).ppl
-        results["baselines"][name] = row
+        jobs += [(name, split, f"baseline:{name}", factors, 0, mscale) for split in evaluators]
+    ppls = distributed.map_candidates(lambda job: evaluators[job[1]].score(*job[2:]).ppl, jobs, ctx)
+    results: dict[str, Any] = {"ppl": {}, "baselines": {}}
+    for (name, split, *_), ppl in zip(jobs, ppls):
+        if name is None:
+            results["ppl"][split] = ppl
+        else:
+            results["baselines"].setdefault(name, {})[split] = ppl
     return results
+
+
+def open_run(
+    config: Config | None, run_dir: Path | None, resume: bool, overrides: dict[str, Any] | None
+) -> tuple[Config, Path, SearchState | None, list[str], list[str], dict[str, float]]:
+    """(config, run_dir, saved state, warnings, notes, logged scores): all a search reads of its run directory."""
+    if resume:
+        if run_dir is None:
+            raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
+        config, notes = resolved_config_for_resume(run_dir, overrides or {})
+        saved_state, warnings = checkpoint.load_state(run_dir)
+        # scores logged after the last checkpoint too: resume reuses them instead of recomputing
+        return config, run_dir, saved_state, warnings, notes, checkpoint.read_log_scores(run_dir / "log.jsonl")
+    if config is None:
+        raise ConfigError("pass --config with a YAML file (see configs/) or --resume with a run directory.")
+    run_dir = run_dir or Path(config.output.dir or default_run_dir(config))
+    check_new_run_dir(run_dir)
+    return config, run_dir, None, [], [], {}
 
 
 def run_search(
@@ -315,46 +365,61 @@ def run_search(
     resume: bool = False,
     overrides: dict[str, Any] | None = None,
     reporter: Any = None,
+    ctx: distributed.Context = distributed.SINGLE_PROCESS,
 ) -> tuple[FactorsFile, Path]:
     """Start or resume a search; returns the final factors file and the run directory.
 
     Every check that can fail on user input runs before anything is written or any weights load.
+    Under torchrun (`ctx` from `distributed.init_from_env`) every rank loads the model and data and scores
+    its share of each batch; rank 0 alone reads and writes the run directory and reports progress.
     """
     from longrope_search import data, fitness
     from longrope_search.model import load_config, load_model, rope_spec
 
-    notes: list[str] = []
-    if resume:
-        if run_dir is None:
-            raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
-        config, notes = resolved_config_for_resume(run_dir, overrides or {})
-        saved_state, warnings = checkpoint.load_state(run_dir)
-    else:
-        if config is None:
-            raise ConfigError("pass --config with a YAML file (see configs/) or --resume with a run directory.")
-        run_dir = run_dir or Path(config.output.dir or default_run_dir(config))
-        check_new_run_dir(run_dir)
-        saved_state, warnings = None, []
+    reporter = reporter if ctx.is_main else None
+    # rank 0's files only: the other nodes may not share its filesystem
+    config, run_dir, saved_state, warnings, notes, logged = distributed.run_on_main(
+        functools.partial(open_run, config, run_dir, resume, overrides), ctx
+    )
 
-    model_config = load_config(config.model.name)
-    plan = make_plan(config, rope_spec(model_config))
-    seed_vectors(plan)  # a bad init_factors file fails here, before anything is written
+    def plan_run() -> tuple[Any, Plan]:
+        model_config = load_config(config.model.name)
+        plan = make_plan(config, rope_spec(model_config))
+        seed_vectors(plan)  # a bad init_factors file fails here, before anything is written
+        return model_config, plan
 
-    write_resolved_config(run_dir, config)  # exactly what runs, before the model loads
+    model_config, plan = distributed.run_everywhere(plan_run, ctx)
+    if ctx.is_main:
+        write_resolved_config(run_dir, config)  # exactly what runs, before the model loads
     if reporter is not None:
         for w in warnings:
             reporter.warn(w)
 
-    device = None if config.model.device == "auto" else config.model.device
-    model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype)
-    d = config.data
-    corpus = data.CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
-    samples = data.build_samples(tokenizer, corpus, plan.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir)
-    identity = fingerprint(plan, model_identity(config.model.name, model_config), samples.fingerprint,
-                           data.tokenizer_fingerprint(tokenizer))
+    def load() -> tuple[Any, Any, dict[str, Any], Any]:
+        device = None if config.model.device == "auto" else config.model.device
+        if ctx.device is not None and (device is None or device.startswith("cuda")):
+            device = ctx.device  # one GPU per rank under torchrun
+        model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype)
+        d = config.data
+        corpus = data.CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
+        samples = data.build_samples(
+            tokenizer, corpus, plan.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir
+        )
+        identity = fingerprint(plan, model_identity(config.model.name, model_config), samples.fingerprint,
+                               data.tokenizer_fingerprint(tokenizer))
+        return model, samples, identity, fitness.Evaluator(model, samples.search, chunk_size=config.search.chunk_size)
+
+    model, samples, identity, evaluator = distributed.run_everywhere(load, ctx)
+    identities = distributed.gather_objects(identity, ctx)
+    for rank, other in enumerate(identities):
+        differing = sorted(k for k in set(other) | set(identities[0]) if other.get(k) != identities[0].get(k))
+        if differing:  # the same on every rank, so every rank raises
+            raise ConfigError(
+                f"rank {rank} differs from rank 0 in {', '.join(differing)}; give every node the same model "
+                "and data files."
+            )
 
     log_path = run_dir / "log.jsonl"
-    evaluator = fitness.Evaluator(model, samples.search, chunk_size=config.search.chunk_size)
     if saved_state is not None:
         differences = checkpoint.identity_differences(saved_state.fingerprint, identity)
         if differences:
@@ -362,20 +427,23 @@ def run_search(
                 f"{run_dir} was searched with a different setup ({'; '.join(differences)}); "
                 "resume with the original model and data, or start a new run with --out."
             )
-        ensure_log_line_end(log_path)
-        evaluator.preload(checkpoint.read_log_scores(log_path))
+        evaluator.preload(logged)
         saved_state.notes.extend(notes)
-        checkpoint.append_log(log_path, {"event": "resume", "generation": saved_state.generation, "changes": notes})
+        if ctx.is_main:
+            ensure_log_line_end(log_path)
+            checkpoint.append_log(log_path, {"event": "resume", "generation": saved_state.generation, "changes": notes})
 
     if reporter is not None:
         reporter.start(plan, saved_state)
-    search = Search(plan, run_dir, logged_scorer(evaluator, plan, log_path, reporter), identity, reporter)
+    scorer = logged_scorer(evaluator, plan, log_path, reporter, ctx)
+    search = Search(plan, run_dir, scorer, identity, reporter, writes=ctx.is_main)
     state = search.run(saved_state)
 
     heldout_eval = None
     if samples.heldout.shape[0] > 0:
         heldout_eval = fitness.Evaluator(model, samples.heldout, chunk_size=config.search.chunk_size)
     best = state.best().candidate
-    final = search.write_factors(state, compare_methods(plan, best, evaluator, heldout_eval))
-    checkpoint.append_log(log_path, {"event": "done", "generation": state.generation, "ppl": final.ppl})
+    final = search.write_factors(state, compare_methods(plan, best, evaluator, heldout_eval, ctx))
+    if ctx.is_main:
+        checkpoint.append_log(log_path, {"event": "done", "generation": state.generation, "ppl": final.ppl})
     return final, run_dir

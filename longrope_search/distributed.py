@@ -1,0 +1,153 @@
+"""One search over several processes (torchrun): every rank runs the same deterministic loop and scores
+a share of each batch of candidates; rank 0 alone reads and writes the run directory.
+Built on torch.distributed: object collectives of the process group plus a shared counter in its store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from longrope_search.errors import ConfigError, LongRopeError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# A collective waits for the slowest rank: a model download on a cold node, or the longest candidate at
+# 256k+ tokens, can outlast torch's default timeout (10 min for NCCL) and would abort a healthy run.
+TIMEOUT = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the run; the defaults describe a plain single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str | None = None  # cuda:LOCAL_RANK under torchrun on GPUs; None: the config decides
+    store: dist.Store | None = None  # the process group's key-value store
+    prefix: str = ""  # unique per worker group: a restarted group never reads an old counter
+    calls: Iterator[int] = field(default_factory=itertools.count, compare=False, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE_PROCESS = Context()
+
+
+def init_from_env() -> Context:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), else a single-process context."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Context()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = None
+    if torch.cuda.is_available():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+        if local_world > torch.cuda.device_count():
+            raise ConfigError(
+                f"torchrun started {local_world} processes on a node with {torch.cuda.device_count()} GPUs; "
+                f"use --nproc-per-node {torch.cuda.device_count()} (one process per GPU)."
+            )
+        torch.cuda.set_device(local_rank)  # object collectives on NCCL go through the current device
+        device = f"cuda:{local_rank}"
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+    dist.init_process_group(
+        "nccl" if device else "gloo", store=store, rank=rank, world_size=world_size, timeout=TIMEOUT,
+        device_id=torch.device(device) if device else None,
+    )
+    ctx = Context(rank, world_size, local_rank, device, store)
+    return replace(ctx, prefix=broadcast_object(f"longrope/{uuid.uuid4().hex}", ctx))
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj: T, ctx: Context) -> T:
+    """Rank 0's `obj` on every rank (pickled: nodes need not share a filesystem)."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj: T, ctx: Context) -> list[T]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if ctx.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _as_raised_elsewhere(exc: Exception, rank: int) -> Exception:
+    """`exc` as the other ranks raise it: named by its rank, a user error kept as one (pickles either way)."""
+    if isinstance(exc, LongRopeError):
+        return type(exc)(f"on rank {rank}: {exc}")
+    return RuntimeError(f"rank {rank} failed with {type(exc).__name__}: {exc}")
+
+
+def run_everywhere(fn: Callable[[], T], ctx: Context) -> T:
+    """fn() on every rank; when it fails on any rank, every rank raises (another rank's error names it)."""
+    if ctx.world_size == 1:
+        return fn()
+    error: Exception | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:
+        error = exc
+    failures = gather_objects(None if error is None else _as_raised_elsewhere(error, ctx.rank), ctx)
+    if error is not None:
+        raise error
+    for failure in failures:
+        if failure is not None:
+            raise failure
+    return result
+
+
+def run_on_main(fn: Callable[[], T], ctx: Context) -> T:
+    """fn() on rank 0 only; its result, or its error, reaches every rank, so none waits on a failed check."""
+    return broadcast_object(run_everywhere(fn if ctx.is_main else lambda: None, ctx), ctx)
+
+
+def map_candidates(
+    fn: Callable[[T], R], items: Sequence[T], ctx: Context, on_result: Callable[[int, R], None] | None = None
+) -> list[R]:
+    """[fn(x) for x in items] on every rank, each item computed once, by whichever rank is free first.
+
+    Every rank must pass the same items. Ranks take the next index from an atomic counter in the
+    process group's store, so a slow candidate holds up only its own rank. `on_result(i, result)` runs on
+    rank 0 once per item: as soon as rank 0 computed it, or when the other ranks' results arrive.
+    """
+    if ctx.world_size == 1:
+        take = itertools.count().__next__
+    else:
+        counter = dist.PrefixStore(f"{ctx.prefix}/map/{next(ctx.calls)}/", ctx.store)
+
+        def take() -> int:
+            return counter.add("next", 1) - 1
+
+    done: dict[int, R] = {}
+    while (i := take()) < len(items):
+        done[i] = fn(items[i])
+        if ctx.is_main and on_result is not None:
+            on_result(i, done[i])
+    merged = {i: r for shard in gather_objects(done, ctx) for i, r in shard.items()}
+    if ctx.is_main and on_result is not None:
+        for i in sorted(merged.keys() - done.keys()):
+            on_result(i, merged[i])
+    return [merged[i] for i in range(len(items))]
