@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,7 +29,8 @@ EXIT_INTERRUPTED = 130
 
 
 def fail(message: str) -> None:
-    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the error; one line is enough
+        err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USER_ERROR)
 
 
@@ -149,23 +151,30 @@ def search(
     from longrope_search import config as config_mod
     from longrope_search.search import run_search
 
+    from longrope_search import distributed
+
     quiet_libraries()
     overrides = parse_overrides(set_)
     if target is not None:
         overrides.append(f"search.target={target}")
-    reporter = RichReporter(console)
+    ctx = distributed.init_from_env()  # under torchrun: join the ranks; otherwise one process
+    reporter = RichReporter(console) if ctx.is_main else None
     try:
         if resume is not None:
             if config is not None:
                 fail("--resume continues the saved config of the run; drop --config (budget changes go in --set).")
             parsed = {k.strip(): yaml.safe_load(v) for k, _, v in (o.partition("=") for o in overrides)}
-            final, run_dir = run_search(None, resume, resume=True, overrides=parsed, reporter=reporter)
+            final, run_dir = run_search(None, resume, resume=True, overrides=parsed, reporter=reporter, ctx=ctx)
         else:
-            cfg = config_mod.load_config(config, overrides)
-            final, run_dir = run_search(cfg, out, reporter=reporter)
+            # rank 0 reads the YAML: the other nodes may not have the file
+            cfg = distributed.run_on_main(lambda: config_mod.load_config(config, overrides), ctx)
+            final, run_dir = run_search(cfg, out, reporter=reporter, ctx=ctx)
     finally:
-        reporter.stop()
-    show_result(final, run_dir)
+        if reporter is not None:
+            reporter.stop()
+        distributed.shutdown(ctx)
+    if ctx.is_main:
+        show_result(final, run_dir)
 
 
 def show_result(final: Any, run_dir: Path) -> None:

@@ -116,3 +116,28 @@ def test_two_ranks_search_and_resume_equal_one_process(tmp_path):
     assert len(evals) == len(set(evals)) == len(final_history(tmp_path / "ref"))
     resumed = [e["event"] for e in log_events(tmp_path / "partial")]
     assert resumed.count("resume") == 1 and resumed.count("done") == 2
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_equals_single_process(tmp_path):
+    """What users type: `torchrun ... -m longrope_search search`, against a plain run."""
+    model, corpus = write_model(tmp_path), write_corpus(tmp_path)
+    cfg = write_config(tmp_path / "cfg.yaml", search_config(model, corpus, generations=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    commands = {
+        "dist": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 "-m", "longrope_search", "search", "--config", str(cfg), "--out", "dist"],
+        "ref": [sys.executable, "-m", "longrope_search", "search", "--config", str(cfg), "--out", "ref"],
+    }
+    for name, command in commands.items():
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        assert proc.returncode == 0, f"{name}: {err}"
+    dist = json.loads((tmp_path / "dist" / "factors.json").read_text())
+    ref = json.loads((tmp_path / "ref" / "factors.json").read_text())
+    assert dist == ref
