@@ -138,9 +138,17 @@ def search(
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target length: 256k, 2m, 131072, or 8x."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<target>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the search in this run directory."),
+    init_from: Optional[Path] = typer.Option(
+        None, "--init-from", help="Build on this run's factors: progressive extension, or the long set for --short."),
+    short: bool = typer.Option(
+        False, "--short", help="Search the short-context set (inputs within the original window) for --init-from."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: --set search.generations=10."),
 ) -> None:
     """Search per-dimension rescale factors (and n_hat) for a target context length.
+
+    Progressive extension: `--init-from RUN --target 16x` multiplies a further factor set onto RUN's
+    (the paper's 256k -> 2048k stage). Short readjustment: `--init-from RUN --short` searches the set used
+    for inputs that fit the original window; the run's factors.json then carries both sets for export.
 
     Every generation is checkpointed to RUN/state/; after Ctrl-C, a crash or kill -9, run
     `longrope search --resume RUN` to continue with the same result as an uninterrupted run.
@@ -157,6 +165,10 @@ def search(
     overrides = parse_overrides(set_)
     if target is not None:
         overrides.append(f"search.target={target}")
+    if init_from is not None:
+        overrides.append(f"search.init_from={init_from}")
+    if short:
+        overrides.append("search.short=true")
     ctx = distributed.init_from_env()  # under torchrun: join the ranks; otherwise one process
     reporter = RichReporter(console) if ctx.is_main else None
     try:
@@ -180,7 +192,10 @@ def search(
 def show_result(final: Any, run_dir: Path) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{final.target_length} tokens ({final.scale:g}x): perplexity, lower is better")
+    length = final.search.get("scored_length", final.target_length)
+    kind = "short-context set" if final.search.get("mode") == "short" else "factors"
+    table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
+                        "perplexity, lower is better")
     table.add_column("method")
     table.add_column("search samples", justify="right")
     table.add_column("held-out samples", justify="right")

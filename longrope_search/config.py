@@ -73,7 +73,7 @@ class DataSection(Section):
 
 
 class SearchSection(Section):
-    target: str | int = "8x"  # 256k, 2m, 131072, or 8x the model's original window
+    target: str | int | None = None  # 256k, 2m, 131072, or 8x the window; None: 8x (1x with short: true)
     population: int = Field(64, ge=2)  # P
     generations: int = Field(40, ge=0)  # T
     parents: int = Field(32, ge=1)  # top-k kept each generation
@@ -85,12 +85,18 @@ class SearchSection(Section):
     monotonic: bool = True  # factors non-decreasing with the rotary pair index
     n_hat: list[int] = Field(default_factory=lambda: list(PAPER_N_HAT))
     mscale: float | Literal["auto"] = "auto"  # auto: sqrt(1 + ln s / ln L), transformers' default
-    seeds: list[Literal["pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
+    seeds: list[Literal["none", "pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
     init_factors: str | None = None  # a factors.json whose factors join the initial population
+    # Progressive extension: a run directory (or factors.json) whose long factors the model already runs
+    # with; this search multiplies its own factors onto them. A LongRoPE-extended model needs none.
+    init_from: str | None = None
+    # Short-context readjustment: search the factor set used when the input fits the original window,
+    # on the extended model (init_from), scored at `target` (default 1x) under the long set's mscale.
+    short: bool = False
     seed: int = 0
     chunk_size: int = Field(1024, ge=1)  # positions per lm_head + loss chunk
 
-    _target = field_validator("target")(classmethod(lambda cls, v: check_length(v)))
+    _target = field_validator("target")(classmethod(lambda cls, v: v if v is None else check_length(v)))
 
     @field_validator("n_hat")
     @classmethod

@@ -32,49 +32,162 @@ from longrope_search.rope import RopeSpec
 BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob")
 
 
+@dataclass(frozen=True)
+class Prior:
+    """Long factors the model already runs with: a previous stage of a progressive extension."""
+
+    factors: np.ndarray  # (d/2,)
+    target_length: int
+    mscale: float
+    n_hat: int
+    source: str  # where they came from, for messages and factors.json
+
+
 @dataclass
 class Plan:
     """Everything derived from the config and the model's geometry before anything heavy is loaded."""
 
     config: Config
     spec: RopeSpec
-    target_length: int
+    target_length: int  # the length candidates are scored at
     space: SearchSpace
     mscale: float
+    prior: Prior | None = None
+    short: bool = False
 
     @property
     def scale(self) -> float:
         return self.spec.scale(self.target_length)
 
+    @property
+    def seed_spec(self) -> RopeSpec:
+        """Geometry the seeds are computed in: a later stage starts from the previous stage's window."""
+        if self.prior is not None and not self.short:
+            return RopeSpec(self.spec.base, self.spec.rotary_dim, self.prior.target_length)
+        return self.spec
 
-def make_plan(config: Config, spec: RopeSpec) -> Plan:
+    @property
+    def seed_scale(self) -> float:
+        if self.short:
+            return self.space.max_factor / 1.25  # the mildest set that still spans the space
+        if self.prior is not None:
+            return self.target_length / self.prior.target_length
+        return self.scale
+
+    def factors(self, genes: Sequence[int]) -> np.ndarray:
+        """What the model runs with for a candidate: stage factors composed with the prior's (long mode)."""
+        stage = self.space.factors(genes)  # (d/2,)
+        if self.prior is not None and not self.short:
+            return stage * self.prior.factors  # lambda_total = lambda_stage2 * lambda_stage1
+        return stage
+
+    def comparisons(self) -> dict[str, tuple[np.ndarray, float]]:
+        """Reference methods scored beside the winner: name -> (factors, mscale)."""
+        if self.short:
+            ones = np.ones(self.spec.num_factors)
+            return {
+                "none": (ones, 1.0),  # the unmodified model
+                "ones": (ones, self.mscale),  # an export without a short set: factors 1, the long mscale
+                "long": (self.prior.factors, self.mscale),  # the long set used for short inputs too
+            }
+        out = {}
+        for name in ("none", *rope.BASELINES):
+            factors = rope.baseline(name)(self.spec, self.scale).numpy()
+            out[name] = (factors, rope.BASELINE_MSCALE[name](self.scale, self.spec.original_length))
+        if self.prior is not None:
+            out["prior"] = (self.prior.factors, self.prior.mscale)  # the previous stage, extrapolated
+        return out
+
+
+def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | None:
+    """The factors this search builds on: search.init_from, or those the model carries (rope_type longrope)."""
+    from longrope_search.factors import load_factors
+    from longrope_search.model import carried_factors
+
+    carried = carried_factors(model_config)
+    prior = None
+    if config.search.init_from:
+        ff = load_factors(config.search.init_from)
+        if (ff.rope.base, ff.rope.rotary_dim) != (spec.base, spec.rotary_dim):
+            raise ConfigError(
+                f"search.init_from {config.search.init_from} was searched for rope_theta {ff.rope.base:g} / "
+                f"rotary_dim {ff.rope.rotary_dim}, the model has {spec.base:g} / {spec.rotary_dim}; use a run of this model."
+            )
+        prior = Prior(np.asarray(ff.factors), ff.target_length, ff.mscale, ff.n_hat, f"run {config.search.init_from}")
+        if carried is not None and not np.allclose(carried, ff.factors, rtol=1e-6):
+            raise ConfigError(
+                f"the model already carries LongRoPE factors that differ from search.init_from "
+                f"{config.search.init_from}; drop init_from to build on the model's own factors, or load its base model."
+            )
+    elif carried is not None:
+        params = model_config.rope_parameters
+        target = int(model_config.max_position_embeddings)
+        mscale = params.get("attention_factor") or rope.longrope_mscale(target / spec.original_length, spec.original_length)
+        prior = Prior(np.asarray(carried), target, float(mscale), 0, f"model {config.model.name}")
+    if config.search.short and prior is None:
+        raise ConfigError(
+            "short readjustment needs the long factors it complements: set search.init_from (--init-from) to the "
+            "long run, or search on a LongRoPE-extended model."
+        )
+    return prior
+
+
+def make_plan(config: Config, spec: RopeSpec, prior: Prior | None = None) -> Plan:
     s = config.search
     if config.model.original_length is not None:
         spec = RopeSpec(spec.base, spec.rotary_dim, config.model.original_length)
-    target = parse_length(s.target, spec.original_length)
-    if target <= spec.original_length:
+    if s.short:
+        return _short_plan(config, spec, prior)
+    target = parse_length(s.target or "8x", spec.original_length)
+    floor = prior.target_length if prior is not None else spec.original_length
+    if target <= floor:
+        what = f"the previous stage's target ({floor} tokens)" if prior else f"the model's original window ({floor} tokens)"
         raise ConfigError(
-            f"target {s.target} ({target} tokens) is not longer than the model's original window "
-            f"({spec.original_length} tokens); set search.target above it, e.g. {spec.original_length * 8} or 8x."
+            f"target {s.target} ({target} tokens) is not longer than {what}; set search.target above it, "
+            f"e.g. {floor * 8}."
         )
-    scale = target / spec.original_length
+    stage_scale = target / floor
     # n_hat positions keep the original rotation; values at or beyond the window would mean "no scaling".
     n_hat = tuple(v for v in s.n_hat if v < spec.original_length) or (0,)
     space = SearchSpace(
-        num_factors=spec.num_factors, max_factor=s.max_factor or 1.25 * scale, step=s.step,
+        num_factors=spec.num_factors, max_factor=s.max_factor or 1.25 * stage_scale, step=s.step,
         monotonic=s.monotonic, n_hat_choices=n_hat,
     )
+    scale = target / spec.original_length
     mscale = rope.longrope_mscale(scale, spec.original_length) if s.mscale == "auto" else float(s.mscale)
-    return Plan(config, spec, target, space, mscale)
+    return Plan(config, spec, target, space, mscale, prior)
+
+
+def _short_plan(config: Config, spec: RopeSpec, prior: Prior) -> Plan:
+    s = config.search
+    target = parse_length(s.target or "1x", spec.original_length)
+    if target > spec.original_length:
+        raise ConfigError(
+            f"a short-context search scores inputs that fit the original window ({spec.original_length} tokens), "
+            f"but target is {target}; set search.target to 1x or less."
+        )
+    prior_scale = prior.target_length / spec.original_length
+    # milder than the long set: the paper readjusts with a lower maximum factor
+    space = SearchSpace(
+        num_factors=spec.num_factors, max_factor=s.max_factor or max(1.0 + s.step, min(2.0, prior_scale)),
+        step=s.step, monotonic=s.monotonic, n_hat_choices=(0,),  # no runtime applies n_hat to short inputs
+    )
+    # transformers and vLLM apply the long set's attention factor to short inputs too
+    mscale = prior.mscale if s.mscale == "auto" else float(s.mscale)
+    return Plan(config, spec, target, space, mscale, prior, short=True)
 
 
 def default_run_dir(config: Config) -> Path:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.model.name.removeprefix("builtin:")).strip("-")
-    return Path("runs") / f"{name}-{config.search.target}"
+    target = config.search.target or ("1x" if config.search.short else "8x")
+    return Path("runs") / f"{name}-{target}{'-short' if config.search.short else ''}"
 
 
 def seed_vectors(plan: Plan) -> dict[str, np.ndarray]:
-    seeds = {name: rope.BASELINES[name](plan.spec, plan.scale).numpy() for name in plan.config.search.seeds}
+    spec, scale = plan.seed_spec, plan.seed_scale
+    seeds = {name: rope.baseline(name)(spec, scale).numpy() for name in plan.config.search.seeds}
+    if plan.short:
+        seeds.setdefault("none", np.ones(spec.num_factors))  # "keep the original RoPE" is the natural start
     if plan.config.search.init_factors:
         from longrope_search.factors import load_factors
 
@@ -101,6 +214,8 @@ def fingerprint(plan: Plan, model_id: str, data_fingerprint: str, tokenizer_fing
         "space": [space.max_factor, space.min_factor, space.step, space.monotonic, list(space.n_hat_choices)],
         "mscale": plan.mscale,
         "seeds": sorted(seed_vectors(plan)),
+        "prior": None if plan.prior is None else [float(x) for x in plan.prior.factors],
+        "short": plan.short,
     }
 
 
@@ -211,18 +326,29 @@ class Search:
 
     def write_factors(self, state: SearchState, extra: dict[str, Any] | None = None) -> FactorsFile:
         best = state.best()
-        s = self.plan.config.search
-        ff = FactorsFile(
-            model=self.plan.config.model.name, rope=self.plan.spec, target_length=self.plan.target_length,
-            factors=[round(float(x), 10) for x in self.plan.space.factors(best.candidate.genes)], n_hat=best.candidate.n_hat,
-            mscale=self.plan.mscale, ppl={"search": best.ppl},
-            search={
-                "generations": state.generation, "evaluations": len(state.history),
-                "settings": s.model_dump(mode="json"), "samples": self.plan.config.data.samples,
-                "best_key": best.candidate.key, "best_origin": best.origin, "best_generation": best.generation,
-            },
-            versions=versions(),
-        )
+        plan = self.plan
+        searched = [round(float(x), 10) for x in plan.factors(best.candidate.genes)]
+        info = {
+            "generations": state.generation, "evaluations": len(state.history),
+            "settings": plan.config.search.model_dump(mode="json"), "samples": plan.config.data.samples,
+            "best_key": best.candidate.key, "best_origin": best.origin, "best_generation": best.generation,
+            "scored_length": plan.target_length, "mode": "short" if plan.short else "long",
+        }
+        if plan.prior is not None:
+            info["prior"] = {"source": plan.prior.source, "target_length": plan.prior.target_length,
+                             "factors": [float(x) for x in plan.prior.factors]}
+        if plan.short:  # the long set stays; the searched set becomes the short one
+            ff = FactorsFile(
+                model=plan.config.model.name, rope=plan.spec, target_length=plan.prior.target_length,
+                factors=[float(x) for x in plan.prior.factors], n_hat=plan.prior.n_hat, mscale=plan.mscale,
+                short_factors=searched, ppl={"search": best.ppl}, search=info, versions=versions(),
+            )
+        else:
+            ff = FactorsFile(
+                model=plan.config.model.name, rope=plan.spec, target_length=plan.target_length, factors=searched,
+                n_hat=best.candidate.n_hat, mscale=plan.mscale, ppl={"search": best.ppl}, search=info,
+                versions=versions(),
+            )
         if extra:
             ff.ppl.update(extra.get("ppl", {}))
             ff.baselines = extra.get("baselines", {})
@@ -289,7 +415,7 @@ def logged_scorer(
     """
 
     def evaluate(cand: Candidate) -> Any:
-        return evaluator.score(cand.key, plan.space.factors(cand.genes), cand.n_hat, plan.mscale)
+        return evaluator.score(cand.key, plan.factors(cand.genes), cand.n_hat, plan.mscale)
 
     def score(candidates: Sequence[Candidate]) -> list[float]:
         fresh = list({c.key: c for c in candidates if c.key not in evaluator.results}.values())
@@ -326,10 +452,8 @@ def compare_methods(
     # (baseline name or None for the winner, samples, key, factors, n_hat, mscale)
     jobs: list[tuple[str | None, str, str, Any, int, float]] = []
     if heldout_eval is not None:  # the winner's search PPL is already known
-        jobs.append((None, "heldout", best.key, plan.space.factors(best.genes), best.n_hat, plan.mscale))
-    for name in ("none", *rope.BASELINES):
-        factors = rope.baseline(name)(plan.spec, plan.scale).numpy()
-        mscale = rope.BASELINE_MSCALE[name](plan.scale, plan.spec.original_length)
+        jobs.append((None, "heldout", best.key, plan.factors(best.genes), best.n_hat, plan.mscale))
+    for name, (factors, mscale) in plan.comparisons().items():
         jobs += [(name, split, f"baseline:{name}", factors, 0, mscale) for split in evaluators]
     ppls = distributed.map_candidates(lambda job: evaluators[job[1]].score(*job[2:]).ppl, jobs, ctx)
     results: dict[str, Any] = {"ppl": {}, "baselines": {}}
@@ -384,7 +508,8 @@ def run_search(
 
     def plan_run() -> tuple[Any, Plan]:
         model_config = load_config(config.model.name)
-        plan = make_plan(config, rope_spec(model_config))
+        spec = rope_spec(model_config)
+        plan = make_plan(config, spec, resolve_prior(config, model_config, spec))
         seed_vectors(plan)  # a bad init_factors file fails here, before anything is written
         return model_config, plan
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from longrope_search import checkpoint
 from longrope_search.cli import app
 from longrope_search.config import from_dict
-from longrope_search.errors import CheckpointError
+from longrope_search.errors import CheckpointError, ConfigError
 from longrope_search.evolution import SearchSpace
 from longrope_search.search import make_plan, run_search
 from longrope_search.model import load_config, rope_spec
@@ -193,3 +193,49 @@ def test_resume_refuses_a_changed_identity(setup, tmp_path):
     assert result.exit_code == 2
     assert "was searched with a different setup (data: checkpoint has" in result.stderr
     assert snapshot(tmp_path / "run") == {**before, "config.resolved.yaml": before["config.resolved.yaml"]}
+
+
+def test_progressive_stage_composes_with_the_previous_factors(setup, finished_run, tmp_path):
+    import numpy as np
+    import torch
+
+    from longrope_search.data import CorpusSpec, build_samples
+    from longrope_search.factors import load_factors
+    from longrope_search.fitness import perplexity
+    from longrope_search.model import install_rope, load_model
+
+    model, corpus = setup
+    stage1 = load_factors(finished_run)
+    config = from_dict(search_config(model, corpus, target="8x", generations=1, init_from=str(finished_run)))
+    final, run_dir = run_search(config, tmp_path / "stage2")
+    stage = np.array(final.factors) / np.array(stage1.factors)
+    assert final.target_length == 256 and final.search["prior"]["target_length"] == 128
+    assert np.all(stage >= 1.0 - 1e-9) and np.all(stage <= 1.25 * 2 + 1e-9)  # stage factors in [1, 1.25 * 2]
+    assert "prior" in final.baselines
+    # what was scored is exactly the composed vector written to factors.json
+    lm, tokenizer = load_model(str(model), device="cpu")
+    d = config.data
+    samples = build_samples(tokenizer, CorpusSpec(d.source), 256, d.samples, d.heldout_samples, d.seed, d.cache_dir)
+    install_rope(lm, torch.tensor(final.factors), final.n_hat, final.mscale)
+    assert perplexity(lm, samples.search, 48).ppl == pytest.approx(final.ppl["search"], rel=1e-6)
+    with pytest.raises(ConfigError, match=r"not longer than the previous stage's target \(128 tokens\)"):
+        run_search(from_dict(search_config(model, corpus, target="4x", init_from=str(finished_run))), tmp_path / "x")
+
+
+def test_short_readjustment_keeps_the_long_set_and_adds_a_short_one(setup, finished_run, tmp_path):
+    from longrope_search.factors import load_factors
+
+    model, corpus = setup
+    long = load_factors(finished_run)
+    config = from_dict(search_config(model, corpus, target="1x", generations=1, short=True,
+                                     init_from=str(finished_run)))
+    final, _ = run_search(config, tmp_path / "short")
+    assert final.factors == long.factors and final.target_length == long.target_length
+    assert final.mscale == long.mscale and final.n_hat == long.n_hat
+    assert len(final.short_factors) == 8 and all(1.0 <= f <= 2.0 for f in final.short_factors)
+    assert final.search["mode"] == "short" and final.search["scored_length"] == 32
+    assert set(final.baselines) == {"none", "ones", "long"}
+    with pytest.raises(ConfigError, match="short readjustment needs the long factors"):
+        run_search(from_dict(search_config(model, corpus, target="1x", short=True)), tmp_path / "a")
+    with pytest.raises(ConfigError, match="set search.target to 1x or less"):
+        run_search(from_dict(search_config(model, corpus, short=True, init_from=str(finished_run))), tmp_path / "b")
