@@ -131,7 +131,10 @@ def _load_local(files: list[Path], spec: CorpusSpec) -> Any:
 def _builtin_path(source: str) -> Path:
     from longrope_search import builtin
 
-    return Path(builtin.resolve_corpus(source))
+    path = Path(builtin.resolve_corpus(source))
+    if not path.is_file():
+        raise DataError(f"the built-in corpus file {path} is missing; reinstall longrope to restore it.")
+    return path
 
 
 def _files(spec: CorpusSpec) -> list[Path]:

@@ -167,6 +167,19 @@ def test_hub_source_calls_load_dataset_with_name_config_split(tmp_path, monkeypa
     assert torch.equal(hub.search, local.search) and torch.equal(hub.heldout, local.heldout)
 
 
+def test_builtin_source_reads_the_shipped_file(tmp_path, monkeypatch):
+    from longrope_search import builtin
+
+    shipped = tmp_path / "shipped.jsonl.gz"
+    shipped.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in TEXTS).encode()))
+    monkeypatch.setattr(builtin, "resolve_corpus", lambda spec: shipped)
+    local = sample(write_jsonl(tmp_path / "c.jsonl", TEXTS), tmp_path)
+    assert torch.equal(sample("builtin:cpython", tmp_path).search, local.search)
+    shipped.unlink()
+    with pytest.raises(DataError, match="built-in corpus file .* is missing"):
+        load_texts(CorpusSpec("builtin:cpython"))
+
+
 def test_hub_failure_becomes_a_data_error(monkeypatch, tmp_path):
     import datasets
 
