@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -77,10 +76,6 @@ class RichReporter:
         self.console = out
         self.progress: Any = None
         self.task: Any = None
-        self.started = time.perf_counter()
-        self.fresh_evals = 0
-        self.eval_seconds = 0.0
-        self.last = time.perf_counter()
 
     def warn(self, message: str) -> None:
         self.console.print(f"warning: {message}", markup=False, style="yellow")
@@ -104,20 +99,14 @@ class RichReporter:
         )
         self.task = self.progress.add_task("generation 0", total=total, completed=done)
         self.progress.start()
-        self.last = time.perf_counter()
 
     def evaluated(self, ppl: float, cached: bool) -> None:
-        now = time.perf_counter()
-        if not cached:
-            self.fresh_evals += 1
-            self.eval_seconds += now - self.last
-        self.last = now
         if self.progress is not None:
             self.progress.advance(self.task)
 
     def generation(self, state: Any) -> None:
         best = state.best()
-        per_eval = self.eval_seconds / self.fresh_evals if self.fresh_evals else float("nan")
+        per_eval = state.seconds / max(len(state.history), 1)  # scoring time only, resumed runs included
         line = (f"generation {state.generation}: best ppl {best.ppl:.4f} ({best.origin}), "
                 f"{len(state.history)} evaluations, {per_eval:.2f} s/eval")
         if self.progress is not None:
@@ -157,9 +146,8 @@ def search(
     import yaml
 
     from longrope_search import config as config_mod
-    from longrope_search.search import run_search
-
     from longrope_search import distributed
+    from longrope_search.search import default_run_dir, run_search
 
     quiet_libraries()
     overrides = parse_overrides(set_)
@@ -171,6 +159,7 @@ def search(
         overrides.append("search.short=true")
     ctx = distributed.init_from_env()  # under torchrun: join the ranks; otherwise one process
     reporter = RichReporter(console) if ctx.is_main else None
+    run_dir = resume or out
     try:
         if resume is not None:
             if config is not None:
@@ -180,7 +169,15 @@ def search(
         else:
             # rank 0 reads the YAML: the other nodes may not have the file
             cfg = distributed.run_on_main(lambda: config_mod.load_config(config, overrides), ctx)
-            final, run_dir = run_search(cfg, out, reporter=reporter, ctx=ctx)
+            run_dir = out or Path(cfg.output.dir or default_run_dir(cfg))
+            final, run_dir = run_search(cfg, run_dir, reporter=reporter, ctx=ctx)
+    except KeyboardInterrupt:
+        if reporter is not None:
+            reporter.stop()
+        if ctx.is_main and run_dir is not None:
+            err_console.print(f"interrupted: finished generations and evaluations are saved; continue with "
+                              f"`longrope search --resume {run_dir}`", markup=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         if reporter is not None:
             reporter.stop()
