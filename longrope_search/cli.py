@@ -298,6 +298,55 @@ def plot(
 
 @app.command()
 @user_errors
+def plan(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Search YAML: its model, target, samples and budget."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset (llama2-7b, llama3-8b, mistral-7b, phi3-mini), local directory or hub id."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target length: 256k, 2m, 131072, or 8x."),
+    gpus: int = typer.Option(1, "--gpus", help="GPUs the search runs on."),
+    gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory of one GPU in GB."),
+    tflops: Optional[float] = typer.Option(None, "--tflops", help="Achieved bf16 TFLOP/s per GPU (default 400: an assumption for H100/H200; A100 about 150)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Windows per evaluation (default: the config's, else the paper's 5, or 3 from 512k)."),
+    dtype_bytes: int = typer.Option(2, "--dtype-bytes", help="Bytes per weight and activation: 2 for bf16, 4 for fp32."),
+    mlp_chunk: Optional[int] = typer.Option(None, "--mlp-chunk", help="Positions per MLP chunk when chunking (default 16384)."),
+    eager: bool = typer.Option(False, "--eager", help="Eager attention (L x L scores) instead of flash/SDPA."),
+) -> None:
+    """Memory and time of a search before renting GPUs: whether one evaluation fits, which mode it needs
+    (whole MLP, MLP chunking, context parallelism), and how long the budget takes.
+
+    Time is FLOPs over --tflops, an assumption: measure one evaluation and pass what you get.
+    """
+    from rich.table import Table
+
+    from longrope_search import plan as plan_mod
+    from longrope_search.config import load_config, parse_length
+
+    if config is None and model is None:
+        fail("pass --config with a search YAML or --model with a preset, model directory or hub id.")
+    budget = None
+    if config is not None:
+        shape, length, config_samples, budget = plan_mod.search_inputs(load_config(config), model)
+        samples = samples or config_samples
+    else:
+        shape = plan_mod.model_shape(model)
+    if target is not None or config is None:
+        length = parse_length(target or "8x", shape.original_length)
+    result = plan_mod.estimate(
+        shape, length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes, samples=samples, budget=budget,
+        flash=not eager, tflops=tflops or plan_mod.DEFAULT_TFLOPS, mlp_chunk=mlp_chunk or plan_mod.DEFAULT_MLP_CHUNK,
+    )
+    table = Table(title=f"longrope plan: {shape.name} at {length} tokens on {gpus} x {gpu_mem:g} GB")
+    table.add_column("quantity")
+    table.add_column("estimate")
+    for name, value in plan_mod.rows(result):
+        table.add_row(name, value)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+    console.print(f"recommended: {result.recommendation()}", markup=False)
+
+
+@app.command()
+@user_errors
 def info(
     model: str = typer.Option("builtin:tiny", "--model", "-m", help="Local directory, hub id, or builtin:NAME."),
     target: str = typer.Option("8x", "--target", "-t", help="Target length for the baseline factor vectors."),

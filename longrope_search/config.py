@@ -95,6 +95,7 @@ class SearchSection(Section):
     short: bool = False
     seed: int = 0
     chunk_size: int = Field(1024, ge=1)  # positions per lm_head + loss chunk
+    mlp_chunk: int = Field(16384, ge=0)  # positions per MLP chunk: exact, cuts L x intermediate memory; 0: whole
 
     _target = field_validator("target")(classmethod(lambda cls, v: v if v is None else check_length(v)))
 

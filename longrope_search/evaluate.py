@@ -433,6 +433,7 @@ def evaluate(
         samples = (d.heldout_samples or DEFAULT_SAMPLES) if samples is None else samples
         device = device or (None if config.model.device == "auto" else config.model.device)
         dtype, cache_dir, chunk_size = dtype or config.model.dtype, d.cache_dir, config.search.chunk_size
+        mlp_chunk = config.search.mlp_chunk
     else:
         if model is None or factors is None:
             raise ConfigError("pass a run directory, or --model with --factors (a run directory or factors.json).")
@@ -442,7 +443,7 @@ def evaluate(
         factors_path = Path(factors) / "factors.json" if Path(factors).is_dir() else Path(factors)
         corpus = CorpusSpec(data)
         samples = DEFAULT_SAMPLES if samples is None else samples
-        cache_dir, chunk_size = None, 1024
+        cache_dir, chunk_size, mlp_chunk = None, 1024, 16384
     if samples < 1:
         raise ConfigError(f"cannot evaluate on {samples} samples; pass --samples 1 or more.")
     if passkey_trials < 0:
@@ -452,7 +453,7 @@ def evaluate(
     check_geometry(rope_spec(load_config(model)), ff)
     resolved = [parse_length(n, spec.original_length) for n in lengths]
 
-    loaded, tokenizer = load_model(model, device=device, dtype=dtype)
+    loaded, tokenizer = load_model(model, device=device, dtype=dtype, mlp_chunk=mlp_chunk)
     if passkey_trials:
         passkey_prompt(tokenizer, min(resolved), "00000", 0.5)  # a too-short length fails now, not after the PPL
     result = eval_ppl(loaded, tokenizer, spec, corpus, resolved, ff, samples, seed, cache_dir, chunk_size, exclude,

@@ -196,8 +196,12 @@ def load_config(name_or_path: str) -> Any:
         ) from exc
 
 
-def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None):
-    """(model, tokenizer) in eval mode without gradients; the RoPE check runs before weights load."""
+def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None, mlp_chunk: int = 0):
+    """(model, tokenizer) in eval mode without gradients; the RoPE check runs before weights load.
+
+    mlp_chunk > 0 runs each MLP over that many positions at a time: the same numbers, far less memory
+    at long lengths (the L x intermediate activation dominates after the chunked loss).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = load_config(name_or_path)
@@ -218,4 +222,8 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
             f"{model.get_input_embeddings().num_embeddings}; use the tokenizer that belongs to the model."
         )
     model.to(device).eval().requires_grad_(False)
+    if mlp_chunk:
+        from longrope_search.memory import chunk_mlp
+
+        chunk_mlp(model, mlp_chunk)
     return model, tokenizer

@@ -29,7 +29,8 @@ from longrope_search.files import atomic_write_text
 from longrope_search.rope import RopeSpec
 
 # Settings that may change on resume: they change how much is searched, not what a score means.
-BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob")
+BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob",
+               "chunk_size", "mlp_chunk")  # the last two change memory use, not scores
 
 
 @dataclass(frozen=True)
@@ -524,7 +525,8 @@ def run_search(
         device = None if config.model.device == "auto" else config.model.device
         if ctx.device is not None and (device is None or device.startswith("cuda")):
             device = ctx.device  # one GPU per rank under torchrun
-        model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype)
+        model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype,
+                                      mlp_chunk=config.search.mlp_chunk)
         d = config.data
         corpus = data.CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
         samples = data.build_samples(

@@ -128,3 +128,15 @@ def test_bad_inputs_are_user_errors():
         estimate(PRESETS["llama2-7b"], 4096, gpu_mem_gb=-1)
     with pytest.raises(ModelError, match="did you mean llama2-7b"):
         model_shape("llama2-7")
+
+
+def test_plan_command_prints_the_mode_and_refuses_unknown_presets():
+    from typer.testing import CliRunner
+
+    from longrope_search.cli import app
+
+    ok = CliRunner().invoke(app, ["plan", "--model", "llama2-7b", "--target", "2048k", "--gpus", "8", "--gpu-mem", "80"],
+                            env={"COLUMNS": "200"})
+    assert ok.exit_code == 0 and "8 GPUs per evaluation" in ok.output
+    bad = CliRunner().invoke(app, ["plan", "--model", "llama2-7", "--target", "2048k"])
+    assert bad.exit_code == 2 and "did you mean llama2-7b" in bad.output
