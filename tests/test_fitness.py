@@ -59,6 +59,14 @@ def test_chunked_nll_equals_transformers_loss(chunk_size):
     assert math.exp(ours) == pytest.approx(math.exp(reference_loss(model, ids)), rel=1e-5)
 
 
+def test_head_with_bias_reuses_buffers_and_stays_exact():
+    model = tiny()
+    model.lm_head = torch.nn.Linear(64, VOCAB, bias=True)  # GPT-J style head with a bias
+    model.lm_head.requires_grad_(False)
+    ids = random_ids(1, 90)
+    assert sequence_nll(model, ids, 32) == pytest.approx(reference_loss(model, ids), rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["gemma2-softcap", "granite-scaling", "cohere-scale"])
 def test_chunked_nll_applies_each_architecture_logit_transform(kind):
     model = tiny(kind)
