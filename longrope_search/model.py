@@ -209,9 +209,16 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     source = resolve_model_path(name_or_path)
     device = device or default_device()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolve_dtype(dtype, device), attn_implementation=attention_backend(device)
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=resolve_dtype(dtype, device), attn_implementation=attention_backend(device)
+            )
+        except ValueError as exc:
+            if "attn_implementation" not in str(exc) and "does not support" not in str(exc):
+                raise
+            # a few architectures (Gemma 2's soft-capped attention) refuse sdpa/flash: fall back to eager
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device),
+                                                         attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
