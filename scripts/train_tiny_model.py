@@ -224,6 +224,32 @@ def write_corpus(path: Path, docs: list[tuple[str, str]]) -> None:
         gz.write(lines.encode("utf-8"))
 
 
+def write_license(path: Path, stdlib: Path, n_docs: int) -> None:
+    """Origin and change summary of the corpus, plus the PSF License Agreement it requires us to retain."""
+    full = (stdlib / "LICENSE.txt").read_text(encoding="utf-8")
+    start = full.index("PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2")
+    end = full.index("BEOPEN.COM LICENSE AGREEMENT")
+    path.write_text(
+        f"""Origin and licence of cpython_heldout.jsonl.gz (and of the data behind tiny-llama-cpython)
+
+Origin: {n_docs} `*.py` files of the standard library of CPython {platform.python_version()}
+(`sysconfig.get_paths()["stdlib"]`), chosen by scripts/train_tiny_model.py among the files held
+out of training (a SHA-256 hash of the relative path decides) that have at least 16x the model's
+context in tokens. Copyright (c) Python Software Foundation; All Rights Reserved (years as
+in the agreement below).
+A few files carry their own additional copyright notices, kept unchanged in their text.
+
+Summary of changes (PSF License, clause 3): the file texts are unmodified; each is stored as one
+JSON line {{"text": <file content>, "source": <path relative to the stdlib>}}, gzip-compressed.
+Nothing else of Python is included.
+
+The files are used under the PSF License Agreement, reproduced here as it requires:
+
+{full[start:end].rstrip()}
+"""
+    )
+
+
 def write_card(out: Path, args: argparse.Namespace, facts: dict) -> None:
     rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in facts["ppl"].items())
     card = f"""---
@@ -247,14 +273,14 @@ LongRoPE factor searches can run in minutes on a CPU. Context window: {args.cont
   with `add_special_tokens=True`.
 - Optimiser: AdamW (lr {args.lr:g}, weight decay {args.weight_decay:g}, betas 0.9/0.95), {args.warmup} warmup steps,
   cosine decay to 10%, {args.steps} steps of {args.batch_size} x {args.context} tokens
-  ({args.steps * args.batch_size * args.context:,} tokens), fp32, seed {args.seed}, {facts['minutes']:.1f} min on
+  ({args.steps * args.batch_size * args.context:,} tokens), fp32, seed {args.seed}, {facts['minutes']:.1f} min wall-clock on
   {args.threads} CPU threads (torch {facts['torch']}, transformers {facts['transformers']}).
 - Every training window is BOS followed by {args.context - 1} tokens of the train stream (files joined by `</s>`).
 
 ## Held-out perplexity
 One window per document of the first {facts['table_docs']} of the {facts['n_docs']} documents of
 `../corpus/cpython_heldout.jsonl.gz` (each at least {facts['min_tokens']} tokens): BOS + the first L-1 tokens, exp(mean per-document NLL). Unigram baseline at 1x:
-{facts['unigram_ppl']:.1f}. "none" is unscaled RoPE; "pi" linear interpolation; "ntk" static NTK-aware base;
+{facts['unigram_ppl']:.1f}. PPL at 1x over all {facts['n_docs']} documents: {facts['ppl_1x_all_docs']:.2f}. "none" is unscaled RoPE; "pi" linear interpolation; "ntk" static NTK-aware base;
 "yarn" transformers' YaRN, all without fine-tuning.
 
 | setting | PPL |
@@ -262,9 +288,10 @@ One window per document of the first {facts['table_docs']} of the {facts['n_docs
 {rows}
 
 ## Licence
-The training data is CPython's standard library, Copyright (c) 2001 Python Software Foundation, distributed
-under the PSF License Agreement (see `../corpus/LICENSE`). The weights and tokenizer are derived from it and
-are distributed under the same terms as the rest of this package.
+The training data is CPython's standard library, Copyright (c) Python Software Foundation; All Rights
+Reserved, used under the PSF License Agreement. The weights and tokenizer are a derivative work of it: the
+agreement and the summary of changes it asks for are kept in `../corpus/LICENSE`. The code that trained them
+is under this package's MIT licence.
 """
     (out / "README.md").write_text(card)
 
@@ -349,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         model.half().save_pretrained(args.out)
         tok.save_pretrained(args.out)
         write_corpus(args.corpus_out, [d for d, _ in long_docs])
+        write_license(args.corpus_out.parent / "LICENSE", stdlib, len(long_docs))
 
     # A subset: the 16x rows cost ~1 s per document and variant on 2 cores.
     table = extension_table(args.out, eval_ids[: args.table_docs], tok.bos_token_id, [8, 16])
@@ -361,10 +389,11 @@ def main(argv: list[str] | None = None) -> None:
 
         facts = {
             "params": n_params,
-            "command": "python scripts/train_tiny_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "command": " ".join(["python scripts/train_tiny_model.py", *(sys.argv[1:] if argv is None else argv)]),
             "python": platform.python_version(),
             "n_train_files": len(train_docs),
             "n_heldout_files": len(heldout_docs),
+            "heldout_percent": args.heldout_percent,
             "train_tokens": stream.numel(),
             "vocab": len(tok),
             "minutes": minutes,
@@ -374,6 +403,7 @@ def main(argv: list[str] | None = None) -> None:
             "min_tokens": min_tokens,
             "table_docs": min(args.table_docs, len(eval_ids)),
             "unigram_ppl": uni,
+            "ppl_1x_all_docs": ppl32,
             "ppl": table,
         }
         write_card(args.out, args, facts)
