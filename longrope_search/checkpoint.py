@@ -134,9 +134,27 @@ def read_log_scores(log_path: Path) -> dict[str, float]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("event") == "eval":
+        if isinstance(record, dict) and record.get("event") == "eval" and "key" in record:
             scores[record["key"]] = _ppl_in(record.get("ppl"))
     return scores
+
+
+def has_state(run_dir: Path) -> bool:
+    return any((run_dir / "state").glob("gen_*.json"))
+
+
+def read_start_identity(log_path: Path) -> dict[str, Any] | None:
+    """The identity logged when the search started: what a resume before generation 0 compares with."""
+    identity = None
+    if log_path.is_file():
+        for line in log_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("event") == "start":
+                identity = record.get("fingerprint")
+    return identity
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = Console(soft_wrap=True)  # long lines stay whole: logs and grep read them
 err_console = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
@@ -43,7 +43,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except LongRopeError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            err_console.print("interrupted; finished generations are saved.", markup=False)
+            err_console.print("interrupted.", markup=False)
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper

@@ -78,7 +78,7 @@ def methods_for(spec: RopeSpec, length: int, ff: FactorsFile | None) -> list[Met
         if length > ff.rope.original_length:
             methods.append(Method(LONGROPE, tuple(ff.factors), ff.n_hat, ff.mscale))
         else:
-            short = ff.short_factors if ff.short_factors is not None else [1.0] * len(ff.factors)
+            short = ff.short_or_ones
             methods.append(Method(LONGROPE, tuple(short), 0, ff.mscale))
     return methods
 
@@ -429,7 +429,7 @@ def evaluate(
         fingerprint = None
         if (run_dir / "state").is_dir():
             fingerprint = checkpoint.load_state(run_dir)[0].fingerprint.get("data")
-        exclude = RunSampling(ff.target_length, d.samples, d.heldout_samples, d.seed, fingerprint)
+        exclude = RunSampling(ff.scored_length, d.samples, d.heldout_samples, d.seed, fingerprint)
         samples = (d.heldout_samples or DEFAULT_SAMPLES) if samples is None else samples
         device = device or (None if config.model.device == "auto" else config.model.device)
         dtype, cache_dir, chunk_size = dtype or config.model.dtype, d.cache_dir, config.search.chunk_size

@@ -63,7 +63,7 @@ def hf_rope_config(ff: FactorsFile, model_type: str, partial_rotary_factor: floa
     """
     original = ff.rope.original_length
     long_factor = [float(x) for x in ff.factors]
-    short_factor = [float(x) for x in ff.short_factors] if ff.short_factors is not None else [1.0] * len(long_factor)
+    short_factor = [float(x) for x in ff.short_or_ones]
     full = {
         "rope_type": "longrope",
         "long_factor": long_factor,
@@ -170,9 +170,14 @@ def _place_files(src: Path, out: Path, copy_weights: bool) -> list[str]:
 
 
 def _remove_stale_weights(out: Path) -> None:
-    """With force: weights of a previous export would be mixed with the new ones (shard names differ)."""
+    """With force: weights of a previous export would be mixed with the new ones (shard names differ).
+
+    Only a previous export's weights go: its symlinks, or copies when it left a longrope.json. Real
+    weights in a directory that is not an export (a mistyped --out) are never deleted.
+    """
+    previous_export = (out / "longrope.json").is_file()
     for path in out.iterdir():
-        if _is_weight(path) and (path.is_symlink() or path.is_file()):
+        if _is_weight(path) and (path.is_symlink() or (previous_export and path.is_file())):
             path.unlink()
 
 
@@ -204,7 +209,8 @@ def _check_geometry(ff: FactorsFile, config: Any, src: Path) -> None:
             "export onto the model the search ran on (or one with the same geometry) with --model."
         )
     spec = rope_spec(config)
-    if (spec.base, spec.original_length) != (ff.rope.base, ff.rope.original_length):
+    # a search may set a shorter window than the config declares (model.original_length, e.g. Mistral v0.1)
+    if spec.base != ff.rope.base or ff.rope.original_length > spec.original_length:
         raise ExportError(
             f"the factors were searched for rope_theta {ff.rope.base:g} and window {ff.rope.original_length} but "
             f"{src} has rope_theta {spec.base:g} and window {spec.original_length}; export onto the searched model."
@@ -255,7 +261,7 @@ def verify_export(
     vocab = dst_config.get_text_config().vocab_size
     long_ids = _random_ids(vocab, length)
     short_ids = _random_ids(vocab, min(SHORT_VERIFY_LENGTH, ff.rope.original_length), seed=1)
-    short = ff.short_factors if ff.short_factors is not None else [1.0] * len(ff.factors)
+    short = ff.short_or_ones
 
     dst = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
     dst_long, dst_short = _logits(dst, long_ids), _logits(dst, short_ids)

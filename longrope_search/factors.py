@@ -37,6 +37,16 @@ class FactorsFile:
     def scale(self) -> float:
         return self.target_length / self.rope.original_length
 
+    @property
+    def scored_length(self) -> int:
+        """The length the search scored at: the target, or the short window for a short readjustment run."""
+        return int(self.search.get("scored_length", self.target_length))
+
+    @property
+    def short_or_ones(self) -> list[float]:
+        """The short set runtimes use inside the original window (all 1.0 when none was searched)."""
+        return self.short_factors if self.short_factors is not None else [1.0] * len(self.factors)
+
     def to_json(self) -> dict[str, Any]:
         doc = {"format": FORMAT, **asdict(self), "scale": self.scale}
         doc["rope"] = asdict(self.rope)

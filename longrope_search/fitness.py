@@ -67,7 +67,7 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SI
     with torch.inference_mode():
         # use_cache=False: a KV cache would only hold every layer's keys and values until the end
         hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H), final norm applied
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)  # summed on device: one sync at the end
         logits_buf = logp_buf = None  # (chunk, V) each, allocated by the first (largest) chunk
         for start in range(0, length - 1, chunk_size):
             end = min(start + chunk_size, length - 1)
@@ -77,7 +77,7 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SI
                 logits_buf, logp_buf = logits, torch.empty_like(logits)
             logp = torch.log_softmax(logits, dim=-1, out=logp_buf[:rows])  # (c, V)
             targets = ids[0, start + 1 : end + 1].to(logp.device)  # (c,)
-            total -= logp.gather(1, targets[:, None]).sum(dtype=torch.float64).cpu()
+            total -= logp.gather(1, targets[:, None]).sum(dtype=torch.float64)
     return total.item() / (length - 1)
 
 
@@ -135,7 +135,13 @@ class Evaluator:
     ) -> FitnessResult:
         if key not in self.results:
             install_rope(self.model, factors, n_hat, mscale)
-            self.results[key] = self.fitness(self.model, self.samples, self.chunk_size)
+            try:
+                self.results[key] = self.fitness(self.model, self.samples, self.chunk_size)
+            except torch.OutOfMemoryError as exc:
+                raise ModelError(
+                    f"out of device memory scoring {self.samples.shape[1]}-token samples; check `longrope plan` for "
+                    "this target, lower search.mlp_chunk / search.chunk_size, or spread the search with torchrun."
+                ) from exc
             self.evaluations += 1
         return self.results[key]
 

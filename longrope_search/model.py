@@ -228,7 +228,11 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
             f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model embeds only "
             f"{model.get_input_embeddings().num_embeddings}; use the tokenizer that belongs to the model."
         )
-    model.to(device).eval().requires_grad_(False)
+    try:
+        model.to(device).eval().requires_grad_(False)
+    except (RuntimeError, AssertionError) as exc:  # no CUDA, unknown device string, device out of memory
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot move the model to device {device!r} ({first}); set model.device to cpu, cuda or cuda:N.") from exc
     if mlp_chunk:
         from longrope_search.memory import chunk_mlp
 

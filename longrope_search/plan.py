@@ -150,7 +150,7 @@ def search_inputs(config: Any, model: str | None = None) -> tuple[ModelShape, in
         shape = replace(shape, original_length=config.model.original_length)
     s = config.search
     budget = Budget(s.population, s.generations, s.mutations + s.crossovers)
-    return shape, parse_length(s.target, shape.original_length), config.data.samples, budget
+    return shape, parse_length(s.target or ("1x" if s.short else "8x"), shape.original_length), config.data.samples, budget
 
 
 # --- memory ------------------------------------------------------------------------------------------

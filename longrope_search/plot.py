@@ -159,7 +159,7 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
     ax.set_xlim(-0.6, last + 0.6)
     ax.set_xlabel("generation (0 = initial population)")
     ax.set_ylabel("perplexity on the search samples (lower is better)")
-    ax.set_title(f"Search for {ff.target_length:,} tokens ({ff.scale:g}x): {len(state.history)} evaluations "
+    ax.set_title(f"Search for {ff.scored_length:,} tokens ({ff.scored_length / ff.rope.original_length:g}x): {len(state.history)} evaluations "
                  f"over {last} generations", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=4, fontsize=9)

@@ -95,6 +95,6 @@ def apply(model: nn.Module, factors_path: str | Path, mode: Mode = "auto") -> nn
         )
     owner = rotary_owner(model)
     device = next((b.device for b in owner.rotary_emb.buffers()), None)
-    short = ff.short_factors if ff.short_factors is not None else [1.0] * len(ff.factors)
+    short = ff.short_or_ones
     owner.rotary_emb = ShortLongRotaryEmbedding(ff.rope, short, ff.factors, ff.n_hat, ff.mscale, mode, device)
     return model

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import math
 import platform
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +40,7 @@ class Prior:
     mscale: float
     n_hat: int
     source: str  # where they came from, for messages and factors.json
+    short_factors: list[float] | None = None  # a short set searched earlier; kept through later stages
 
 
 @dataclass
@@ -114,7 +113,8 @@ def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | 
                 f"search.init_from {config.search.init_from} was searched for rope_theta {ff.rope.base:g} / "
                 f"rotary_dim {ff.rope.rotary_dim}, the model has {spec.base:g} / {spec.rotary_dim}; use a run of this model."
             )
-        prior = Prior(np.asarray(ff.factors), ff.target_length, ff.mscale, ff.n_hat, f"run {config.search.init_from}")
+        prior = Prior(np.asarray(ff.factors), ff.target_length, ff.mscale, ff.n_hat, f"run {config.search.init_from}",
+                      ff.short_factors)
         if carried is not None and not np.allclose(carried, ff.factors, rtol=1e-6):
             raise ConfigError(
                 f"the model already carries LongRoPE factors that differ from search.init_from "
@@ -124,7 +124,9 @@ def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | 
         params = model_config.rope_parameters
         target = int(model_config.max_position_embeddings)
         mscale = params.get("attention_factor") or rope.longrope_mscale(target / spec.original_length, spec.original_length)
-        prior = Prior(np.asarray(carried), target, float(mscale), 0, f"model {config.model.name}")
+        short = params.get("short_factor")
+        prior = Prior(np.asarray(carried), target, float(mscale), 0, f"model {config.model.name}",
+                      None if short is None or all(x == 1.0 for x in short) else [float(x) for x in short])
     if config.search.short and prior is None:
         raise ConfigError(
             "short readjustment needs the long factors it complements: set search.init_from (--init-from) to the "
@@ -198,7 +200,13 @@ def seed_vectors(plan: Plan) -> dict[str, np.ndarray]:
                 f"search.init_factors has {len(init.factors)} factors, the model needs {plan.spec.num_factors}; "
                 "use a factors file searched on the same model."
             )
-        seeds["init"] = np.asarray(init.factors, dtype=np.float64)
+        # the space holds this stage's factors: a later stage divides out the prior, a short search seeds its set
+        if plan.short:
+            seeds["init"] = np.asarray(init.short_or_ones, dtype=np.float64)
+        elif plan.prior is not None:
+            seeds["init"] = np.asarray(init.factors, dtype=np.float64) / plan.prior.factors
+        else:
+            seeds["init"] = np.asarray(init.factors, dtype=np.float64)
     return seeds
 
 
@@ -348,7 +356,7 @@ class Search:
             ff = FactorsFile(
                 model=plan.config.model.name, rope=plan.spec, target_length=plan.target_length, factors=searched,
                 n_hat=best.candidate.n_hat, mscale=plan.mscale, ppl={"search": best.ppl}, search=info,
-                versions=versions(),
+                versions=versions(), short_factors=plan.prior.short_factors if plan.prior is not None else None,
             )
         if extra:
             ff.ppl.update(extra.get("ppl", {}))
@@ -361,8 +369,12 @@ class Search:
 # --- run directory --------------------------------------------------------------------------------------
 
 
+# A start that failed before any evaluation (model or corpus refused) leaves only this file behind.
+FAILED_START = {"config.resolved.yaml"}
+
+
 def check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    if run_dir.exists() and (not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - FAILED_START):
         raise CheckpointError(
             f"{run_dir} already exists and is not empty; resume it with `longrope search --resume {run_dir}` "
             "or choose another --out."
@@ -388,6 +400,25 @@ def resolved_config_for_resume(run_dir: Path, overrides: dict[str, Any]) -> tupl
             saved["search"][name] = value
             notes.append(f"search.{name}: {old} -> {value}")
     return from_dict(saved, source=str(path)), notes
+
+
+def absolute_paths(config: Config) -> Config:
+    """Local paths made absolute, so a resume or eval from another directory reads the same files."""
+
+    def absolute(value: str | None) -> str | None:
+        if not value or value.startswith(("builtin:", "hub:")):
+            return value
+        path = Path(value).expanduser()
+        # a hub id like org/name has no local counterpart; globs keep their pattern
+        local = path.exists() or any(ch in value for ch in "*?[") or value.startswith((".", "/", "~"))
+        return str(path.absolute()) if local else value
+
+    return config.model_copy(update={
+        "model": config.model.model_copy(update={"name": absolute(config.model.name)}),
+        "data": config.data.model_copy(update={"source": absolute(config.data.source)}),
+        "search": config.search.model_copy(update={"init_from": absolute(config.search.init_from),
+                                                   "init_factors": absolute(config.search.init_factors)}),
+    })
 
 
 def write_resolved_config(run_dir: Path, config: Config) -> None:
@@ -466,22 +497,38 @@ def compare_methods(
     return results
 
 
-def open_run(
-    config: Config | None, run_dir: Path | None, resume: bool, overrides: dict[str, Any] | None
-) -> tuple[Config, Path, SearchState | None, list[str], list[str], dict[str, float]]:
-    """(config, run_dir, saved state, warnings, notes, logged scores): all a search reads of its run directory."""
+@dataclass
+class OpenedRun:
+    """All a search reads of its run directory (on rank 0; sent to the other ranks)."""
+
+    config: Config
+    run_dir: Path
+    state: SearchState | None = None  # newest readable checkpoint
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # budget changes made on resume
+    logged: dict[str, float] = field(default_factory=dict)  # every score in log.jsonl
+    identity: dict[str, Any] | None = None  # what a resume must match (state, or the log's start record)
+
+
+def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: dict[str, Any] | None) -> OpenedRun:
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
         config, notes = resolved_config_for_resume(run_dir, overrides or {})
-        saved_state, warnings = checkpoint.load_state(run_dir)
         # scores logged after the last checkpoint too: resume reuses them instead of recomputing
-        return config, run_dir, saved_state, warnings, notes, checkpoint.read_log_scores(run_dir / "log.jsonl")
+        log_path = run_dir / "log.jsonl"
+        logged = checkpoint.read_log_scores(log_path)
+        if not (run_dir / "state").exists():
+            # stopped during generation 0: start it again, reusing every evaluation already logged
+            warning = f"no generation had finished; generation 0 starts again with {len(logged)} logged evaluations"
+            return OpenedRun(config, run_dir, None, [warning], notes, logged, checkpoint.read_start_identity(log_path))
+        state, warnings = checkpoint.load_state(run_dir)
+        return OpenedRun(config, run_dir, state, warnings, notes, logged, state.fingerprint)
     if config is None:
         raise ConfigError("pass --config with a YAML file (see configs/) or --resume with a run directory.")
     run_dir = run_dir or Path(config.output.dir or default_run_dir(config))
     check_new_run_dir(run_dir)
-    return config, run_dir, None, [], [], {}
+    return OpenedRun(absolute_paths(config), run_dir)
 
 
 def run_search(
@@ -503,9 +550,8 @@ def run_search(
 
     reporter = reporter if ctx.is_main else None
     # rank 0's files only: the other nodes may not share its filesystem
-    config, run_dir, saved_state, warnings, notes, logged = distributed.run_on_main(
-        functools.partial(open_run, config, run_dir, resume, overrides), ctx
-    )
+    opened = distributed.run_on_main(functools.partial(open_run, config, run_dir, resume, overrides), ctx)
+    config, run_dir, saved_state = opened.config, opened.run_dir, opened.state
 
     def plan_run() -> tuple[Any, Plan]:
         model_config = load_config(config.model.name)
@@ -518,7 +564,7 @@ def run_search(
     if ctx.is_main:
         write_resolved_config(run_dir, config)  # exactly what runs, before the model loads
     if reporter is not None:
-        for w in warnings:
+        for w in opened.warnings:
             reporter.warn(w)
 
     def load() -> tuple[Any, Any, dict[str, Any], Any]:
@@ -547,18 +593,23 @@ def run_search(
             )
 
     log_path = run_dir / "log.jsonl"
-    if saved_state is not None:
-        differences = checkpoint.identity_differences(saved_state.fingerprint, identity)
+    if opened.identity is not None:
+        differences = checkpoint.identity_differences(opened.identity, identity)
         if differences:
             raise CheckpointError(
                 f"{run_dir} was searched with a different setup ({'; '.join(differences)}); "
                 "resume with the original model and data, or start a new run with --out."
             )
-        evaluator.preload(logged)
-        saved_state.notes.extend(notes)
+    if resume:
+        evaluator.preload(opened.logged)
+        if saved_state is not None:
+            saved_state.notes.extend(opened.notes)
         if ctx.is_main:
             ensure_log_line_end(log_path)
-            checkpoint.append_log(log_path, {"event": "resume", "generation": saved_state.generation, "changes": notes})
+            generation = saved_state.generation if saved_state is not None else None
+            checkpoint.append_log(log_path, {"event": "resume", "generation": generation, "changes": opened.notes})
+    if saved_state is None and ctx.is_main:
+        checkpoint.append_log(log_path, {"event": "start", "fingerprint": identity})
 
     if reporter is not None:
         reporter.start(plan, saved_state)

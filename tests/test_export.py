@@ -119,10 +119,15 @@ def test_refuses_non_empty_destination_without_force(tmp_path):
     with pytest.raises(ExportError, match="not empty.*--force"):
         export(run, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    (out / "model-00001-of-00002.safetensors").write_text("stale shard")
+    (out / "model-00001-of-00002.safetensors").write_text("real weights of another model")
     report = export(run, out, force=True, verify=False)
     assert report.max_abs_diff is None
-    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "keep.txt").exists()
+    # not a previous export (no longrope.json before): real weight files are never deleted
+    assert (out / "model-00001-of-00002.safetensors").read_text() == "real weights of another model"
+    (out / "model-00001-of-00002.safetensors").unlink()
+    (out / "model-00002-of-00002.safetensors").write_text("stale shard of the previous export")
+    export(run, out, force=True, verify=False)
+    assert not (out / "model-00002-of-00002.safetensors").exists() and (out / "keep.txt").exists()
 
 
 def test_refuses_destination_inside_source(tmp_path):

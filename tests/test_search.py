@@ -239,3 +239,35 @@ def test_short_readjustment_keeps_the_long_set_and_adds_a_short_one(setup, finis
         run_search(from_dict(search_config(model, corpus, target="1x", short=True)), tmp_path / "a")
     with pytest.raises(ConfigError, match="set search.target to 1x or less"):
         run_search(from_dict(search_config(model, corpus, short=True, init_from=str(finished_run))), tmp_path / "b")
+
+
+def test_resume_of_a_run_stopped_during_generation_0_reuses_its_logged_scores(setup, tmp_path):
+    model, corpus = setup
+    config = from_dict(search_config(model, corpus, generations=1))
+    final, ref = run_search(config, tmp_path / "ref")
+    # a run killed while scoring its initial population: resolved config, the start record, 3 scores, no state/
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ref / "config.resolved.yaml", run)
+    lines = (ref / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text("\n".join(lines[:4]) + '\n{"event": "eval", "key": "n_hat=0|1,')  # torn last line
+    result = runner.invoke(app, ["search", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "generation 0 starts again with 3 logged evaluations" in result.output
+    assert json.loads((run / "factors.json").read_text()) == json.loads((ref / "factors.json").read_text())
+    keys = []
+    for line in (run / "log.jsonl").read_text().splitlines():
+        if line.startswith('{"event": "eval"') and line.endswith("}"):  # the torn line stays, unread
+            keys.append(json.loads(line)["key"])
+    assert len(keys) == len(set(keys)) == len(final_history(ref))  # nothing scored twice
+
+
+def test_a_start_that_failed_before_scoring_can_be_retried_in_place(setup, tmp_path):
+    model, corpus = setup
+    bad = from_dict(search_config(model, corpus, target="64x"))  # too long for the corpus: fails after the config is written
+    with pytest.raises(Exception, match="documents"):
+        run_search(bad, tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.resolved.yaml"]
+    run_search(from_dict(search_config(model, corpus, generations=0)), tmp_path / "run")
+    assert (tmp_path / "run" / "factors.json").is_file()
+    assert oct((tmp_path / "run" / "factors.json").stat().st_mode & 0o777) != oct(0o600)  # readable by a server
