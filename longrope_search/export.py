@@ -274,6 +274,28 @@ def verify_export(
     return (dst_long - ref_long).abs().max().item(), (dst_short - ref_short).abs().max().item()
 
 
+def n_hat_cost(run_dir: Path, src: Path, ff: FactorsFile, device: str) -> tuple[float, float] | None:
+    """Search-sample PPL with the searched n_hat and without it, when the run's corpus is known."""
+    from longrope_search.config import load_config as load_run_config
+    from longrope_search.data import CorpusSpec, build_samples
+    from longrope_search.fitness import perplexity
+    from longrope_search.model import load_model
+
+    resolved = run_dir / "config.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    config = load_run_config(resolved)
+    d = config.data
+    model, tokenizer = load_model(str(src), device=device, dtype="float32", mlp_chunk=config.search.mlp_chunk)
+    corpus = CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
+    samples = build_samples(tokenizer, corpus, ff.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir)
+    ppls = []
+    for n_hat in (ff.n_hat, 0):
+        install_rope(model, ff.factors, n_hat=n_hat, mscale=ff.mscale)
+        ppls.append(perplexity(model, samples.search, config.search.chunk_size).ppl)
+    return ppls[0], ppls[1]
+
+
 # --- export -----------------------------------------------------------------------------------------------
 
 
@@ -330,6 +352,12 @@ def export(
     report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
     if not verify:
         return report
+    if ff.n_hat > 0:
+        cost = n_hat_cost(factors_path.parent, src, ff, device)
+        if cost is not None:
+            kept, dropped = cost
+            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from "
+                         f"{kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
     long_diff, short_diff = verify_export(out, src, ff, n_hat=0, length=length, device=device)
     report.max_abs_diff, report.short_max_abs_diff, report.verify_length = long_diff, short_diff, length
     worst = max(long_diff, short_diff)

@@ -194,3 +194,18 @@ def test_verification_catches_a_config_that_does_not_reproduce_the_search(tmp_pa
     with pytest.raises(ExportError, match="verification failed.*tolerance"):
         export(run, tmp_path / "dst")
     assert (tmp_path / "dst" / "config.json").is_file()  # left for inspection, the message says not to use it
+
+
+def test_drop_n_hat_reports_the_measured_ppl_cost(tmp_path):
+    from search_fixtures import search_config, write_corpus, write_model
+
+    from longrope_search.config import from_dict
+    from longrope_search.search import run_search
+
+    model, corpus = write_model(tmp_path), write_corpus(tmp_path)
+    config = from_dict(search_config(model, corpus, generations=0, population=4, parents=2, n_hat=[4]))
+    final, run = run_search(config, tmp_path / "run")
+    assert final.n_hat == 4
+    report = export(run, tmp_path / "dst", drop_n_hat=True)
+    cost = [n for n in report.notes if n.startswith("dropping n_hat=4 changes the search-sample PPL")]
+    assert len(cost) == 1 and f"from {final.ppl['search']:.4f}" in cost[0]
