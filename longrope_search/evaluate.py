@@ -181,6 +181,22 @@ class EvalResult:
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
+    def merged_into(self, path: Path) -> "EvalResult":
+        """This result on top of an earlier eval.json of the same samples: a quick run never erases a long one."""
+        try:
+            old = EvalResult.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return self  # none yet, or unreadable: replaced by this complete result
+        if (old.samples, old.model, old.factors) != (self.samples, self.model, self.factors):
+            return self
+        merged = {name: {m: {**getattr(old, name).get(m, {}), **row} for m, row in getattr(self, name).items()}
+                  for name in ("ppl", "passkey")}
+        for name in ("ppl", "passkey"):
+            for m, row in getattr(old, name).items():
+                merged[name].setdefault(m, row)
+        return EvalResult(sorted(set(old.lengths) | set(self.lengths)), merged["ppl"], self.samples, self.model,
+                          self.factors, merged["passkey"])
+
 
 def length_label(length: int, original_length: int | None = None) -> str:
     """4096 -> '4k'; with the window known, '32k (8x)'."""
@@ -462,5 +478,5 @@ def evaluate(
         result.passkey = passkey(loaded, tokenizer, spec, resolved, ff, passkey_trials, seed, progress)
     result.model, result.factors = model, str(factors_path)
     if run_dir is not None:
-        result.save(run_dir / EVAL_FILE)
+        result.merged_into(run_dir / EVAL_FILE).save(run_dir / EVAL_FILE)
     return result

@@ -263,3 +263,18 @@ def test_passkey_accuracy_per_method_and_length_is_deterministic_and_uses_the_in
             assert positions and max(positions) >= length - 8, (method.name, length)
     assert ev.passkey_trials(3, 7) == ev.passkey_trials(3, 7) != ev.passkey_trials(3, 8)
     assert all(len(key) == 5 and 0.0 <= depth <= 1.0 for key, depth in ev.passkey_trials(10, 0))
+
+
+def test_a_later_eval_adds_to_eval_json_instead_of_erasing_it(tmp_path):
+    from longrope_search.evaluate import EvalResult
+
+    path = tmp_path / "eval.json"
+    long = EvalResult([256, 512], {"pi": {256: 3.0, 512: 4.0}}, 4, "m", "f", {"pi": {512: 0.5}})
+    long.save(path)
+    quick = EvalResult([32], {"pi": {32: 2.0}, "none": {32: 2.0}}, 4, "m", "f")
+    merged = quick.merged_into(path)
+    assert merged.lengths == [32, 256, 512]
+    assert merged.ppl == {"pi": {256: 3.0, 512: 4.0, 32: 2.0}, "none": {32: 2.0}}
+    assert merged.passkey == {"pi": {512: 0.5}}
+    other = EvalResult([32], {"pi": {32: 9.0}}, 8, "m", "f")  # other samples: not comparable, replaces
+    assert other.merged_into(path) is other
