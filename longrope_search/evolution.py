@@ -309,7 +309,14 @@ def select(scored: Sequence[tuple[Candidate, float]], k: int) -> list[Candidate]
 def next_generation(parents: Sequence[Candidate], space: SearchSpace, rng: np.random.Generator,
                     n_mutations: int, n_crossovers: int, p: float,
                     seen: Collection[str]) -> list[Candidate]:
-    """n_mutations mutants of random parents, then n_crossovers children of random distinct pairs.
+    """The new candidates of `labelled_generation`, without their origins."""
+    return [c for c, _ in labelled_generation(parents, space, rng, n_mutations, n_crossovers, p, seen)]
+
+
+def labelled_generation(parents: Sequence[Candidate], space: SearchSpace, rng: np.random.Generator,
+                        n_mutations: int, n_crossovers: int, p: float,
+                        seen: Collection[str]) -> list[tuple[Candidate, str]]:
+    """(candidate, "mutation" | "crossover"): n_mutations mutants of random parents, then n_crossovers children of random distinct pairs.
 
     Every returned candidate is valid, distinct from the others and its key is not in `seen` (the
     keys of every candidate ever evaluated). Each phase tries at most TRIES_PER_CANDIDATE times per
@@ -330,27 +337,27 @@ def next_generation(parents: Sequence[Candidate], space: SearchSpace, rng: np.ra
             "set top-k to 2 or more, or the number of crossover children to 0."
         )
     seen_keys = set(seen)  # membership only
-    out: list[Candidate] = []
+    out: list[tuple[Candidate, str]] = []
     keys: set[str] = set()
 
-    def accept(cand: Candidate | None) -> bool:
+    def accept(cand: Candidate | None, origin: str) -> bool:
         if cand is None or cand.key in seen_keys or cand.key in keys or not space.is_valid(cand):
             return False
-        out.append(cand)
+        out.append((cand, origin))
         keys.add(cand.key)
         return True
 
     made, tries = 0, 0
     while made < n_mutations and tries < TRIES_PER_CANDIDATE * n_mutations:
         tries += 1
-        made += accept(mutate(parents[rng.integers(len(parents))], space, rng, p))
+        made += accept(mutate(parents[rng.integers(len(parents))], space, rng, p), "mutation")
     made, tries = 0, 0
     while made < n_crossovers and tries < TRIES_PER_CANDIDATE * n_crossovers:
         tries += 1
         i = int(rng.integers(len(parents)))
         j = int(rng.integers(len(parents) - 1))
         j += j >= i  # a uniform second index different from i
-        made += accept(crossover(parents[i], parents[j], space, rng, p))
+        made += accept(crossover(parents[i], parents[j], space, rng, p), "crossover")
     requested = n_mutations + n_crossovers
     if not out and requested > 0:
         raise SearchError(

@@ -301,11 +301,10 @@ class Search:
         rng = np.random.default_rng()
         rng.bit_generator.state = state.rng_state
         parents = evolution.select(state.population, s.parents)
-        children = evolution.next_generation(
+        batch = evolution.labelled_generation(
             parents, self.plan.space, rng, s.mutations, s.crossovers, s.mutation_prob, state.seen()
         )
-        # next_generation returns mutants first, then crossover children
-        batch = [(c, "mutation" if i < s.mutations else "crossover") for i, c in enumerate(children)]
+        children = [c for c, _ in batch]
         generation = state.generation + 1
         scores = self._evaluate(state, batch, generation)
         scored = dict((c.key, (c, p)) for c, p in state.population)
