@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -181,7 +182,7 @@ def search(
     finally:
         if reporter is not None:
             reporter.stop()
-        distributed.shutdown(ctx)
+        distributed.shutdown(ctx, wait=sys.exc_info()[0] is None)
     if ctx.is_main:
         show_result(final, run_dir)
 

@@ -70,8 +70,16 @@ def init_from_env() -> Context:
     return replace(ctx, prefix=broadcast_object(f"longrope/{uuid.uuid4().hex}", ctx))
 
 
-def shutdown(ctx: Context) -> None:
+def shutdown(ctx: Context, wait: bool = True) -> None:
+    """Leave the process group; `wait`: all ranks together (after success only).
+
+    Rank 0 hosts the rendezvous store, and a rank still tearing down gloo when it exits dies with
+    `terminate called without an active exception` (seen in CI). After a failure no barrier: a rank
+    stuck in another collective would make it hang until the timeout instead of torchrun stopping the group.
+    """
     if ctx.world_size > 1 and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
