@@ -100,7 +100,11 @@ class Plan:
 
 
 def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | None:
-    """The factors this search builds on: search.init_from, or those the model carries (rope_type longrope)."""
+    """The factors this search builds on: search.init_from, or else those the model carries (rope_type longrope).
+
+    init_from wins over carried factors: a fine-tuned stage-1 model carries stage 1, while its short
+    readjustment must build on the composed stage-2 factors of a later run.
+    """
     from longrope_search.factors import load_factors
     from longrope_search.model import carried_factors
 
@@ -115,11 +119,6 @@ def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | 
             )
         prior = Prior(np.asarray(ff.factors), ff.target_length, ff.mscale, ff.n_hat, f"run {config.search.init_from}",
                       ff.short_factors)
-        if carried is not None and not np.allclose(carried, ff.factors, rtol=1e-6):
-            raise ConfigError(
-                f"the model already carries LongRoPE factors that differ from search.init_from "
-                f"{config.search.init_from}; drop init_from to build on the model's own factors, or load its base model."
-            )
     elif carried is not None:
         params = model_config.rope_parameters
         target = int(model_config.max_position_embeddings)
@@ -560,7 +559,7 @@ def run_search(
         return model_config, plan
 
     model_config, plan = distributed.run_everywhere(plan_run, ctx)
-    if ctx.is_main:
+    if ctx.is_main and not resume:
         write_resolved_config(run_dir, config)  # exactly what runs, before the model loads
     if reporter is not None:
         for w in opened.warnings:
@@ -600,6 +599,8 @@ def run_search(
                 "resume with the original model and data, or start a new run with --out."
             )
     if resume:
+        if ctx.is_main and opened.notes:  # budget changes, recorded once the resume is known to be valid
+            write_resolved_config(run_dir, config)
         evaluator.preload(opened.logged)
         if saved_state is not None:
             saved_state.notes.extend(opened.notes)

@@ -271,3 +271,20 @@ def test_a_start_that_failed_before_scoring_can_be_retried_in_place(setup, tmp_p
     run_search(from_dict(search_config(model, corpus, generations=0)), tmp_path / "run")
     assert (tmp_path / "run" / "factors.json").is_file()
     assert oct((tmp_path / "run" / "factors.json").stat().st_mode & 0o777) != oct(0o600)  # readable by a server
+
+
+def test_a_refused_resume_changes_nothing_on_disk(setup, finished_run, tmp_path):
+    model, _ = setup
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    resolved = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    resolved["model"]["name"] = str(tmp_path / "other-model")  # the run's identity no longer matches
+    shutil.copytree(model, tmp_path / "other-model")
+    from tiny_models import tiny_model
+
+    tiny_model("llama", seed=1, max_position_embeddings=64).save_pretrained(tmp_path / "other-model")
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(resolved))
+    before = snapshot(run)
+    result = runner.invoke(app, ["search", "--resume", str(run), "--set", "search.generations=5"])
+    assert result.exit_code == 2 and "different setup" in result.stderr
+    assert snapshot(run) == before
