@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from longrope_search.errors import ConfigError, DataError
+from longrope_search.errors import ConfigError, DataError, first_line
 
 # suffix (after any compression suffix) -> `datasets` packaged builder
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -95,11 +95,6 @@ def _builder(files: list[Path], source: str) -> str:
     return builders.pop()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load_hub(spec: CorpusSpec) -> Any:
     from datasets import load_dataset
     from datasets.exceptions import DatasetsError
@@ -110,7 +105,7 @@ def _load_hub(spec: CorpusSpec) -> Any:
     except (DatasetsError, FileNotFoundError, ValueError, ConnectionError) as exc:
         raise DataError(
             f"cannot load hub dataset {name!r} (config {spec.hub_config!r}, split {spec.split!r}: "
-            f"{_first_line(exc)}); check the name, hub_config and split, and that the hub is reachable."
+            f"{first_line(exc)}); check the name, hub_config and split, and that the hub is reachable."
         ) from exc
 
 
@@ -124,7 +119,7 @@ def _load_local(files: list[Path], spec: CorpusSpec) -> Any:
         return load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
     except (DatasetsError, ValueError, OSError) as exc:
         raise DataError(
-            f"cannot read corpus {spec.source!r} as {builder} ({_first_line(exc)}); check the files are valid {builder}."
+            f"cannot read corpus {spec.source!r} as {builder} ({first_line(exc)}); check the files are valid {builder}."
         ) from exc
 
 
@@ -233,7 +228,7 @@ def _write_cache(path: Path, samples: Samples) -> None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise DataError(
-            f"cannot write the sample cache in {path.parent} ({_first_line(exc)}); "
+            f"cannot write the sample cache in {path.parent} ({first_line(exc)}); "
             "set LONGROPE_CACHE (or cache_dir) to a writable directory."
         ) from exc
 

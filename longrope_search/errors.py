@@ -30,3 +30,9 @@ class ExportError(LongRopeError):
 
 class SearchError(LongRopeError):
     """The search space is impossible, or exhausted before the search could continue."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library exception's message, quoted inside our one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

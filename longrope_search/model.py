@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from longrope_search.errors import ModelError
+from longrope_search.errors import ModelError, first_line
 from longrope_search.rope import RopeSpec, base_inv_freq, cos_sin, scaled_inv_freq
 
 
@@ -189,9 +189,8 @@ def load_config(name_or_path: str) -> Any:
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"cannot load model config {name_or_path!r} ({first}); pass a local model directory, "
+            f"cannot load model config {name_or_path!r} ({first_line(exc)}); pass a local model directory, "
             "builtin:tiny, or a hub id reachable from this machine."
         ) from exc
 
@@ -221,8 +220,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
                                                          attn_implementation="eager")
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load model {name_or_path!r} ({first}); check the path or hub id.") from exc
+        raise ModelError(f"cannot load model {name_or_path!r} ({first_line(exc)}); check the path or hub id.") from exc
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ModelError(
             f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model embeds only "
@@ -231,8 +229,9 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     try:
         model.to(device).eval().requires_grad_(False)
     except (RuntimeError, AssertionError) as exc:  # no CUDA, unknown device string, device out of memory
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot move the model to device {device!r} ({first}); set model.device to cpu, cuda or cuda:N.") from exc
+        raise ModelError(
+            f"cannot move the model to device {device!r} ({first_line(exc)}); set model.device to cpu, cuda or cuda:N."
+        ) from exc
     if mlp_chunk:
         from longrope_search.memory import chunk_mlp
 

@@ -27,19 +27,19 @@ def _name(spec: str) -> str:
     return spec[len(PREFIX) :] if is_builtin(spec) else spec
 
 
+def _resolve(spec: str, table: dict[str, str], error: type[Exception], kind: str) -> Path:
+    name = _name(spec)
+    if name not in table:
+        valid = ", ".join(PREFIX + n for n in table)
+        raise error(f"Unknown built-in {kind} {spec!r}; use one of: {valid}.")
+    return ROOT / table[name]
+
+
 def resolve_model(spec: str) -> Path:
     """Directory of the built-in model named by `builtin:tiny` or `tiny`."""
-    name = _name(spec)
-    if name not in MODELS:
-        valid = ", ".join(PREFIX + n for n in MODELS)
-        raise ModelError(f"Unknown built-in model {spec!r}; use one of: {valid}.")
-    return ROOT / MODELS[name]
+    return _resolve(spec, MODELS, ModelError, "model")
 
 
 def resolve_corpus(spec: str) -> Path:
     """Path of the built-in corpus named by `builtin:cpython` or `cpython`."""
-    name = _name(spec)
-    if name not in CORPORA:
-        valid = ", ".join(PREFIX + n for n in CORPORA)
-        raise DataError(f"Unknown built-in corpus {spec!r}; use one of: {valid}.")
-    return ROOT / CORPORA[name]
+    return _resolve(spec, CORPORA, DataError, "corpus")
