@@ -133,7 +133,7 @@ BAD_INPUTS = {
     "target not longer": ({"search": {"target": 32}}, "is not longer than the model's original window (32 tokens)"),
     "population < parents": ({"search": {"population": 4, "parents": 8}}, "parents (8) cannot exceed population (4)"),
     "missing model": ({"model": {"name": "/no/such/model"}}, "model directory /no/such/model does not exist"),
-    "corpus too short": ({"search": {"target": "64x"}}, "documents"),
+    "corpus too short": ({"search": {"target": "64x"}}, "has 0 documents of at least 2047 tokens but 4 are needed"),
 }
 
 
@@ -167,9 +167,11 @@ def test_bad_input_is_one_line_exit_2_and_leaves_run_untouched(setup, finished_r
         assert result.exit_code == 2, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-        if out != run_dir or case != "malformed YAML":
-            assert expected in lines[0] or out == run_dir, lines[0]
+        # the existing run is refused as such unless the config itself is already unreadable
+        assert expected in lines[0] or (out == run_dir and "already exists and is not empty" in lines[0]), lines[0]
     assert snapshot(run_dir) == before
+    fresh = tmp_path / "fresh"
+    assert not fresh.exists() or [p.name for p in fresh.iterdir()] == ["config.resolved.yaml"]
 
 
 def test_existing_run_is_never_overwritten(setup, tmp_path):
