@@ -323,10 +323,13 @@ def plan(
 
     if config is None and model is None:
         fail("pass --config with a search YAML or --model with a preset, model directory or hub id.")
-    budget = None
+    budget, loss_chunk = None, 1024
     if config is not None:
-        shape, length, config_samples, budget = plan_mod.search_inputs(load_config(config), model)
+        search_config = load_config(config)
+        shape, length, config_samples, budget = plan_mod.search_inputs(search_config, model)
         samples = samples or config_samples
+        mlp_chunk = mlp_chunk or search_config.search.mlp_chunk or None  # 0 (off) still gets the comparison
+        loss_chunk = search_config.search.chunk_size
     else:
         shape = plan_mod.model_shape(model)
     if target is not None or config is None:
@@ -334,6 +337,7 @@ def plan(
     result = plan_mod.estimate(
         shape, length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes, samples=samples, budget=budget,
         flash=not eager, tflops=tflops or plan_mod.DEFAULT_TFLOPS, mlp_chunk=mlp_chunk or plan_mod.DEFAULT_MLP_CHUNK,
+        loss_chunk=loss_chunk,
     )
     table = Table(title=f"longrope plan: {shape.name} at {length} tokens on {gpus} x {gpu_mem:g} GB")
     table.add_column("quantity")
