@@ -37,6 +37,11 @@ class CorpusSpec:
     text_field: str = "text"  # json / jsonl / parquet / hub; a .txt file is one document
     concatenate: bool = False  # join documents with EOS and cut windows (corpora of short documents)
 
+    @classmethod
+    def of(cls, section: Any) -> "CorpusSpec":
+        """From a config's data section (anything with these attribute names)."""
+        return cls(section.source, section.hub_config, section.split, section.text_field, section.concatenate)
+
 
 @dataclass
 class Samples:

@@ -441,7 +441,7 @@ def evaluate(
         factors_path = run_dir / "factors.json"
         model = model or config.model.name
         d = config.data
-        corpus = CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
+        corpus = CorpusSpec.of(d)
         fingerprint = None
         if (run_dir / "state").is_dir():
             fingerprint = checkpoint.load_state(run_dir)[0].fingerprint.get("data")

@@ -287,7 +287,7 @@ def n_hat_cost(run_dir: Path, src: Path, ff: FactorsFile, device: str) -> tuple[
     config = load_run_config(resolved)
     d = config.data
     model, tokenizer = load_model(str(src), device=device, dtype="float32", mlp_chunk=config.search.mlp_chunk)
-    corpus = CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
+    corpus = CorpusSpec.of(d)
     samples = build_samples(tokenizer, corpus, ff.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir)
     ppls = []
     for n_hat in (ff.n_hat, 0):

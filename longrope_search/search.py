@@ -55,6 +55,11 @@ class Plan:
     prior: Prior | None = None
     short: bool = False
 
+    @functools.cached_property
+    def seeds(self) -> dict[str, np.ndarray]:
+        """Named seed vectors of the initial population (computed once: init_factors is a file read)."""
+        return seed_vectors(self)
+
     @property
     def scale(self) -> float:
         return self.spec.scale(self.target_length)
@@ -221,7 +226,7 @@ def fingerprint(plan: Plan, model_id: str, data_fingerprint: str, tokenizer_fing
         "tokenizer": tokenizer_fingerprint,
         "space": [space.max_factor, space.min_factor, space.step, space.monotonic, list(space.n_hat_choices)],
         "mscale": plan.mscale,
-        "seeds": sorted(seed_vectors(plan)),
+        "seeds": sorted(plan.seeds),
         "prior": None if plan.prior is None else [float(x) for x in plan.prior.factors],
         "short": plan.short,
     }
@@ -284,7 +289,7 @@ class Search:
     def initial(self) -> SearchState:
         s = self.plan.config.search
         rng = np.random.default_rng(s.seed)
-        seeds = seed_vectors(self.plan)
+        seeds = self.plan.seeds
         named = evolution.seed_candidates(self.plan.space, seeds)
         population = evolution.initial_population(self.plan.space, seeds, s.population, rng, s.mutation_prob)
         origin = {c.key: name for name, c in reversed(list(named.items()))}
@@ -555,7 +560,7 @@ def run_search(
         model_config = load_config(config.model.name)
         spec = rope_spec(model_config)
         plan = make_plan(config, spec, resolve_prior(config, model_config, spec))
-        seed_vectors(plan)  # a bad init_factors file fails here, before anything is written
+        plan.seeds  # a bad init_factors file fails here, before anything is written
         return model_config, plan
 
     model_config, plan = distributed.run_everywhere(plan_run, ctx)
@@ -572,7 +577,7 @@ def run_search(
         model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype,
                                       mlp_chunk=config.search.mlp_chunk)
         d = config.data
-        corpus = data.CorpusSpec(d.source, d.hub_config, d.split, d.text_field, d.concatenate)
+        corpus = data.CorpusSpec.of(d)
         samples = data.build_samples(
             tokenizer, corpus, plan.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir
         )
