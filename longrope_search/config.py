@@ -38,6 +38,14 @@ def parse_length(text: str | int, original_length: int | None = None) -> int:
     return int(round(number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
 
 
+def format_length(tokens: int) -> str:
+    """The inverse of parse_length (k = 1024): 4096 -> 4k, 2097152 -> 2m; others as plain numbers."""
+    for unit, size in (("m", 1024 * 1024), ("k", 1024)):
+        if tokens >= size and tokens % size == 0:
+            return f"{tokens // size}{unit}"
+    return str(tokens)
+
+
 def check_length(text: str | int) -> str | int:
     """Syntax check for a config field; the window, needed for '8x', is known only later."""
     try:

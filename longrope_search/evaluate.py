@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from longrope_search import rope
+from longrope_search.config import format_length, parse_length
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import ConfigError, DataError, ModelError
 from longrope_search.factors import FactorsFile
@@ -200,7 +201,7 @@ class EvalResult:
 
 def length_label(length: int, original_length: int | None = None) -> str:
     """4096 -> '4k'; with the window known, '32k (8x)'."""
-    text = f"{length // 1024}k" if length % 1024 == 0 else str(length)
+    text = format_length(length)
     return f"{text} ({length / original_length:g}x)" if original_length else text
 
 
@@ -419,7 +420,6 @@ def evaluate(
     passkey retrieval. samples defaults to the run's data.heldout_samples (or DEFAULT_SAMPLES). seed picks the
     passkey trials, and the documents without a run (a run's held-out windows follow its own data.seed).
     """
-    from longrope_search.config import parse_length
     from longrope_search.factors import load_factors
     from longrope_search.model import load_config, load_model, rope_spec
 

@@ -15,6 +15,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from longrope_search import rope
 from longrope_search.checkpoint import SearchState, load_state
+from longrope_search.config import format_length
 from longrope_search.errors import CheckpointError
 from longrope_search.factors import FactorsFile, load_factors
 
@@ -226,12 +227,6 @@ def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, i
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-def format_length(tokens: int) -> str:
-    """Lengths as the CLI spells them (k = 1024): 4096 -> 4k, 2097152 -> 2m; others as plain numbers."""
-    for unit, size in (("m", 1024 * 1024), ("k", 1024)):
-        if tokens >= size and tokens % size == 0:
-            return f"{tokens // size}{unit}"
-    return str(tokens)
 
 
 def _readable_log_axis(axis: Any, values: list[float]) -> None:

@@ -14,7 +14,8 @@ from search_fixtures import search_config, write_corpus, write_model
 
 from longrope_search.config import from_dict
 from longrope_search.errors import CheckpointError, ExportError
-from longrope_search.plot import format_length, load_eval, plot_run
+from longrope_search.config import format_length
+from longrope_search.plot import load_eval, plot_run
 from longrope_search.search import run_search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
