@@ -14,7 +14,7 @@ from torch import nn
 
 from longrope_search.errors import ModelError
 from longrope_search.factors import FactorsFile, load_factors
-from longrope_search.model import LongRopeRotaryEmbedding, rotary_owner, rotary_dim
+from longrope_search.model import LongRopeRotaryEmbedding, rope_spec, rotary_owner
 from longrope_search.rope import RopeSpec
 
 Mode = Literal["auto", "long"]
@@ -74,12 +74,6 @@ def _factors_file(path: str | Path) -> FactorsFile:
     return load_factors(path)
 
 
-def _rope_theta(config: Any) -> float | None:
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return None if theta is None else float(theta)
-
-
 def apply(model: nn.Module, factors_path: str | Path, mode: Mode = "auto") -> nn.Module:
     """Install the searched factors (long, short, n_hat, mscale) into `model` in place; returns the model.
 
@@ -87,11 +81,12 @@ def apply(model: nn.Module, factors_path: str | Path, mode: Mode = "auto") -> nn
     directory, a factors.json, or an exported model directory. The config is left as it is.
     """
     ff = _factors_file(factors_path)
-    dims, theta = rotary_dim(model.config), _rope_theta(model.config)
-    if dims != ff.rope.rotary_dim or (theta is not None and theta != ff.rope.base):
+    spec = rope_spec(model.config)
+    if (spec.rotary_dim, spec.base) != (ff.rope.rotary_dim, ff.rope.base):
         raise ModelError(
             f"the factors were searched for rotary_dim {ff.rope.rotary_dim} and rope_theta {ff.rope.base:g} but "
-            f"the model has rotary_dim {dims} and rope_theta {theta}; apply them to the model they were searched on."
+            f"the model has rotary_dim {spec.rotary_dim} and rope_theta {spec.base:g}; apply them to the model they "
+            "were searched on."
         )
     owner = rotary_owner(model)
     device = next((b.device for b in owner.rotary_emb.buffers()), None)
