@@ -144,8 +144,6 @@ def search(
     `longrope search --resume RUN` to continue with the same result as an uninterrupted run.
     The best factors so far are always in RUN/factors.json.
     """
-    import yaml
-
     from longrope_search import config as config_mod
     from longrope_search import distributed
     from longrope_search.search import default_run_dir, run_search
@@ -165,8 +163,7 @@ def search(
         if resume is not None:
             if config is not None:
                 fail("--resume continues the saved config of the run; drop --config (budget changes go in --set).")
-            parsed = {k.strip(): yaml.safe_load(v) for k, _, v in (o.partition("=") for o in overrides)}
-            final, run_dir = run_search(None, resume, resume=True, overrides=parsed, reporter=reporter, ctx=ctx)
+            final, run_dir = run_search(None, resume, resume=True, overrides=overrides, reporter=reporter, ctx=ctx)
         else:
             # rank 0 reads the YAML: the other nodes may not have the file
             cfg = distributed.run_on_main(lambda: config_mod.load_config(config, overrides), ctx)

@@ -19,7 +19,7 @@ import numpy as np
 
 from longrope_search import __version__, checkpoint, distributed, evolution, rope
 from longrope_search.checkpoint import Evaluation, SearchState
-from longrope_search.config import Config, from_dict, parse_length, read_yaml
+from longrope_search.config import Config, apply_overrides, from_dict, parse_length, read_yaml
 from longrope_search.errors import CheckpointError, ConfigError
 from longrope_search.evolution import Candidate, SearchSpace
 from longrope_search.factors import FactorsFile
@@ -384,25 +384,25 @@ def check_new_run_dir(run_dir: Path) -> None:
         )
 
 
-def resolved_config_for_resume(run_dir: Path, overrides: dict[str, Any]) -> tuple[Config, list[str]]:
-    """The run's saved config with budget overrides applied; identity overrides are refused."""
+def resolved_config_for_resume(run_dir: Path, overrides: list[str]) -> tuple[Config, list[str]]:
+    """The run's saved config with budget overrides (`search.generations=60`) applied; others are refused."""
     path = run_dir / "config.resolved.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a longrope run (no config.resolved.yaml); pass the folder a search wrote.")
     saved = read_yaml(path)
-    notes = []
-    for key, value in overrides.items():
+    for item in overrides:
+        key = item.partition("=")[0].strip()
         section, _, name = key.partition(".")
         if section != "search" or name not in BUDGET_KEYS:
             raise ConfigError(
                 f"{key} cannot change when resuming (it changes what a score means); start a new run with --out, "
                 f"or change only {', '.join('search.' + k for k in BUDGET_KEYS)}."
             )
-        old = saved.setdefault("search", {}).get(name)
-        if old != value:
-            saved["search"][name] = value
-            notes.append(f"search.{name}: {old} -> {value}")
-    return from_dict(saved, source=str(path)), notes
+    updated = apply_overrides(saved, overrides)
+    notes = [f"search.{name}: {saved.get('search', {}).get(name)} -> {value}"
+             for name, value in updated.get("search", {}).items()
+             if saved.get("search", {}).get(name) != value]
+    return from_dict(updated, source=str(path)), notes
 
 
 def absolute_paths(config: Config) -> Config:
@@ -513,11 +513,11 @@ class OpenedRun:
     identity: dict[str, Any] | None = None  # what a resume must match (state, or the log's start record)
 
 
-def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: dict[str, Any] | None) -> OpenedRun:
+def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: list[str] | None) -> OpenedRun:
     if resume:
         if run_dir is None:
             raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
-        config, notes = resolved_config_for_resume(run_dir, overrides or {})
+        config, notes = resolved_config_for_resume(run_dir, overrides or [])
         # scores logged after the last checkpoint too: resume reuses them instead of recomputing
         log_path = run_dir / "log.jsonl"
         logged = checkpoint.read_log_scores(log_path)
@@ -538,7 +538,7 @@ def run_search(
     config: Config | None,
     run_dir: Path | None,
     resume: bool = False,
-    overrides: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
     reporter: Any = None,
     ctx: distributed.Context = distributed.SINGLE_PROCESS,
 ) -> tuple[FactorsFile, Path]:

@@ -83,7 +83,7 @@ def search_scenario(ctx: distributed.Context, config_path: Path, existing: Path,
     config = config_mod.load_config(config_path, [])
     existing_error = describe(raised(lambda: run_search(config, existing, ctx=ctx)))
     fresh, _ = run_search(config, out / "dist", ctx=ctx)
-    resumed, _ = run_search(None, partial, resume=True, overrides={"search.generations": 3}, ctx=ctx)
+    resumed, _ = run_search(None, partial, resume=True, overrides=["search.generations=3"], ctx=ctx)
     return {"existing_error": existing_error, "fresh": fresh.to_json(), "resumed": resumed.to_json()}
 
 

@@ -68,3 +68,8 @@ def test_shipped_configs_validate_and_start_with_their_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# longrope search --config configs/") and path.name in first
     assert config.search.parents <= config.search.population
+
+
+def test_an_override_value_that_is_not_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        apply_overrides({}, ["search.n_hat=[0, 4"])
