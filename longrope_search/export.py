@@ -245,8 +245,9 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def verify_export(
     out: Path, src: Path, ff: FactorsFile, n_hat: int, length: int, device: str = "cpu"
-) -> tuple[float, float]:
-    """(long, short) max abs logit differences: DST loaded plainly vs SRC with our rotary module installed.
+) -> tuple[float, float, Any]:
+    """(long, short) max abs logit differences: DST loaded plainly vs SRC with our rotary module installed,
+    and the loaded SRC model (fp32), so a later measurement need not load it again.
 
     fp32 on both sides so the comparison measures the RoPE, not rounding. The two models are loaded one after
     the other to keep peak memory at one copy of the weights.
@@ -271,24 +272,31 @@ def verify_export(
     ref_long = _logits(ref, long_ids)
     install_rope(ref, short, n_hat=0, mscale=ff.mscale)
     ref_short = _logits(ref, short_ids)
-    return (dst_long - ref_long).abs().max().item(), (dst_short - ref_short).abs().max().item()
+    return (dst_long - ref_long).abs().max().item(), (dst_short - ref_short).abs().max().item(), ref
 
 
-def n_hat_cost(run_dir: Path, src: Path, ff: FactorsFile, device: str) -> tuple[float, float] | None:
-    """Search-sample PPL with the searched n_hat and without it, when the run's corpus is known."""
+def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[float, float] | None:
+    """Search-sample PPL with the searched n_hat and without it, when the run's corpus is known.
+
+    `model` is SRC already loaded (by the verification); only its tokenizer is loaded here.
+    """
+    from transformers import AutoTokenizer
+
     from longrope_search.config import load_config as load_run_config
     from longrope_search.data import CorpusSpec, build_samples
     from longrope_search.fitness import perplexity
-    from longrope_search.model import load_model
+    from longrope_search.memory import chunk_mlp
 
     resolved = run_dir / "config.resolved.yaml"
     if not resolved.is_file():
         return None
     config = load_run_config(resolved)
     d = config.data
-    model, tokenizer = load_model(str(src), device=device, dtype="float32", mlp_chunk=config.search.mlp_chunk)
-    corpus = CorpusSpec.of(d)
-    samples = build_samples(tokenizer, corpus, ff.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    samples = build_samples(tokenizer, CorpusSpec.of(d), ff.target_length, d.samples, d.heldout_samples, d.seed,
+                            d.cache_dir)
+    if config.search.mlp_chunk:
+        chunk_mlp(model, config.search.mlp_chunk)
     ppls = []
     for n_hat in (ff.n_hat, 0):
         install_rope(model, ff.factors, n_hat=n_hat, mscale=ff.mscale)
@@ -352,13 +360,7 @@ def export(
     report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
     if not verify:
         return report
-    if ff.n_hat > 0:
-        cost = n_hat_cost(factors_path.parent, src, ff, device)
-        if cost is not None:
-            kept, dropped = cost
-            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from "
-                         f"{kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
-    long_diff, short_diff = verify_export(out, src, ff, n_hat=0, length=length, device=device)
+    long_diff, short_diff, ref = verify_export(out, src, ff, n_hat=0, length=length, device=device)
     report.max_abs_diff, report.short_max_abs_diff, report.verify_length = long_diff, short_diff, length
     worst = max(long_diff, short_diff)
     if not worst <= tolerance:  # also catches NaN
@@ -367,4 +369,10 @@ def export(
             f"(tolerance {tolerance:g}; long {long_diff:.3g} at {length} tokens, short {short_diff:.3g}); "
             "do not use it, and report this with your transformers version."
         )
+    if ff.n_hat > 0:
+        cost = n_hat_cost(factors_path.parent, src, ref, ff)
+        if cost is not None:
+            kept, dropped = cost
+            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from "
+                         f"{kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
     return report
