@@ -44,20 +44,20 @@ class SearchState:
         return {e.candidate.key for e in self.history}
 
 
-def _ppl_out(ppl: float) -> float | None:
+def ppl_to_json(ppl: float) -> float | None:
     return ppl if math.isfinite(ppl) else None  # JSON has no inf
 
 
-def _ppl_in(value: float | None) -> float:
+def ppl_from_json(value: float | None) -> float:
     return math.inf if value is None else float(value)
 
 
 def state_to_json(state: SearchState) -> dict[str, Any]:
     return {
         "generation": state.generation,
-        "population": [{**c.to_json(), "ppl": _ppl_out(p)} for c, p in state.population],
+        "population": [{**c.to_json(), "ppl": ppl_to_json(p)} for c, p in state.population],
         "history": [
-            {**e.candidate.to_json(), "ppl": _ppl_out(e.ppl), "generation": e.generation, "origin": e.origin}
+            {**e.candidate.to_json(), "ppl": ppl_to_json(e.ppl), "generation": e.generation, "origin": e.origin}
             for e in state.history
         ],
         "rng_state": state.rng_state,
@@ -70,9 +70,9 @@ def state_to_json(state: SearchState) -> dict[str, Any]:
 def state_from_json(doc: dict[str, Any]) -> SearchState:
     return SearchState(
         generation=int(doc["generation"]),
-        population=[(Candidate.from_json(m), _ppl_in(m["ppl"])) for m in doc["population"]],
+        population=[(Candidate.from_json(m), ppl_from_json(m["ppl"])) for m in doc["population"]],
         history=[
-            Evaluation(Candidate.from_json(e), _ppl_in(e["ppl"]), int(e["generation"]), str(e["origin"]))
+            Evaluation(Candidate.from_json(e), ppl_from_json(e["ppl"]), int(e["generation"]), str(e["origin"]))
             for e in doc["history"]
         ],
         rng_state=dict(doc["rng_state"]),
@@ -135,7 +135,7 @@ def read_log_scores(log_path: Path) -> dict[str, float]:
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and record.get("event") == "eval" and "key" in record:
-            scores[record["key"]] = _ppl_in(record.get("ppl"))
+            scores[record["key"]] = ppl_from_json(record.get("ppl"))
     return scores
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 from pathlib import Path
@@ -372,7 +373,7 @@ def info(
     vectors = {name: fn(spec, scale) for name, fn in rope.BASELINES.items()}
     for name in vectors:
         table.add_column(name, justify="right")
-    wavelengths = 2 * 3.141592653589793 / rope.base_inv_freq(spec)
+    wavelengths = 2 * math.pi / rope.base_inv_freq(spec)
     for i in range(spec.num_factors):
         table.add_row(str(i), f"{wavelengths[i].item():.1f}", *(f"{v[i].item():.3f}" for v in vectors.values()))
     console.print(table)

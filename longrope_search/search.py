@@ -283,7 +283,7 @@ class Search:
         best = state.best()
         checkpoint.append_log(self.log_path, {
             "event": "generation", "generation": state.generation, "evaluations": len(state.history),
-            "best_ppl": checkpoint._ppl_out(best.ppl), "best_key": best.candidate.key, "seconds": round(state.seconds, 3),
+            "best_ppl": checkpoint.ppl_to_json(best.ppl), "best_key": best.candidate.key, "seconds": round(state.seconds, 3),
         })
 
     def initial(self) -> SearchState:
@@ -460,7 +460,7 @@ def logged_scorer(
                     reporter.evaluated(evaluator.results[cand.key].ppl, True)
 
         def log(i: int, result: Any) -> None:
-            record = {"event": "eval", "key": fresh[i].key, "ppl": checkpoint._ppl_out(result.ppl),
+            record = {"event": "eval", "key": fresh[i].key, "ppl": checkpoint.ppl_to_json(result.ppl),
                       "seconds": round(result.seconds, 4)}
             if result.error:
                 record["error"] = result.error
