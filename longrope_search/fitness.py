@@ -58,6 +58,32 @@ def _logits(model: Any, hidden: torch.Tensor, out: torch.Tensor | None = None) -
     return logits
 
 
+# A target that is not scored: the last position of a sample, and the padding of a context-parallel split.
+IGNORE = -100
+
+
+def nll_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """Summed NLL of `targets` (m,) after the final hidden states `hidden` (m, H); IGNORE targets add nothing.
+
+    norm is already applied; lm_head + log-softmax run in fp32 over chunks of rows. A float64 scalar on the device
+    of `hidden`, not synced, so a caller may still add or all-reduce it before the one `.item()`.
+    """
+    rows_total = hidden.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    logits_buf = logp_buf = None  # (chunk, V) each, allocated by the first (largest) chunk
+    for start in range(0, rows_total, chunk_size):
+        end = min(start + chunk_size, rows_total)
+        rows = end - start
+        logits = _logits(model, hidden[start:end], None if logits_buf is None else logits_buf[:rows])  # (c, V)
+        if logits_buf is None:
+            logits_buf, logp_buf = logits, torch.empty_like(logits)
+        logp = torch.log_softmax(logits, dim=-1, out=logp_buf[:rows])  # (c, V)
+        chunk_targets = targets[start:end].to(logp.device)[:, None]  # (c, 1)
+        picked = logp.gather(1, chunk_targets.clamp_min(0))  # (c, 1)
+        total -= torch.where(chunk_targets == IGNORE, 0.0, picked).sum(dtype=torch.float64)
+    return total
+
+
 def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SIZE) -> float:
     """Mean NLL over the L-1 predicted tokens of one sequence (1, L) or (L,), log-softmax in fp32 per chunk."""
     ids = input_ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, L)
@@ -67,31 +93,27 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SI
     with torch.inference_mode():
         # use_cache=False: a KV cache would only hold every layer's keys and values until the end
         hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H), final norm applied
-        total = torch.zeros((), dtype=torch.float64, device=hidden.device)  # summed on device: one sync at the end
-        logits_buf = logp_buf = None  # (chunk, V) each, allocated by the first (largest) chunk
-        for start in range(0, length - 1, chunk_size):
-            end = min(start + chunk_size, length - 1)
-            rows = end - start
-            logits = _logits(model, hidden[start:end], None if logits_buf is None else logits_buf[:rows])  # (c, V)
-            if logits_buf is None:
-                logits_buf, logp_buf = logits, torch.empty_like(logits)
-            logp = torch.log_softmax(logits, dim=-1, out=logp_buf[:rows])  # (c, V)
-            targets = ids[0, start + 1 : end + 1].to(logp.device)  # (c,)
-            total -= logp.gather(1, targets[:, None]).sum(dtype=torch.float64)
+        total = nll_sum(model, hidden[: length - 1], ids[0, 1:], chunk_size)  # position i predicts token i+1
     return total.item() / (length - 1)
 
 
-def perplexity(model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE) -> FitnessResult:
-    """exp(mean over samples (n, L) of each sample's mean NLL); a non-finite loss gives ppl inf, not a raise."""
+def perplexity(
+    model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE,
+    nll: Callable[[Any, torch.Tensor, int], float] = sequence_nll,
+) -> FitnessResult:
+    """exp(mean over samples (n, L) of each sample's mean NLL); a non-finite loss gives ppl inf, not a raise.
+
+    `nll(model, row, chunk_size)` scores one sample: `sequence_nll` here, a context-parallel one for a CP group.
+    """
     began = time.perf_counter()
     nlls: list[float] = []
     for i, row in enumerate(samples):
-        nll = sequence_nll(model, row, chunk_size)
-        nlls.append(nll)
-        if not math.isfinite(nll):  # the candidate is broken: the other samples cannot redeem it
+        value = nll(model, row, chunk_size)
+        nlls.append(value)
+        if not math.isfinite(value):  # the candidate is broken: the other samples cannot redeem it
             return FitnessResult(
                 math.inf, nlls, len(nlls) * (samples.shape[1] - 1), time.perf_counter() - began,
-                error=f"loss is {nll} on sample {i}",
+                error=f"loss is {value} on sample {i}",
             )
     mean = sum(nlls) / len(nlls)
     ppl = math.exp(mean) if mean < 709.0 else math.inf  # 709: largest exponent a float holds

@@ -129,3 +129,16 @@ def test_a_head_transform_we_do_not_know_is_refused():
     model.config.logit_scale = 2.0  # our head would scale, Llama's forward does not
     with pytest.raises(ModelError, match="transforms its logits"):
         Evaluator(model, random_ids(1, 32))
+
+
+def test_ignored_targets_add_nothing_to_the_summed_nll():
+    """nll_sum over a split sequence with IGNORE targets equals the whole sequence's NLL (context parallelism)."""
+    from longrope_search.fitness import IGNORE, _decoder, nll_sum
+
+    model, ids = tiny(), random_ids(1, 50)[0]  # (L,)
+    with torch.inference_mode():
+        hidden = _decoder(model)(input_ids=ids[None], use_cache=False).last_hidden_state[0]  # (L, H)
+    targets = torch.cat([ids[1:], torch.tensor([IGNORE])])  # (L,): the last position predicts nothing
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))  # any split of the positions
+    parts = [nll_sum(model, hidden[order[i::3]], targets[order[i::3]], chunk_size=4) for i in range(3)]
+    assert sum(p.item() for p in parts) / 49 == pytest.approx(sequence_nll(model, ids, 7), rel=1e-6)
