@@ -82,6 +82,9 @@ class RichReporter:
     def warn(self, message: str) -> None:
         self.console.print(f"warning: {message}", markup=False, style="yellow")
 
+    def note(self, message: str) -> None:
+        self.console.print(message, markup=False)
+
     def start(self, plan: Any, state: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -200,6 +203,15 @@ def show_result(final: Any, run_dir: Path) -> None:
     for name, row in final.baselines.items():
         table.add_row(name, f"{row.get('search', float('nan')):.4f}", f"{row.get('heldout', float('nan')):.4f}")
     console.print(table)
+    fit = final.search.get("attention_fit")
+    if fit:
+        from longrope_search.search import describe_attention_fit
+
+        console.print(describe_attention_fit(fit), markup=False)
+        if "heldout" in fit:
+            before, after = fit["heldout"]["long_mscale"], fit["heldout"]["mscale"]
+            console.print(f"held-out at {fit['length']} tokens: {before:.4f} -> {after:.4f} ({after / before - 1:+.2%})",
+                          markup=False)
     console.print(f"n_hat {final.n_hat}, mscale {final.mscale:.4f}; factors written to {run_dir / 'factors.json'}",
                   markup=False)
 

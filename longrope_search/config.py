@@ -92,14 +92,18 @@ class SearchSection(Section):
     step: float = Field(0.01, gt=0.0)
     monotonic: bool = True  # factors non-decreasing with the rotary pair index
     n_hat: list[int] = Field(default_factory=lambda: list(PAPER_N_HAT))
-    mscale: float | Literal["auto"] = "auto"  # auto: sqrt(1 + ln s / ln L), transformers' default
+    # The attention factor. Long search, auto: sqrt(1 + ln s / ln L), transformers' default. Short search
+    # (runtimes apply one factor to short and long inputs), auto: lowered toward 1 as far as the long set's
+    # PPL at its target allows (long_tolerance); keep: the long set's factor unchanged.
+    mscale: float | Literal["auto", "keep"] = "auto"
+    long_tolerance: float = Field(0.02, ge=0.0, lt=1.0)  # short search: allowed rise of the long PPL, 0.02 = 2%
     seeds: list[Literal["none", "pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
     init_factors: str | None = None  # a factors.json whose factors join the initial population
     # Progressive extension: a run directory (or factors.json) whose long factors the model already runs
     # with; this search multiplies its own factors onto them. A LongRoPE-extended model needs none.
     init_from: str | None = None
     # Short-context readjustment: search the factor set used when the input fits the original window,
-    # on the extended model (init_from), scored at `target` (default 1x) under the long set's mscale.
+    # on the extended model (init_from), scored at `target` (default 1x) under the shared mscale.
     short: bool = False
     seed: int = 0
     chunk_size: int = Field(1024, ge=1)  # positions per lm_head + loss chunk
@@ -117,8 +121,8 @@ class SearchSection(Section):
     @field_validator("mscale")
     @classmethod
     def _mscale(cls, value: float | str) -> float | str:
-        if value != "auto" and value <= 0:
-            raise ValueError("mscale must be positive or 'auto'")
+        if value not in ("auto", "keep") and value <= 0:
+            raise ValueError("mscale must be positive, 'auto' or 'keep'")
         return value
 
     @model_validator(mode="after")
@@ -127,6 +131,8 @@ class SearchSection(Section):
             raise ValueError(f"parents ({self.parents}) cannot exceed population ({self.population})")
         if self.generations > 0 and self.mutations + self.crossovers == 0:
             raise ValueError("mutations + crossovers must be > 0 when generations > 0")
+        if self.mscale == "keep" and not self.short:
+            raise ValueError("mscale: keep applies to a short search (--short); use auto or a number")
         return self
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from longrope_search import __version__, checkpoint, distributed, evolution, rope
 from longrope_search.checkpoint import Evaluation, SearchState
 from longrope_search.config import Config, apply_overrides, from_dict, parse_length, read_yaml
-from longrope_search.errors import CheckpointError, ConfigError
+from longrope_search.errors import CheckpointError, ConfigError, DataError
 from longrope_search.evolution import Candidate, SearchSpace
 from longrope_search.factors import FactorsFile
 from longrope_search.files import atomic_write_text
@@ -54,6 +54,7 @@ class Plan:
     mscale: float
     prior: Prior | None = None
     short: bool = False
+    attention_fit: dict[str, Any] | None = None  # short search: how the shared mscale was lowered (fit_attention)
 
     @functools.cached_property
     def seeds(self) -> dict[str, np.ndarray]:
@@ -63,6 +64,12 @@ class Plan:
     @property
     def scale(self) -> float:
         return self.spec.scale(self.target_length)
+
+    @property
+    def fits_mscale(self) -> bool:
+        """Short search with mscale auto: lower the shared attention factor before searching the short set."""
+        s = self.config.search
+        return self.short and s.mscale == "auto" and s.long_tolerance > 0 and self.prior.mscale > 1.0
 
     @property
     def seed_spec(self) -> RopeSpec:
@@ -90,11 +97,14 @@ class Plan:
         """Reference methods scored beside the winner: name -> (factors, mscale)."""
         if self.short:
             ones = np.ones(self.spec.num_factors)
-            return {
+            out = {
                 "none": (ones, 1.0),  # the unmodified model
-                "ones": (ones, self.mscale),  # an export without a short set: factors 1, the long mscale
-                "long": (self.prior.factors, self.mscale),  # the long set used for short inputs too
+                "ones": (ones, self.prior.mscale),  # an export without a short set: factors 1, the long mscale
+                "long": (self.prior.factors, self.prior.mscale),  # the long set used for short inputs too
             }
+            if self.mscale != self.prior.mscale:
+                out["ones_fitted"] = (ones, self.mscale)  # what lowering the mscale alone achieves
+            return out
         out = {}
         for name in ("none", *rope.BASELINES):
             factors = rope.baseline(name)(self.spec, self.scale).numpy()
@@ -179,8 +189,9 @@ def _short_plan(config: Config, spec: RopeSpec, prior: Prior) -> Plan:
         num_factors=spec.num_factors, max_factor=s.max_factor or max(1.0 + s.step, min(2.0, prior_scale)),
         step=s.step, monotonic=s.monotonic, n_hat_choices=(0,),  # no runtime applies n_hat to short inputs
     )
-    # transformers and vLLM apply the long set's attention factor to short inputs too
-    mscale = prior.mscale if s.mscale == "auto" else float(s.mscale)
+    # transformers and vLLM apply the long set's attention factor to short inputs too; with auto it is
+    # lowered by fit_attention once the model is loaded
+    mscale = prior.mscale if s.mscale in ("auto", "keep") else float(s.mscale)
     return Plan(config, spec, target, space, mscale, prior, short=True)
 
 
@@ -225,7 +236,7 @@ def fingerprint(plan: Plan, model_id: str, data_fingerprint: str, tokenizer_fing
         "data": data_fingerprint,
         "tokenizer": tokenizer_fingerprint,
         "space": [space.max_factor, space.min_factor, space.step, space.monotonic, list(space.n_hat_choices)],
-        "mscale": plan.mscale,
+        "mscale": ["fit", plan.prior.mscale, plan.config.search.long_tolerance] if plan.fits_mscale else plan.mscale,
         "seeds": sorted(plan.seeds),
         "prior": None if plan.prior is None else [float(x) for x in plan.prior.factors],
         "short": plan.short,
@@ -348,7 +359,9 @@ class Search:
         }
         if plan.prior is not None:
             info["prior"] = {"source": plan.prior.source, "target_length": plan.prior.target_length,
-                             "factors": [float(x) for x in plan.prior.factors]}
+                             "factors": [float(x) for x in plan.prior.factors], "mscale": plan.prior.mscale}
+        if plan.attention_fit is not None:
+            info["attention_fit"] = {**plan.attention_fit, **(extra or {}).get("attention_fit", {})}
         if plan.short:  # the long set stays; the searched set becomes the short one
             ff = FactorsFile(
                 model=plan.config.model.name, rope=plan.spec, target_length=plan.prior.target_length,
@@ -449,30 +462,85 @@ def logged_scorer(
     Every rank caches every score, so all ranks agree on what is left to score in the next batch.
     """
 
-    def evaluate(cand: Candidate) -> Any:
-        return evaluator.score(cand.key, plan.factors(cand.genes), cand.n_hat, plan.mscale)
-
     def score(candidates: Sequence[Candidate]) -> list[float]:
-        fresh = list({c.key: c for c in candidates if c.key not in evaluator.results}.values())
-        if reporter is not None:
-            for cand in candidates:
-                if cand.key in evaluator.results:
-                    reporter.evaluated(evaluator.results[cand.key].ppl, True)
-
-        def log(i: int, result: Any) -> None:
-            record = {"event": "eval", "key": fresh[i].key, "ppl": checkpoint.ppl_to_json(result.ppl),
-                      "seconds": round(result.seconds, 4)}
-            if result.error:
-                record["error"] = result.error
-            checkpoint.append_log(log_path, record)
-            if reporter is not None:
-                reporter.evaluated(result.ppl, False)
-
-        for cand, result in zip(fresh, distributed.map_candidates(evaluate, fresh, ctx, log)):
-            evaluator.results[cand.key] = result
-        return [evaluator.results[c.key].ppl for c in candidates]
+        jobs = [(c.key, plan.factors(c.genes), c.n_hat, plan.mscale) for c in candidates]
+        return score_logged(evaluator, jobs, log_path, reporter, ctx)
 
     return score
+
+
+def score_logged(
+    evaluator: Any, jobs: Sequence[tuple[str, Any, int, float]], log_path: Path, reporter: Any = None,
+    ctx: distributed.Context = distributed.SINGLE_PROCESS,
+) -> list[float]:
+    """PPL of each (key, factors, n_hat, mscale): keys already scored are reused, the rest are spread over
+    the ranks and logged to log.jsonl as they arrive (what a resume reads back)."""
+    fresh = list({job[0]: job for job in jobs if job[0] not in evaluator.results}.values())
+    if reporter is not None:
+        for key, *_ in jobs:
+            if key in evaluator.results:
+                reporter.evaluated(evaluator.results[key].ppl, True)
+
+    def log(i: int, result: Any) -> None:
+        record = {"event": "eval", "key": fresh[i][0], "ppl": checkpoint.ppl_to_json(result.ppl),
+                  "seconds": round(result.seconds, 4)}
+        if result.error:
+            record["error"] = result.error
+        checkpoint.append_log(log_path, record)
+        if reporter is not None:
+            reporter.evaluated(result.ppl, False)
+
+    results = distributed.map_candidates(lambda job: evaluator.score(*job), fresh, ctx, log)
+    for job, result in zip(fresh, results):
+        evaluator.results[job[0]] = result
+    return [evaluator.results[key].ppl for key, *_ in jobs]
+
+
+MSCALE_GRID = 0.01  # resolution of the attention-factor fit
+
+
+def fit_attention(
+    plan: Plan, evaluator: Any, log_path: Path, reporter: Any = None,
+    ctx: distributed.Context = distributed.SINGLE_PROCESS,
+) -> dict[str, Any]:
+    """The lowest attention factor (mscale) at which the long set stays within long_tolerance of its PPL.
+
+    transformers and vLLM multiply short inputs by the long set's mscale too, which keeps a short set from
+    matching the unmodified model (mscale 1). Lowering it helps short inputs and, past some point, hurts
+    long ones; this scans a grid from 1.0 to the long set's mscale on the search samples at the long
+    target (`evaluator`), bisecting (a wider split under torchrun: one value per rank and round) for the
+    lowest value within tolerance of the long set's own. Every score is logged, so a resume re-scores nothing.
+    """
+    prior = plan.prior
+    steps = int(np.ceil((prior.mscale - 1.0) / MSCALE_GRID - 1e-9))
+    grid = [round(1.0 + i * MSCALE_GRID, 6) for i in range(steps)] + [prior.mscale]  # ascending, ends at prior
+
+    def ppls(indices: Sequence[int]) -> list[float]:
+        jobs = [(f"attention:{grid[i]:.6g}", prior.factors, prior.n_hat, grid[i]) for i in indices]
+        return score_logged(evaluator, jobs, log_path, reporter, ctx)
+
+    reference, at_one = ppls([len(grid) - 1, 0])
+    limit = reference * (1.0 + plan.config.search.long_tolerance)
+    checked = {grid[-1]: reference, grid[0]: at_one}
+    lo, hi = -1, len(grid) - 1  # grid[hi] is within the limit; grid[lo] is not (or lo == -1: nothing below)
+    if at_one <= limit:
+        hi = 0
+    else:
+        lo = 0
+    while hi - lo > 1:
+        count = min(ctx.world_size, hi - lo - 1)
+        probe = sorted({lo + (hi - lo) * (k + 1) // (count + 1) for k in range(count)})
+        for i, ppl in zip(probe, ppls(probe)):
+            checked[grid[i]] = ppl
+        passing = [i for i in probe if checked[grid[i]] <= limit]
+        hi = min(passing, default=hi)
+        lo = max((i for i in probe if i < hi), default=lo)
+    return {
+        "mscale": grid[hi], "long_mscale": prior.mscale, "length": prior.target_length,
+        "tolerance": plan.config.search.long_tolerance,
+        "search": {"long_mscale": reference, "mscale": checked[grid[hi]]},
+        "checked": {f"{m:.6g}": ppl for m, ppl in sorted(checked.items())},
+    }
 
 
 def compare_methods(
@@ -498,6 +566,25 @@ def compare_methods(
         else:
             results["baselines"].setdefault(name, {})[split] = ppl
     return results
+
+
+def long_heldout(plan: Plan, model: Any, heldout: Any, ctx: distributed.Context) -> dict[str, float]:
+    """The long set's held-out PPL at its target with its own mscale and with the fitted one."""
+    from longrope_search import fitness
+
+    evaluator = fitness.Evaluator(model, heldout, chunk_size=plan.config.search.chunk_size)
+    prior = plan.prior
+    jobs = {"long_mscale": prior.mscale, "mscale": plan.mscale}
+    ppls = distributed.map_candidates(
+        lambda m: evaluator.score(f"attention:{m:.6g}", prior.factors, prior.n_hat, m).ppl, list(jobs.values()), ctx)
+    return dict(zip(jobs, ppls))
+
+
+def describe_attention_fit(fit: dict[str, Any]) -> str:
+    before, after = fit["search"]["long_mscale"], fit["search"]["mscale"]
+    return (f"attention factor {fit['long_mscale']:.4f} -> {fit['mscale']:.4f} for short inputs: the long set's PPL at "
+            f"{fit['length']} tokens {before:.4f} -> {after:.4f} ({after / before - 1:+.2%}, tolerance "
+            f"{fit['tolerance']:.0%}); {len(fit['checked'])} values scored")
 
 
 @dataclass
@@ -570,7 +657,7 @@ def run_search(
         for w in opened.warnings:
             reporter.warn(w)
 
-    def load() -> tuple[Any, Any, dict[str, Any], Any]:
+    def load() -> tuple[Any, Any, Any, dict[str, Any], Any]:
         device = None if config.model.device == "auto" else config.model.device
         if ctx.device is not None and (device is None or device.startswith("cuda")):
             device = ctx.device  # one GPU per rank under torchrun
@@ -583,9 +670,19 @@ def run_search(
         )
         identity = fingerprint(plan, model_identity(config.model.name, model_config), samples.fingerprint,
                                data.tokenizer_fingerprint(tokenizer))
-        return model, samples, identity, fitness.Evaluator(model, samples.search, chunk_size=config.search.chunk_size)
+        long_samples = None
+        if plan.fits_mscale:  # the long set's own length, for the attention-factor fit
+            try:
+                long_samples = data.build_samples(tokenizer, corpus, plan.prior.target_length, d.samples,
+                                                  d.heldout_samples, d.seed, d.cache_dir)
+            except DataError as exc:
+                raise DataError(f"{exc} (the short search checks the long set at {plan.prior.target_length} tokens "
+                                "before lowering its attention factor; or set search.mscale: keep)") from None
+            identity["long_data"] = long_samples.fingerprint
+        evaluator = fitness.Evaluator(model, samples.search, chunk_size=config.search.chunk_size)
+        return model, samples, long_samples, identity, evaluator
 
-    model, samples, identity, evaluator = distributed.run_everywhere(load, ctx)
+    model, samples, long_samples, identity, evaluator = distributed.run_everywhere(load, ctx)
     identities = distributed.gather_objects(identity, ctx)
     for rank, other in enumerate(identities):
         differing = sorted(k for k in set(other) | set(identities[0]) if other.get(k) != identities[0].get(k))
@@ -616,6 +713,14 @@ def run_search(
     if saved_state is None and ctx.is_main:
         checkpoint.append_log(log_path, {"event": "start", "fingerprint": identity})
 
+    long_eval = None
+    if long_samples is not None:
+        long_eval = fitness.Evaluator(model, long_samples.search, chunk_size=config.search.chunk_size)
+        long_eval.preload(opened.logged)
+        plan.attention_fit = fit_attention(plan, long_eval, log_path, None, ctx)
+        plan.mscale = plan.attention_fit["mscale"]
+        if reporter is not None:
+            reporter.note(describe_attention_fit(plan.attention_fit))
     if reporter is not None:
         reporter.start(plan, saved_state)
     scorer = logged_scorer(evaluator, plan, log_path, reporter, ctx)
@@ -626,7 +731,10 @@ def run_search(
     if samples.heldout.shape[0] > 0:
         heldout_eval = fitness.Evaluator(model, samples.heldout, chunk_size=config.search.chunk_size)
     best = state.best().candidate
-    final = search.write_factors(state, compare_methods(plan, best, evaluator, heldout_eval, ctx))
+    results = compare_methods(plan, best, evaluator, heldout_eval, ctx)
+    if long_eval is not None and long_samples.heldout.shape[0] > 0:
+        results["attention_fit"] = {"heldout": long_heldout(plan, model, long_samples.heldout, ctx)}
+    final = search.write_factors(state, results)
     if ctx.is_main:
         checkpoint.append_log(log_path, {"event": "done", "generation": state.generation, "ppl": final.ppl})
     return final, run_dir

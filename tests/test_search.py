@@ -229,18 +229,97 @@ def test_short_readjustment_keeps_the_long_set_and_adds_a_short_one(setup, finis
 
     model, corpus = setup
     long = load_factors(finished_run)
-    config = from_dict(search_config(model, corpus, target="1x", generations=1, short=True,
+    config = from_dict(search_config(model, corpus, target="1x", generations=1, short=True, mscale="keep",
                                      init_from=str(finished_run)))
     final, _ = run_search(config, tmp_path / "short")
     assert final.factors == long.factors and final.target_length == long.target_length
     assert final.mscale == long.mscale and final.n_hat == long.n_hat
     assert len(final.short_factors) == 8 and all(1.0 <= f <= 2.0 for f in final.short_factors)
     assert final.search["mode"] == "short" and final.search["scored_length"] == 32
-    assert set(final.baselines) == {"none", "ones", "long"}
+    assert set(final.baselines) == {"none", "ones", "long"} and "attention_fit" not in final.search
     with pytest.raises(ConfigError, match="short readjustment needs the long factors"):
         run_search(from_dict(search_config(model, corpus, target="1x", short=True)), tmp_path / "a")
     with pytest.raises(ConfigError, match="set search.target to 1x or less"):
         run_search(from_dict(search_config(model, corpus, short=True, init_from=str(finished_run))), tmp_path / "b")
+    with pytest.raises(ConfigError, match="mscale: keep applies to a short search"):
+        from_dict(search_config(model, corpus, mscale="keep"))
+
+
+def test_short_readjustment_lowers_the_attention_factor_within_the_long_tolerance(setup, finished_run, tmp_path):
+    """mscale auto: the lowest grid value whose long PPL stays within tolerance, checked independently."""
+    import numpy as np
+    import torch
+
+    from longrope_search.data import CorpusSpec, build_samples
+    from longrope_search.factors import load_factors
+    from longrope_search.fitness import perplexity
+    from longrope_search.model import install_rope, load_model
+    from longrope_search.search import MSCALE_GRID
+
+    model, corpus = setup
+    long = load_factors(finished_run)
+    tolerance = 0.01
+    config = from_dict(search_config(model, corpus, target="1x", generations=1, short=True,
+                                     long_tolerance=tolerance, init_from=str(finished_run)))
+    final, run_dir = run_search(config, tmp_path / "short")
+    fit = final.search["attention_fit"]
+    assert final.mscale == fit["mscale"] <= long.mscale and fit["long_mscale"] == long.mscale
+    assert final.factors == long.factors and fit["length"] == long.target_length
+    assert set(fit["heldout"]) == {"long_mscale", "mscale"}
+    if final.mscale != long.mscale:
+        assert set(final.baselines) == {"none", "ones", "long", "ones_fitted"}
+
+    lm, tokenizer = load_model(str(model), device="cpu")
+    d = config.data
+    samples = build_samples(tokenizer, CorpusSpec(d.source), long.target_length, d.samples, d.heldout_samples,
+                            d.seed, d.cache_dir)
+
+    def long_ppl(mscale: float) -> float:
+        install_rope(lm, torch.tensor(long.factors), long.n_hat, mscale)
+        return perplexity(lm, samples.search, 48).ppl
+
+    reference = long_ppl(long.mscale)
+    assert fit["search"]["long_mscale"] == pytest.approx(reference, rel=1e-6)
+    assert long_ppl(final.mscale) <= reference * (1 + tolerance) + 1e-9
+    # every lower value the fit scored is over the limit (the bisection's guarantee; the unit test below
+    # checks that it finds the lowest grid value on a known curve)
+    limit = reference * (1 + tolerance)
+    assert all(ppl > limit for m, ppl in fit["checked"].items() if float(m) < final.mscale)
+    keys = [json.loads(line).get("key", "") for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    fitted = [k for k in keys if k.startswith("attention:")]
+    assert len(fitted) == len(fit["checked"]) == len(set(fitted))
+    assert len(fitted) <= 2 + int(np.ceil(np.log2(max(2, (long.mscale - 1) / MSCALE_GRID))))
+
+
+def test_fit_attention_bisects_to_the_lowest_value_within_tolerance(tmp_path):
+    """A fake long-PPL curve: the fit finds the lowest grid value under the limit in O(log n) evaluations."""
+    import numpy as np
+
+    from longrope_search.fitness import FitnessResult
+    from longrope_search.search import Prior, fit_attention
+
+    class Curve:  # PPL falls as the attention factor rises toward 1.3
+        def __init__(self):
+            self.results, self.calls = {}, []
+
+        def score(self, key, factors, n_hat, mscale):
+            self.calls.append(mscale)
+            return FitnessResult(10.0 + 20.0 * (1.3 - mscale) ** 2)
+
+    class FakePlan:
+        prior = Prior(np.ones(4), 1024, 1.3, 0, "test")
+
+        class config:
+            class search:
+                long_tolerance = 0.05
+
+    curve = Curve()
+    fit = fit_attention(FakePlan, curve, tmp_path / "log.jsonl")
+    # 10 + 20 (1.3 - m)^2 <= 10.5  <=>  m >= 1.3 - 0.1581
+    assert fit["mscale"] == pytest.approx(1.15) and len(curve.calls) <= 2 + 5
+    assert fit["search"] == {"long_mscale": 10.0, "mscale": pytest.approx(10.0 + 20 * 0.15 ** 2)}
+    FakePlan.config.search.long_tolerance = 0.9  # everything passes: 1.0 itself
+    assert fit_attention(FakePlan, Curve(), tmp_path / "log2.jsonl")["mscale"] == 1.0
 
 
 def test_resume_of_a_run_stopped_during_generation_0_reuses_its_logged_scores(setup, tmp_path):
