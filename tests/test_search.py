@@ -343,6 +343,25 @@ def test_resume_of_a_run_stopped_during_generation_0_reuses_its_logged_scores(se
     assert len(keys) == len(set(keys)) == len(final_history(ref))  # nothing scored twice
 
 
+def test_a_short_search_stopped_during_its_attention_fit_resumes_without_rescoring(setup, finished_run, tmp_path):
+    model, corpus = setup
+    config = from_dict(search_config(model, corpus, target="1x", generations=1, short=True,
+                                     init_from=str(finished_run)))
+    _, ref = run_search(config, tmp_path / "ref")
+    lines = (ref / "log.jsonl").read_text().splitlines()
+    first_fit = next(i for i, line in enumerate(lines) if '"key": "attention:' in line)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ref / "config.resolved.yaml", run)
+    (run / "log.jsonl").write_text("\n".join(lines[:first_fit + 1]) + "\n")  # killed after one long evaluation
+    result = runner.invoke(app, ["search", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "attention factor" in result.output
+    assert json.loads((run / "factors.json").read_text()) == json.loads((ref / "factors.json").read_text())
+    keys = [json.loads(line)["key"] for line in (run / "log.jsonl").read_text().splitlines() if '"event": "eval"' in line]
+    assert len(keys) == len(set(keys))  # the logged long evaluation was reused, nothing scored twice
+
+
 def test_a_start_that_failed_before_scoring_can_be_retried_in_place(setup, tmp_path):
     model, corpus = setup
     bad = from_dict(search_config(model, corpus, target="64x"))  # too long for the corpus: fails after the config is written
