@@ -612,6 +612,11 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
             # stopped during generation 0: start it again, reusing every evaluation already logged
             warning = f"no generation had finished; generation 0 starts again with {len(logged)} logged evaluations"
             return OpenedRun(config, run_dir, None, [warning], notes, logged, checkpoint.read_start_identity(log_path))
+        if any(note.startswith("search.population:") for note in notes):
+            raise ConfigError(
+                "search.population sizes generation 0 only, and this run has finished it; later generations "
+                "are parents + mutations + crossovers, so change those instead."
+            )
         state, warnings = checkpoint.load_state(run_dir)
         return OpenedRun(config, run_dir, state, warnings, notes, logged, state.fingerprint)
     if config is None:

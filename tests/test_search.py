@@ -124,6 +124,10 @@ def test_resume_with_more_generations_extends_the_run(setup, tmp_path):
     assert state.generation == 4 and "search.generations: 2 -> 4" in state.notes
     result = runner.invoke(app, ["search", "--resume", str(tmp_path / "run"), "--set", "search.target=8x"])
     assert result.exit_code == 2 and "search.target cannot change when resuming" in result.stderr
+    before = snapshot(tmp_path / "run")
+    result = runner.invoke(app, ["search", "--resume", str(tmp_path / "run"), "--set", "search.population=16"])
+    assert result.exit_code == 2 and "sizes generation 0 only" in result.stderr
+    assert snapshot(tmp_path / "run") == before
 
 
 BAD_INPUTS = {
