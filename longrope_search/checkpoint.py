@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from longrope_search.errors import CheckpointError
 from longrope_search.evolution import Candidate
@@ -120,23 +120,26 @@ def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
     ]
 
 
-def read_log_scores(log_path: Path) -> dict[str, float]:
-    """Scores of every evaluation logged so far, including those after the last checkpoint.
-
-    A kill between two checkpoints loses no finished evaluation: resume reuses these instead of
-    recomputing them. A torn last line (killed mid-write) is skipped.
-    """
-    scores: dict[str, float] = {}
+def log_records(log_path: Path) -> Iterator[dict[str, Any]]:
+    """The records of log.jsonl in order; a torn line (killed mid-write) is skipped."""
     if not log_path.is_file():
-        return scores
+        return
     for line in log_path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("event") == "eval" and "key" in record:
-            scores[record["key"]] = ppl_from_json(record.get("ppl"))
-    return scores
+        if isinstance(record, dict):
+            yield record
+
+
+def read_log_scores(log_path: Path) -> dict[str, float]:
+    """Scores of every evaluation logged so far, including those after the last checkpoint.
+
+    A kill between two checkpoints loses no finished evaluation: resume reuses these instead of
+    recomputing them.
+    """
+    return {r["key"]: ppl_from_json(r.get("ppl")) for r in log_records(log_path) if r.get("event") == "eval" and "key" in r}
 
 
 def has_state(run_dir: Path) -> bool:
@@ -145,16 +148,17 @@ def has_state(run_dir: Path) -> bool:
 
 def read_start_identity(log_path: Path) -> dict[str, Any] | None:
     """The identity logged when the search started: what a resume before generation 0 compares with."""
-    identity = None
-    if log_path.is_file():
-        for line in log_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and record.get("event") == "start":
-                identity = record.get("fingerprint")
-    return identity
+    starts = [r.get("fingerprint") for r in log_records(log_path) if r.get("event") == "start"]
+    return starts[-1] if starts else None
+
+
+def is_finished(run_dir: Path) -> bool:
+    """True when the run's last start or resume was followed by its `done` record (factors.json final)."""
+    last = None
+    for record in log_records(run_dir / "log.jsonl"):
+        if record.get("event") in ("start", "resume", "done"):
+            last = record["event"]
+    return last == "done" and (run_dir / "factors.json").is_file()
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:

@@ -88,6 +88,7 @@ class RichReporter:
     def start(self, plan: Any, state: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        self.stop()  # the previous stage's bar, when stages run one after another
         s = plan.config.search
         total = s.population + s.generations * (s.mutations + s.crossovers)
         done = len(state.history) if state is not None else 0
@@ -123,6 +124,7 @@ class RichReporter:
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
 
 
 @app.command()
@@ -151,6 +153,7 @@ def search(
     from longrope_search import config as config_mod
     from longrope_search import distributed
     from longrope_search.search import default_run_dir, run_search
+    from longrope_search.stages import PIPELINE_FILE, is_pipeline, run_stages
 
     quiet_libraries()
     overrides = parse_overrides(set_)
@@ -163,10 +166,22 @@ def search(
     ctx = distributed.init_from_env()  # under torchrun: join the ranks; otherwise one process
     reporter = RichReporter(console) if ctx.is_main else None
     run_dir = resume or out
+    staged = False
     try:
-        if resume is not None:
-            if config is not None:
-                fail("--resume continues the saved config of the run; drop --config (budget changes go in --set).")
+        if resume is not None and config is not None:
+            fail("--resume continues the saved config of the run; drop --config (budget changes go in --set).")
+        # rank 0 reads the files: the other nodes may not have them
+        staged = distributed.run_on_main(
+            lambda: is_pipeline(resume) if resume is not None else config is not None and config_mod.has_stages(config),
+            ctx)
+        if staged and (target is not None or init_from is not None or short):
+            fail("--target, --init-from and --short apply to a single search; in a config with stages, set "
+                 "search.target, search.init_from and search.short per stage.")
+        if staged:
+            pipeline = resume / PIPELINE_FILE if resume is not None else config
+            results, run_dir = run_stages(pipeline, overrides, resume or out, reporter, ctx)
+            final = results[-1].final
+        elif resume is not None:
             final, run_dir = run_search(None, resume, resume=True, overrides=overrides, reporter=reporter, ctx=ctx)
         else:
             # rank 0 reads the YAML: the other nodes may not have the file
@@ -176,16 +191,29 @@ def search(
     except KeyboardInterrupt:
         if reporter is not None:
             reporter.stop()
-        if ctx.is_main and run_dir is not None:
-            err_console.print(f"interrupted: finished generations and evaluations are saved; continue with "
-                              f"`longrope search --resume {run_dir}`", markup=False, soft_wrap=True)
+        if ctx.is_main and (run_dir is not None or staged):
+            again = f"`longrope search --resume {run_dir}`" if run_dir is not None else "the same command"
+            err_console.print(f"interrupted: finished generations and evaluations are saved; continue with {again}",
+                              markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         if reporter is not None:
             reporter.stop()
         distributed.shutdown(ctx, wait=sys.exc_info()[0] is None)
     if ctx.is_main:
+        if staged:
+            show_stages(results)
+            run_dir = results[-1].stage.run_dir
         show_result(final, run_dir)
+
+
+def show_stages(results: list[Any]) -> None:
+    for r in results:
+        ppl = r.final.ppl
+        console.print(f"stage {r.stage.name} ({r.status}): {r.final.scored_length} tokens, search ppl "
+                      f"{ppl.get('search', float('nan')):.4f}, held-out {ppl.get('heldout', float('nan')):.4f}, "
+                      f"{r.stage.run_dir}", markup=False)
+    console.print(f"the last stage's factors (export this one): {results[-1].stage.run_dir}", markup=False)
 
 
 def show_result(final: Any, run_dir: Path) -> None:

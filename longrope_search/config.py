@@ -224,4 +224,63 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     raw = read_yaml(path) if path is not None else {}
+    if "stages" in raw:
+        raise ConfigError(f"{path} has stages; run it with `longrope search --config {path}`, or give this command "
+                          "a single-stage config or one stage's run directory.")
     return from_dict(apply_overrides(raw, overrides or []), source=str(path or "config"))
+
+
+# --- multi-stage configs ----------------------------------------------------------------------------------
+
+
+STAGE_KEYS = ("model", "data", "search")  # what a stage may override; its run directory is <output.dir>/<name>
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def has_stages(path: str | Path) -> bool:
+    return "stages" in read_yaml(path)
+
+
+def load_stages(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, list[tuple[str, Config]]]:
+    """A progressive config: shared sections plus `stages`, each a name and overrides of model/data/search.
+
+    Returns the shared config (its output.dir is the pipeline's folder) and each stage's full config, in
+    order. Every problem in every stage is reported at once, in one line.
+    """
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    stages = raw.pop("stages")
+    shared = from_dict(raw, source=str(path))
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError(f"{path}: stages must be a non-empty list of {{name: ..., search: {{...}}}} entries.")
+    problems, names, out = [], set(), []
+    for i, stage in enumerate(stages):
+        where = f"stages[{i}]"
+        if not isinstance(stage, dict):
+            problems.append(f"{where}: must be a mapping with a name and model/data/search overrides")
+            continue
+        name = str(stage.get("name", ""))
+        unknown = sorted(set(stage) - {"name", *STAGE_KEYS})
+        if not _STAGE_NAME.match(name):
+            problems.append(f"{where}.name: give each stage a folder-safe name (letters, digits, . _ -)")
+        elif name in names:
+            problems.append(f"{where}.name: {name!r} is used twice")
+        names.add(name)
+        for key in unknown:
+            near = difflib.get_close_matches(key, STAGE_KEYS, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"a stage sets name, {', '.join(STAGE_KEYS)}"
+            problems.append(f"{where}.{key}: unknown key ({hint}; output.dir is shared, each stage runs in a subfolder)")
+        merged = _merge(raw, {k: stage[k] for k in STAGE_KEYS if k in stage})
+        try:
+            out.append((name, from_dict(merged, source=where)))
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError(f"{path}: {'; '.join(problems)}")
+    return shared, out

@@ -195,10 +195,14 @@ def _short_plan(config: Config, spec: RopeSpec, prior: Prior) -> Plan:
     return Plan(config, spec, target, space, mscale, prior, short=True)
 
 
+def model_slug(config: Config) -> str:
+    """The model name as a folder name: builtin:tiny -> tiny, meta-llama/Llama-2-7b-hf -> meta-llama-Llama-2-7b-hf."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", config.model.name.removeprefix("builtin:")).strip("-")
+
+
 def default_run_dir(config: Config) -> Path:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", config.model.name.removeprefix("builtin:")).strip("-")
     target = config.search.target or ("1x" if config.search.short else "8x")
-    return Path("runs") / f"{name}-{target}{'-short' if config.search.short else ''}"
+    return Path("runs") / f"{model_slug(config)}-{target}{'-short' if config.search.short else ''}"
 
 
 def seed_vectors(plan: Plan) -> dict[str, np.ndarray]:
@@ -418,23 +422,27 @@ def resolved_config_for_resume(run_dir: Path, overrides: list[str]) -> tuple[Con
     return from_dict(updated, source=str(path)), notes
 
 
+def absolute(value: str | None) -> str | None:
+    """A local path made absolute; builtin:, hub: and hub ids (org/name with no local counterpart) unchanged."""
+    if not isinstance(value, str) or not value or value.startswith(("builtin:", "hub:")):
+        return value
+    path = Path(value).expanduser()
+    # globs keep their pattern
+    local = path.exists() or any(ch in value for ch in "*?[") or value.startswith((".", "/", "~"))
+    return str(path.absolute()) if local else value
+
+
+# The config fields that hold local paths, as (section, key).
+PATH_FIELDS = (("model", "name"), ("data", "source"), ("search", "init_from"), ("search", "init_factors"))
+
+
 def absolute_paths(config: Config) -> Config:
     """Local paths made absolute, so a resume or eval from another directory reads the same files."""
-
-    def absolute(value: str | None) -> str | None:
-        if not value or value.startswith(("builtin:", "hub:")):
-            return value
-        path = Path(value).expanduser()
-        # a hub id like org/name has no local counterpart; globs keep their pattern
-        local = path.exists() or any(ch in value for ch in "*?[") or value.startswith((".", "/", "~"))
-        return str(path.absolute()) if local else value
-
-    return config.model_copy(update={
-        "model": config.model.model_copy(update={"name": absolute(config.model.name)}),
-        "data": config.data.model_copy(update={"source": absolute(config.data.source)}),
-        "search": config.search.model_copy(update={"init_from": absolute(config.search.init_from),
-                                                   "init_factors": absolute(config.search.init_factors)}),
-    })
+    updates: dict[str, dict[str, Any]] = {}
+    for section, key in PATH_FIELDS:
+        updates.setdefault(section, {})[key] = absolute(getattr(getattr(config, section), key))
+    return config.model_copy(update={name: getattr(config, name).model_copy(update=values)
+                                     for name, values in updates.items()})
 
 
 def write_resolved_config(run_dir: Path, config: Config) -> None:

@@ -64,10 +64,12 @@ def test_missing_and_malformed_files(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_validate_and_start_with_their_command(path):
-    config = load_config(path)
+    from longrope_search.config import has_stages, load_stages
+
+    configs = [c for _, c in load_stages(path)[1]] if has_stages(path) else [load_config(path)]
     first = path.read_text().splitlines()[0]
     assert first.startswith("# longrope search --config configs/") and path.name in first
-    assert config.search.parents <= config.search.population
+    assert all(c.search.parents <= c.search.population for c in configs)
 
 
 def test_an_override_value_that_is_not_yaml_is_a_config_error():

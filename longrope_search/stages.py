@@ -1,0 +1,167 @@
+"""Progressive extension as one config: stages run in order, each building on the previous one's factors.
+
+A config with a `stages` list (see configs/llama2-7b-2048k.yaml) runs every stage in its own run directory,
+<output.dir>/<stage name>, with the shared sections merged under the stage's overrides. A stage that does
+not set search.init_from builds on the previous stage's run, so factors compose (lambda_2 * lambda_1) and
+a closing `short: true` stage readjusts the composed set. Running the same command again continues: a
+finished stage is kept, an interrupted one resumes, a new one starts. Fine-tuning between stages stays
+outside the tool: point the later stage's model.name at the fine-tuned model and run the command again
+once it exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from longrope_search import checkpoint, distributed
+from longrope_search.config import Config, apply_overrides, load_stages, read_yaml
+from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
+from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.files import atomic_write_text
+from longrope_search.search import BUDGET_KEYS, FAILED_START, PATH_FIELDS, absolute, absolute_paths, model_slug, run_search
+
+PIPELINE_FILE = "stages.yaml"  # in <output.dir>: the config the stages came from, so --resume can rerun them
+
+
+@dataclass
+class Stage:
+    name: str
+    config: Config  # complete: init_from chained, paths absolute
+    run_dir: Path
+
+
+@dataclass
+class StageResult:
+    stage: Stage
+    final: FactorsFile
+    status: str  # "searched", "resumed" or "kept"
+
+
+def is_pipeline(run_dir: Path) -> bool:
+    return (run_dir / PIPELINE_FILE).is_file()
+
+
+def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Path, list[Stage]]:
+    """Each stage's full config and run directory; the pipeline folder is --out, output.dir or runs/<model>-stages."""
+    shared, configs = load_stages(path, overrides)
+    explicit = _explicit_init_from(path)
+    root = (root or Path(shared.output.dir or Path("runs") / f"{model_slug(shared)}-stages")).absolute()
+    stages: list[Stage] = []
+    for i, (name, config) in enumerate(configs):
+        run_dir = root / name
+        search = config.search
+        if i > 0 and not explicit[i]:
+            search = search.model_copy(update={"init_from": str(stages[-1].run_dir)})
+        config = config.model_copy(update={"search": search, "output": config.output.model_copy(update={"dir": str(run_dir)})})
+        stages.append(Stage(name, absolute_paths(config), run_dir))
+    return root, stages
+
+
+def _explicit_init_from(path: Path) -> list[bool]:
+    """Which stages set search.init_from themselves (the others chain to the stage before)."""
+    return [isinstance(s, dict) and isinstance(s.get("search"), dict) and "init_from" in s["search"]
+            for s in read_yaml(path)["stages"]]
+
+
+def status(stage: Stage) -> str:
+    run_dir = stage.run_dir
+    if not run_dir.exists() or not ({p.name for p in run_dir.iterdir()} - FAILED_START):
+        return "new"
+    return "finished" if checkpoint.is_finished(run_dir) else "unfinished"
+
+
+def budget_changes(stage: Stage) -> list[str]:
+    """`search.KEY=VALUE` for budget keys that differ from the stage's saved config; refuses other changes."""
+    saved = read_yaml(stage.run_dir / "config.resolved.yaml")
+    now = stage.config.model_dump(mode="json")
+    changed = []
+    for section, values in now.items():
+        for key, value in values.items():
+            if saved.get(section, {}).get(key) == value:
+                continue
+            if section == "search" and key in BUDGET_KEYS:
+                changed.append(f"search.{key}={value}")
+            else:
+                raise ConfigError(
+                    f"stage {stage.name} in {stage.run_dir} was run with {section}.{key} = "
+                    f"{saved.get(section, {}).get(key)!r}, the config now says {value!r}; restore it, or write the "
+                    "stages to a new output.dir (only search budget settings may change between runs)."
+                )
+    return changed
+
+
+def run_stages(
+    path: Path, overrides: list[str], root: Path | None = None, reporter: Any = None,
+    ctx: distributed.Context = distributed.SINGLE_PROCESS,
+) -> tuple[list[StageResult], Path]:
+    """Run, resume or keep every stage in order; returns each stage's result and the pipeline folder.
+
+    Every stage folder already on disk is checked against the config first (only budget settings may
+    differ), so a conflicting change fails before anything is written or searched.
+    """
+
+    def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]]]:
+        root_dir, stages = plan_stages(path, overrides, root)
+        check_root(root_dir)
+        what = [_status_and_changes(stage) for stage in stages]
+        write_pipeline(root_dir, path, overrides)
+        return root_dir, stages, what
+
+    root, stages, what = distributed.run_on_main(prepare, ctx)
+    results: list[StageResult] = []
+    for stage, (state, changes) in zip(stages, what):
+        try:
+            if state == "finished" and not changes:
+                final, kind = load_factors(stage.run_dir), "kept"
+            elif state == "new":
+                final, _ = run_search(stage.config, stage.run_dir, reporter=_announce(reporter, stage, "searching"),
+                                      ctx=ctx)
+                kind = "searched"
+            else:
+                final, _ = run_search(None, stage.run_dir, resume=True, overrides=changes,
+                                      reporter=_announce(reporter, stage, "resuming"), ctx=ctx)
+                kind = "resumed"
+        except LongRopeError as exc:
+            done = ", ".join(r.stage.name for r in results)
+            kept = f"; finished stages ({done}) are kept" if done else ""
+            raise type(exc)(f"stage {stage.name}: {exc}{kept}; run the same command again once fixed.") from exc
+        if reporter is not None and kind == "kept":
+            reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
+        results.append(StageResult(stage, final, kind))
+    return results, root
+
+
+def _status_and_changes(stage: Stage) -> tuple[str, list[str]]:
+    state = status(stage)
+    return state, ([] if state == "new" else budget_changes(stage))
+
+
+def _announce(reporter: Any, stage: Stage, verb: str) -> Any:
+    if reporter is not None:
+        reporter.note(f"stage {stage.name}: {verb} in {stage.run_dir}")
+    return reporter
+
+
+def check_root(root: Path) -> None:
+    """The pipeline folder holds stage folders and stages.yaml only; anything else is not ours to write into."""
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not is_pipeline(root))):
+        raise CheckpointError(f"{root} exists and is not a stages folder; choose another --out or output.dir.")
+
+
+def write_pipeline(root: Path, path: Path, overrides: list[str]) -> None:
+    """stages.yaml: the config with --set applied, which `longrope search --resume ROOT` runs again."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    raw.setdefault("output", {})["dir"] = str(root)
+    for sections in (raw, *raw["stages"]):  # absolute, so a resume from another directory finds the same files
+        for section, key in PATH_FIELDS:
+            if isinstance(sections.get(section), dict) and key in sections[section]:
+                sections[section][key] = absolute(sections[section][key])
+    pipeline = root / PIPELINE_FILE
+    if pipeline.is_file() and read_yaml(pipeline) == raw:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(pipeline, yaml.safe_dump(raw, sort_keys=False))

@@ -1,0 +1,137 @@
+"""Multi-stage (progressive) configs: stages chain their factors, a rerun keeps finished stages and
+resumes unfinished ones, and a conflicting change or a missing model is one line with nothing lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from search_fixtures import search_config, write_corpus, write_model
+from typer.testing import CliRunner
+
+from longrope_search.cli import app
+from longrope_search.config import load_config
+from longrope_search.errors import ConfigError
+from longrope_search.factors import load_factors
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    return write_model(root), write_corpus(root)
+
+
+def staged_config(path: Path, model: Path, corpus: Path, stages: list[dict] | None = None) -> Path:
+    config = search_config(model, corpus, generations=1)
+    del config["search"]["target"]
+    config["stages"] = stages or [
+        {"name": "4x", "search": {"target": "4x"}},
+        {"name": "8x", "search": {"target": "8x", "population": 6, "parents": 3}},
+        {"name": "short", "search": {"short": True, "target": "1x", "mscale": "keep"}},
+    ]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def eval_keys(run_dir: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in (run_dir / "log.jsonl").read_text().splitlines()
+            if '"event": "eval"' in line]
+
+
+def test_stages_chain_factors_and_a_rerun_keeps_finished_ones(setup, tmp_path):
+    model, corpus = setup
+    config = staged_config(tmp_path / "stages.yaml", model, corpus)
+    root = tmp_path / "out"
+    result = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "stage 4x (searched)" in result.output and "stage short (searched)" in result.output
+    first, second, short = (load_factors(root / name) for name in ("4x", "8x", "short"))
+    assert (first.target_length, second.target_length, short.target_length) == (128, 256, 256)
+    # stage 2 multiplies its own factors (in [1, 1.25 * 2]) onto stage 1's: lambda_2 * lambda_1
+    assert second.search["prior"]["factors"] == first.factors
+    ratio = np.asarray(second.factors) / np.asarray(first.factors)
+    assert np.all(ratio >= 1 - 1e-9) and np.all(ratio <= 2.5 + 1e-9)
+    assert short.factors == second.factors and short.short_factors is not None  # the short set readjusts stage 2
+    assert (root / "stages.yaml").is_file()
+
+    before = snapshot(root)
+    again = runner.invoke(app, ["search", "--resume", str(root)])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("(kept)") == 3
+    assert snapshot(root) == before  # nothing re-scored, nothing rewritten
+
+    # a stage stopped before its end resumes; the others are kept
+    log = root / "short" / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"event": "done"' not in line))
+    resumed = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "stage short (resumed)" in resumed.output and resumed.output.count("(kept)") == 2
+    assert load_factors(root / "short").short_factors == short.short_factors
+    keys = eval_keys(root / "short")
+    assert len(keys) == len(set(keys))
+
+
+def test_a_conflicting_change_or_a_missing_model_is_one_line_and_keeps_finished_stages(setup, tmp_path):
+    model, corpus = setup
+    root = tmp_path / "out"
+    stages = [{"name": "4x", "search": {"target": "4x"}},
+              {"name": "8x", "model": {"name": str(tmp_path / "finetuned")}, "search": {"target": "8x"}}]
+    config = staged_config(tmp_path / "stages.yaml", model, corpus, stages)
+    result = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("error: stage 8x:") and "finished stages (4x) are kept" in line
+    assert load_factors(root / "4x").target_length == 128 and not (root / "8x").exists()
+
+    # the fine-tuned model appears: the same command continues with stage 2 only
+    (tmp_path / "finetuned").symlink_to(model, target_is_directory=True)
+    before = snapshot(root / "4x")
+    done = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert done.exit_code == 0, done.output
+    assert "stage 4x (kept)" in done.output and "stage 8x (searched)" in done.output
+    assert snapshot(root / "4x") == before
+
+    # a finished stage's target may not change; the budget may
+    before = snapshot(root)
+    changed = staged_config(tmp_path / "changed.yaml", model, corpus,
+                            [{"name": "4x", "search": {"target": "2x"}}, stages[1]])
+    result = runner.invoke(app, ["search", "--config", str(changed), "--out", str(root)])
+    assert result.exit_code == 2 and "stage 4x in" in result.stderr and "search.target = '4x'" in result.stderr
+    assert snapshot(root) == before
+
+
+def test_bad_stage_configs_are_one_line(setup, tmp_path):
+    model, corpus = setup
+    bad = staged_config(tmp_path / "bad.yaml", model, corpus, [
+        {"name": "a", "serach": {"target": "4x"}},
+        {"name": "a", "search": {"target": "8x", "populaton": 4}},
+        {"name": "b/c", "output": {"dir": "x"}},
+    ])
+    result = runner.invoke(app, ["search", "--config", str(bad), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    message = result.stderr.strip()
+    assert "\n" not in message
+    for part in ("stages[0].serach: unknown key (did you mean 'search'?", "stages[1].name: 'a' is used twice",
+                 "search.populaton: unknown key (did you mean 'population'?)", "stages[2].name: give each stage",
+                 "stages[2].output: unknown key"):
+        assert part in message, message
+    result = runner.invoke(app, ["search", "--config", str(staged_config(tmp_path / "ok.yaml", model, corpus)),
+                                 "--target", "16x"])
+    assert result.exit_code == 2 and "set search.target, search.init_from and search.short per stage" in result.stderr
+    with pytest.raises(ConfigError, match="has stages; run it with `longrope search"):
+        load_config(tmp_path / "ok.yaml")
+    not_ours = tmp_path / "busy"
+    not_ours.mkdir()
+    (not_ours / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["search", "--config", str(tmp_path / "ok.yaml"), "--out", str(not_ours)])
+    assert result.exit_code == 2 and "is not a stages folder" in result.stderr
+    assert [p.name for p in not_ours.iterdir()] == ["notes.txt"]
