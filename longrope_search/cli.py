@@ -133,7 +133,7 @@ def search(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target length: 256k, 2m, 131072, or 8x."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<target>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the search in this run directory."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the search (or stages) in this directory."),
     init_from: Optional[Path] = typer.Option(
         None, "--init-from", help="Build on this run's factors: progressive extension, or the long set for --short."),
     short: bool = typer.Option(
@@ -145,6 +145,8 @@ def search(
     Progressive extension: `--init-from RUN --target 16x` multiplies a further factor set onto RUN's
     (the paper's 256k -> 2048k stage). Short readjustment: `--init-from RUN --short` searches the set used
     for inputs that fit the original window; the run's factors.json then carries both sets for export.
+    A config with `stages` runs them in order in OUT/<stage> (see configs/tiny-progressive.yaml); run it
+    again, or `--resume OUT`, to continue: finished stages are kept.
 
     Every generation is checkpointed to RUN/state/; after Ctrl-C, a crash or kill -9, run
     `longrope search --resume RUN` to continue with the same result as an uninterrupted run.
