@@ -1,6 +1,7 @@
 """One search over several processes (torchrun): every rank runs the same deterministic loop and scores
 a share of each batch of candidates; rank 0 alone reads and writes the run directory.
 Built on torch.distributed: object collectives of the process group plus a shared counter in its store.
+With context parallelism (`cp_groups`) the ranks form groups that score each candidate together.
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ TIMEOUT = timedelta(hours=2)
 
 
 @dataclass(frozen=True)
+class CPGroup:
+    """The ranks that score one candidate together, each holding 1/size of every sample's positions."""
+
+    size: int
+    index: int  # which group: global ranks index * size ... index * size + size - 1
+    rank: int  # place in the group; 0 is the group's leader
+    group: Any = field(compare=False, repr=False)  # its torch ProcessGroup
+
+    @property
+    def leader(self) -> int:
+        """Global rank of the group's rank 0."""
+        return self.index * self.size
+
+
+@dataclass(frozen=True)
 class Context:
     """This process's place in the run; the defaults describe a plain single process."""
 
@@ -36,6 +52,7 @@ class Context:
     store: dist.Store | None = None  # the process group's key-value store
     prefix: str = ""  # unique per worker group: a restarted group never reads an old counter
     calls: Iterator[int] = field(default_factory=itertools.count, compare=False, repr=False)
+    cp: CPGroup | None = None  # context parallelism (set by cp_groups); None: every rank scores on its own
 
     @property
     def is_main(self) -> bool:
@@ -81,6 +98,28 @@ def shutdown(ctx: Context, wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def cp_groups(ctx: Context, size: int) -> Context:
+    """`ctx` with its ranks split into context-parallel groups of `size` consecutive ranks (size 1: `ctx` itself).
+
+    Every rank must call it with the same size (it creates the groups' process groups, a collective). Consecutive
+    ranks share a node under torchrun, so a group's ring of key/value exchanges stays on the node's fast links.
+    """
+    if size == 1:
+        return ctx
+    if size < 1:
+        raise ConfigError(f"search.context_parallel is {size}; use 1 (off) or the number of ranks that share a sample.")
+    if ctx.world_size % size:
+        started = "a single process" if ctx.world_size == 1 else f"torchrun started {ctx.world_size} processes"
+        raise ConfigError(
+            f"search.context_parallel is {size} but {started}; it must divide the number of processes: start "
+            f"torchrun with a multiple of {size} processes (--nproc-per-node), or set search.context_parallel to 1."
+        )
+    # every rank creates every group, in the same order, as torch requires
+    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, ctx.world_size, size)]
+    index = ctx.rank // size
+    return replace(ctx, cp=CPGroup(size, index, ctx.rank % size, groups[index]))
 
 
 def broadcast_object(obj: T, ctx: Context) -> T:
@@ -140,6 +179,8 @@ def map_candidates(
     Every rank must pass the same items. Ranks take the next index from an atomic counter in the
     process group's store, so a slow candidate holds up only its own rank. `on_result(i, result)` runs on
     rank 0 once per item: as soon as rank 0 computed it, or when the other ranks' results arrive.
+    Under context parallelism (`ctx.cp`) the unit is a group, not a rank: its leader takes the index and
+    every rank of the group calls fn on that item together (fn runs the group's collectives).
     """
     if ctx.world_size == 1:
         take = itertools.count().__next__
@@ -149,13 +190,29 @@ def map_candidates(
         def take() -> int:
             return counter.add("next", 1) - 1
 
+        if ctx.cp is not None:
+            take = _taken_by_leader(take, ctx.cp)
+
     done: dict[int, R] = {}
     while (i := take()) < len(items):
         done[i] = fn(items[i])
         if ctx.is_main and on_result is not None:
             on_result(i, done[i])
-    merged = {i: r for shard in gather_objects(done, ctx) for i, r in shard.items()}
+    # a group's ranks hold the same results: its leader alone sends them
+    shared = done if ctx.cp is None or ctx.cp.rank == 0 else {}
+    merged = {i: r for shard in gather_objects(shared, ctx) for i, r in shard.items()}
     if ctx.is_main and on_result is not None:
         for i in sorted(merged.keys() - done.keys()):
             on_result(i, merged[i])
     return [merged[i] for i in range(len(items))]
+
+
+def _taken_by_leader(take: Callable[[], int], cp: CPGroup) -> Callable[[], int]:
+    """`take` on the group's leader, its index on every rank of the group."""
+
+    def take_together() -> int:
+        box = [take() if cp.rank == 0 else None]
+        dist.broadcast_object_list(box, src=cp.leader, group=cp.group)
+        return box[0]
+
+    return take_together
