@@ -21,10 +21,10 @@ from longrope_search.search import run_search
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def torchrun(*args: str, cwd: Path, timeout: float = 600) -> list[dict]:
-    """Two ranks of distributed_worker.py; their reports in rank order."""
+def torchrun(*args: str, cwd: Path, timeout: float = 600, ranks: int = 2) -> list[dict]:
+    """`ranks` ranks (two by default) of distributed_worker.py; their reports in rank order."""
     # --standalone: a rendezvous on a free local port, so tests never collide on MASTER_PORT
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
                str(WORKER), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -36,7 +36,7 @@ def torchrun(*args: str, cwd: Path, timeout: float = 600) -> list[dict]:
         _, err = proc.communicate()
         pytest.fail(f"torchrun did not finish in {timeout} s: {err[-3000:]}")
     assert proc.returncode == 0, err[-3000:]
-    return [json.loads((cwd / f"{args[0]}-rank{rank}.json").read_text()) for rank in range(2)]
+    return [json.loads((cwd / f"{args[0]}-rank{rank}.json").read_text()) for rank in range(ranks)]
 
 
 def test_single_process_context_is_a_plain_loop(monkeypatch):
