@@ -100,11 +100,17 @@ def shutdown(ctx: Context, wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
+# (ctx.prefix, size) -> the process groups of that split: each stage of a pipeline calls cp_groups again, and
+# NCCL sets up communicators (GPU memory) per group, so they are created once per process group and size
+_cp_process_groups: dict[tuple[str, int], list[Any]] = {}
+
+
 def cp_groups(ctx: Context, size: int) -> Context:
     """`ctx` with its ranks split into context-parallel groups of `size` consecutive ranks (size 1: `ctx` itself).
 
-    Every rank must call it with the same size (it creates the groups' process groups, a collective). Consecutive
-    ranks share a node under torchrun, so a group's ring of key/value exchanges stays on the node's fast links.
+    Every rank must call it with the same size (the first call per size creates the groups' process groups, a
+    collective). Consecutive ranks share a node under torchrun, so a group's ring of key/value exchanges stays on
+    the node's fast links.
     """
     if size == 1:
         return ctx
@@ -116,10 +122,12 @@ def cp_groups(ctx: Context, size: int) -> Context:
             f"search.context_parallel is {size} but {started}; it must divide the number of processes: start "
             f"torchrun with a multiple of {size} processes (--nproc-per-node), or set search.context_parallel to 1."
         )
-    # every rank creates every group, in the same order, as torch requires
-    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, ctx.world_size, size)]
+    key = (ctx.prefix, size)
+    if key not in _cp_process_groups:  # every rank creates every group, in the same order, as torch requires
+        _cp_process_groups[key] = [dist.new_group(list(range(start, start + size)))
+                                   for start in range(0, ctx.world_size, size)]
     index = ctx.rank // size
-    return replace(ctx, cp=CPGroup(size, index, ctx.rank % size, groups[index]))
+    return replace(ctx, cp=CPGroup(size, index, ctx.rank % size, _cp_process_groups[key][index]))
 
 
 def broadcast_object(obj: T, ctx: Context) -> T:

@@ -108,6 +108,7 @@ def cp_scenario(ctx: distributed.Context) -> dict:
     bad_size = describe(raised(lambda: distributed.cp_groups(ctx, 3)))
     cp_ctx = distributed.cp_groups(ctx, 2)
     cp = cp_ctx.cp
+    again = distributed.cp_groups(ctx, 2).cp  # e.g. the next stage of a pipeline: the same groups, none created
 
     # a group computes each item together: the all_reduce inside sums the item over both ranks of the group
     together: list[int] = []
@@ -131,6 +132,7 @@ def cp_scenario(ctx: distributed.Context) -> dict:
         "bad_size": bad_size, "group": [cp.size, cp.index, cp.rank, cp.leader], "world_size": ctx.world_size,
         "summed": summed, "together": together, "seen": seen, "scored": scored,
         "ring_calls": context_parallel._ring_calls, "evaluator": type(evaluator).__name__,
+        "same_group_again": again.group is cp.group and again == cp,
     }
 
 

@@ -64,7 +64,7 @@ def check_cp_reports(reports: list[dict], groups: int) -> None:
     layers, forwards = 2, len(candidates) * sum(rows.shape[0] for rows in samples.values())
     for rank, report in enumerate(reports):
         assert report["group"] == [2, rank // 2, rank % 2, rank // 2 * 2]  # (size, index, rank in group, leader)
-        assert report["evaluator"] == "ContextParallelEvaluator"
+        assert report["evaluator"] == "ContextParallelEvaluator" and report["same_group_again"]
         assert report["bad_size"].startswith(f"ConfigError: search.context_parallel is 3 but torchrun started "
                                              f"{len(reports)} processes; it must divide")
         # an item runs on both ranks of its group at once: the all_reduce over the group doubled it
