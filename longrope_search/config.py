@@ -108,6 +108,9 @@ class SearchSection(Section):
     seed: int = 0
     chunk_size: int = Field(1024, ge=1)  # positions per lm_head + loss chunk
     mlp_chunk: int = Field(16384, ge=0)  # positions per MLP chunk: exact, cuts L x intermediate memory; 0: whole
+    # Ranks that score one sample together under torchrun, each holding 1/N of its positions (PyTorch's ring
+    # attention): for sequences one GPU cannot hold. Must divide the number of processes; 1: off.
+    context_parallel: int = Field(1, ge=1)
 
     _target = field_validator("target")(classmethod(lambda cls, v: v if v is None else check_length(v)))
 

@@ -214,7 +214,7 @@ def sample_flops(shape: ModelShape, length: int) -> float:
 MODES = {
     "fits": "one GPU per evaluation, whole MLP",
     "mlp_chunk": "one GPU per evaluation with MLP chunking (search.mlp_chunk)",
-    "context_parallel": "context parallelism: the sequence split over several GPUs (not in longrope yet)",
+    "context_parallel": "context parallelism: the sequence split over several GPUs",
     "too_big": "does not fit",
 }
 
@@ -259,8 +259,8 @@ class Plan:
             return (f"{MODES['mlp_chunk']}: set search.mlp_chunk: {self.mlp_chunk}; {self.parallel_evals} "
                     f"evaluation(s) at once over {self.gpus} GPU(s).")
         if self.mode == "context_parallel":
-            return (f"{MODES['context_parallel']}: {self.gpus_per_eval} GPUs per evaluation, "
-                    f"{self.parallel_evals} at once; or lower --target.")
+            return (f"{MODES['context_parallel']}: set search.context_parallel: {self.gpus_per_eval} and run under "
+                    f"torchrun; {self.parallel_evals} evaluation(s) at once; or lower --target.")
         need = f"about {self.gpus_needed} such GPUs with context parallelism" if self.gpus_needed else "bigger GPUs"
         return f"{MODES['too_big']} on {self.gpus} x {self.gpu_mem_gb:g} GB: it needs {need}, or a lower --target."
 
@@ -276,7 +276,8 @@ def _mode(gpus: int, usable: float, weights: int, whole: int, chunked: int, need
     if weights > usable:  # longrope loads the whole model on every GPU
         return "too_big", 1, weights + chunked, None
 
-    feasible = [k for k in range(2, gpus + 1) if need(k) <= usable]
+    # a group size must divide the GPUs (torchrun processes) so that every GPU belongs to a group
+    feasible = [k for k in range(2, gpus + 1) if gpus % k == 0 and need(k) <= usable]
     if feasible:  # the fastest search; on a tie, the fewest GPUs per evaluation (least communication)
         k = min(feasible, key=lambda k: (budget.rounds(gpus // k) * seconds_one_gpu / k, k))
         return "context_parallel", k, need(k), None

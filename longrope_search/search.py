@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from longrope_search import __version__, checkpoint, distributed, evolution, rope
+from longrope_search import __version__, checkpoint, context_parallel, distributed, evolution, rope
 from longrope_search.checkpoint import Evaluation, SearchState
 from longrope_search.config import Config, apply_overrides, from_dict, parse_length, read_yaml
 from longrope_search.errors import CheckpointError, ConfigError, DataError
@@ -28,7 +28,7 @@ from longrope_search.rope import RopeSpec
 
 # Settings that may change on resume: they change how much is searched, not what a score means.
 BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob",
-               "chunk_size", "mlp_chunk")  # the last two change memory use, not scores
+               "chunk_size", "mlp_chunk", "context_parallel")  # the last three change memory use, not scores
 
 
 @dataclass(frozen=True)
@@ -578,9 +578,7 @@ def compare_methods(
 
 def long_heldout(plan: Plan, model: Any, heldout: Any, ctx: distributed.Context) -> dict[str, float]:
     """The long set's held-out PPL at its target with its own mscale and with the fitted one."""
-    from longrope_search import fitness
-
-    evaluator = fitness.Evaluator(model, heldout, chunk_size=plan.config.search.chunk_size)
+    evaluator = context_parallel.make_evaluator(model, heldout, ctx, plan.config.search.chunk_size)
     prior = plan.prior
     jobs = {"long_mscale": prior.mscale, "mscale": plan.mscale}
     ppls = distributed.map_candidates(
@@ -648,7 +646,7 @@ def run_search(
     Under torchrun (`ctx` from `distributed.init_from_env`) every rank loads the model and data and scores
     its share of each batch; rank 0 alone reads and writes the run directory and reports progress.
     """
-    from longrope_search import data, fitness
+    from longrope_search import data
     from longrope_search.model import load_config, load_model, rope_spec
 
     reporter = reporter if ctx.is_main else None
@@ -664,6 +662,8 @@ def run_search(
         return model_config, plan
 
     model_config, plan = distributed.run_everywhere(plan_run, ctx)
+    # ranks split into groups that score one sample together (size 1: ctx unchanged); same on every rank
+    ctx = distributed.cp_groups(ctx, config.search.context_parallel)
     if ctx.is_main and not resume:
         write_resolved_config(run_dir, config)  # exactly what runs, before the model loads
     if reporter is not None:
@@ -692,7 +692,7 @@ def run_search(
                 raise DataError(f"{exc} (the short search checks the long set at {plan.prior.target_length} tokens "
                                 "before lowering its attention factor; or set search.mscale: keep)") from None
             identity["long_data"] = long_samples.fingerprint
-        evaluator = fitness.Evaluator(model, samples.search, chunk_size=config.search.chunk_size)
+        evaluator = context_parallel.make_evaluator(model, samples.search, ctx, config.search.chunk_size)
         return model, samples, long_samples, identity, evaluator
 
     model, samples, long_samples, identity, evaluator = distributed.run_everywhere(load, ctx)
@@ -728,7 +728,7 @@ def run_search(
 
     long_eval = None
     if long_samples is not None:
-        long_eval = fitness.Evaluator(model, long_samples.search, chunk_size=config.search.chunk_size)
+        long_eval = context_parallel.make_evaluator(model, long_samples.search, ctx, config.search.chunk_size)
         long_eval.preload(opened.logged)
         plan.attention_fit = fit_attention(plan, long_eval, log_path, None, ctx)
         plan.mscale = plan.attention_fit["mscale"]
@@ -742,7 +742,7 @@ def run_search(
 
     heldout_eval = None
     if samples.heldout.shape[0] > 0:
-        heldout_eval = fitness.Evaluator(model, samples.heldout, chunk_size=config.search.chunk_size)
+        heldout_eval = context_parallel.make_evaluator(model, samples.heldout, ctx, config.search.chunk_size)
     best = state.best().candidate
     results = compare_methods(plan, best, evaluator, heldout_eval, ctx)
     if long_eval is not None and long_samples.heldout.shape[0] > 0:

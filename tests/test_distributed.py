@@ -128,6 +128,10 @@ def test_cli_under_torchrun_equals_single_process(tmp_path):
         "dist": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                  "-m", "longrope_search", "search", "--config", str(cfg), "--out", "dist"],
         "ref": [sys.executable, "-m", "longrope_search", "search", "--config", str(cfg), "--out", "ref"],
+        # both ranks score every sample together, each holding half of its positions (torch's ring attention)
+        "cp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "longrope_search", "search", "--config", str(cfg), "--out", "cp",
+               "--set", "search.context_parallel=2"],
     }
     for name, command in commands.items():
         proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
@@ -141,3 +145,10 @@ def test_cli_under_torchrun_equals_single_process(tmp_path):
     dist = json.loads((tmp_path / "dist" / "factors.json").read_text())
     ref = json.loads((tmp_path / "ref" / "factors.json").read_text())
     assert dist == ref
+    # the same search; its PPLs differ from one process's by float rounding (the NLL is summed per shard)
+    cp = json.loads((tmp_path / "cp" / "factors.json").read_text())
+    assert (cp["factors"], cp["n_hat"], cp["search"]["best_key"]) == (ref["factors"], ref["n_hat"], ref["search"]["best_key"])
+    assert cp["search"]["settings"]["context_parallel"] == 2
+    assert cp["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+    for name, row in ref["baselines"].items():
+        assert cp["baselines"][name] == pytest.approx(row, rel=1e-5)
