@@ -58,6 +58,11 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def workers(self) -> int:
+        """How many items map_candidates computes at once: ranks, or context-parallel groups of ranks."""
+        return self.world_size // (self.cp.size if self.cp is not None else 1)
+
 
 SINGLE_PROCESS = Context()
 

@@ -516,7 +516,7 @@ def fit_attention(
     transformers and vLLM multiply short inputs by the long set's mscale too, which keeps a short set from
     matching the unmodified model (mscale 1). Lowering it helps short inputs and, past some point, hurts
     long ones; this scans a grid from 1.0 to the long set's mscale on the search samples at the long
-    target (`evaluator`), bisecting (a wider split under torchrun: one value per rank and round) for the
+    target (`evaluator`), bisecting (a wider split under torchrun: one value per worker and round) for the
     lowest value within tolerance of the long set's own. Every score is logged, so a resume re-scores nothing.
     """
     prior = plan.prior
@@ -536,7 +536,7 @@ def fit_attention(
     else:
         lo = 0
     while hi - lo > 1:
-        count = min(ctx.world_size, hi - lo - 1)
+        count = min(ctx.workers, hi - lo - 1)
         probe = sorted({lo + (hi - lo) * (k + 1) // (count + 1) for k in range(count)})
         for i, ppl in zip(probe, ppls(probe)):
             checked[grid[i]] = ppl

@@ -322,6 +322,15 @@ def test_fit_attention_bisects_to_the_lowest_value_within_tolerance(tmp_path):
     # 10 + 20 (1.3 - m)^2 <= 10.5  <=>  m >= 1.3 - 0.1581
     assert fit["mscale"] == pytest.approx(1.15) and len(curve.calls) <= 2 + 5
     assert fit["search"] == {"long_mscale": 10.0, "mscale": pytest.approx(10.0 + 20 * 0.15 ** 2)}
+    # four workers (ranks or context-parallel groups) probe four values per round: fewer rounds, same answer
+    from longrope_search import distributed
+
+    class FourWorkers(distributed.Context):
+        workers = 4
+
+    wide = Curve()
+    fit = fit_attention(FakePlan, wide, tmp_path / "log3.jsonl", ctx=FourWorkers())
+    assert fit["mscale"] == pytest.approx(1.15) and len(wide.calls) <= 2 + 4 * 2
     FakePlan.config.search.long_tolerance = 0.9  # everything passes: 1.0 itself
     assert fit_attention(FakePlan, Curve(), tmp_path / "log2.jsonl")["mscale"] == 1.0
 
