@@ -71,6 +71,7 @@ class ModelSection(Section):
 class DataSection(Section):
     source: str = "builtin:cpython"  # builtin:NAME | hub:NAME | local path or glob (.txt, .jsonl, .parquet)
     hub_config: str | None = None
+    revision: str | None = None  # hub only: a commit, tag or branch; pin it so reruns read the same books
     split: str = "validation"
     text_field: str = "text"
     concatenate: bool = False  # join short documents with EOS to reach the length

@@ -33,6 +33,7 @@ class CorpusSpec:
 
     source: str
     hub_config: str | None = None
+    revision: str | None = None  # hub only: the dataset commit, tag or branch (None: the newest)
     split: str = "validation"  # hub only
     text_field: str = "text"  # json / jsonl / parquet / hub; a .txt file is one document
     concatenate: bool = False  # join documents with EOS and cut windows (corpora of short documents)
@@ -40,7 +41,8 @@ class CorpusSpec:
     @classmethod
     def of(cls, section: Any) -> "CorpusSpec":
         """From a config's data section (anything with these attribute names)."""
-        return cls(section.source, section.hub_config, section.split, section.text_field, section.concatenate)
+        return cls(section.source, section.hub_config, section.split, section.text_field, section.concatenate,
+                   section.revision)
 
 
 @dataclass
@@ -106,11 +108,12 @@ def _load_hub(spec: CorpusSpec) -> Any:
 
     name = spec.source.removeprefix("hub:")
     try:
-        return load_dataset(name, spec.hub_config, split=spec.split)
+        return load_dataset(name, spec.hub_config, split=spec.split, revision=spec.revision)
     except (DatasetsError, FileNotFoundError, ValueError, ConnectionError) as exc:
         raise DataError(
-            f"cannot load hub dataset {name!r} (config {spec.hub_config!r}, split {spec.split!r}: "
-            f"{first_line(exc)}); check the name, hub_config and split, and that the hub is reachable."
+            f"cannot load hub dataset {name!r} (config {spec.hub_config!r}, split {spec.split!r}, revision "
+            f"{spec.revision!r}: {first_line(exc)}); check the name, hub_config, split and revision, and that the hub "
+            "is reachable."
         ) from exc
 
 
@@ -175,7 +178,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def corpus_identity(spec: CorpusSpec) -> dict:
     """What names the corpus without reading it: hub name/config/split, or local paths, sizes, mtimes."""
     if spec.source.startswith("hub:"):
-        where: Any = {"hub": spec.source, "config": spec.hub_config, "split": spec.split}
+        where: Any = {"hub": spec.source, "config": spec.hub_config, "split": spec.split, "revision": spec.revision}
     else:
         where = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in _files(spec)]
     return {"source": where, "text_field": spec.text_field, "concatenate": spec.concatenate}

@@ -71,7 +71,8 @@ def write_parquet(path, texts):
 
 
 def sample(source, tmp_path, **kw):
-    spec = CorpusSpec(source=source, **{k: kw.pop(k) for k in ("text_field", "concatenate", "split", "hub_config") if k in kw})
+    spec = CorpusSpec(source=source, **{k: kw.pop(k) for k in ("text_field", "concatenate", "split", "hub_config", "revision")
+                                        if k in kw})
     args = dict(length=32, n_search=3, n_heldout=2, seed=7, cache_dir=tmp_path / "cache") | kw
     return build_samples(word_tokenizer(), spec, **args)
 
@@ -157,14 +158,18 @@ def test_hub_source_calls_load_dataset_with_name_config_split(tmp_path, monkeypa
     local = sample(write_jsonl(tmp_path / "c.jsonl", TEXTS), tmp_path)
     calls = []
 
-    def fake_load_dataset(name, config=None, split=None):
-        calls.append((name, config, split))
+    def fake_load_dataset(name, config=None, split=None, revision=None):
+        calls.append((name, config, split, revision))
         return datasets.Dataset.from_dict({"content": TEXTS, "id": list(range(len(TEXTS)))})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     hub = sample("hub:someone/books", tmp_path, text_field="content", hub_config="en", split="test")
-    assert calls == [("someone/books", "en", "test")]
+    assert calls == [("someone/books", "en", "test", None)]
     assert torch.equal(hub.search, local.search) and torch.equal(hub.heldout, local.heldout)
+    # a pinned revision is passed on and is part of the cache key (the cached windows above are not reused)
+    pinned = sample("hub:someone/books", tmp_path, text_field="content", hub_config="en", split="test", revision="abc123")
+    assert calls[-1] == ("someone/books", "en", "test", "abc123") and len(calls) == 2
+    assert torch.equal(pinned.search, local.search)
 
 
 def test_builtin_source_reads_the_shipped_file(tmp_path, monkeypatch):
