@@ -258,7 +258,8 @@ def export_cmd(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload --out and compare its logits with the searched model."),
     verify_length: Optional[int] = typer.Option(None, "--verify-length", help="Tokens for the check (default: window + 16)."),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest accepted max abs logit difference."),
-    device: str = typer.Option("cpu", "--device", help="Device for the fp32 check (cuda for big models)."),
+    device: str = typer.Option("cpu", "--device", help="Device for the check (cuda for big models)."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (exact check) or bfloat16 (half the memory)."),
 ) -> None:
     """Write a Hugging Face model directory that runs the searched factors as rope type longrope.
 
@@ -269,7 +270,7 @@ def export_cmd(
 
     quiet_libraries()
     report = export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat,
-                    verify=verify, tolerance=tolerance, verify_length=verify_length, device=device)
+                    verify=verify, tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
     if report.max_abs_diff is not None:

@@ -26,6 +26,7 @@ from longrope_search.rope import longrope_mscale
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 # Other frameworks' checkpoints: transformers never reads them, and copying them would double the disk use.
 FOREIGN_WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
+VERIFY_DTYPES = ("float32", "bfloat16", "float16")  # what the export check may load the models in
 # An mscale this close to transformers' default needs no explicit `attention_factor` (keeps Phi-3's strict form).
 MSCALE_RTOL = 1e-6
 # Short-factor check length: any length <= the original window selects the short factors, so keep it cheap.
@@ -244,13 +245,14 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def verify_export(
-    out: Path, src: Path, ff: FactorsFile, n_hat: int, length: int, device: str = "cpu"
+    out: Path, src: Path, ff: FactorsFile, n_hat: int, length: int, device: str = "cpu", dtype: str = "float32"
 ) -> tuple[float, float, Any]:
     """(long, short) max abs logit differences: DST loaded plainly vs SRC with our rotary module installed,
-    and the loaded SRC model (fp32), so a later measurement need not load it again.
+    and the loaded SRC model, so a later measurement need not load it again.
 
-    fp32 on both sides so the comparison measures the RoPE, not rounding. The two models are loaded one after
-    the other to keep peak memory at one copy of the weights.
+    The same dtype on both sides (fp32 by default, so the comparison measures the RoPE, not rounding; bf16
+    halves the memory). The two models are loaded one after the other to keep peak memory at one copy of
+    the weights.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -264,10 +266,10 @@ def verify_export(
     short_ids = _random_ids(vocab, min(SHORT_VERIFY_LENGTH, ff.rope.original_length), seed=1)
     short = ff.short_or_ones
 
-    dst = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device).eval()
+    dst = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).to(device).eval()
     dst_long, dst_short = _logits(dst, long_ids), _logits(dst, short_ids)
     del dst
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(device).eval()
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(device).eval()
     install_rope(ref, ff.factors, n_hat=n_hat, mscale=ff.mscale)
     ref_long = _logits(ref, long_ids)
     install_rope(ref, short, n_hat=0, mscale=ff.mscale)
@@ -318,12 +320,16 @@ def export(
     tolerance: float = 1e-4,
     verify_length: int | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> ExportReport:
     """Write a Hugging Face model directory at `out` that runs the searched factors as rope type longrope.
 
     source: a run directory or factors.json; model: the model to export onto (default: the one searched).
     Every refusal happens before anything is written. A failed verification leaves `out` in place.
     """
+    if dtype not in VERIFY_DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(VERIFY_DTYPES)}; float32 checks exactly, "
+                          "bfloat16 halves the memory of the check.")
     factors_path = _factors_path(Path(source))
     ff = load_factors(factors_path)
     if ff.n_hat > 0 and not drop_n_hat:
@@ -360,14 +366,15 @@ def export(
     report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
     if not verify:
         return report
-    long_diff, short_diff, ref = verify_export(out, src, ff, n_hat=0, length=length, device=device)
+    long_diff, short_diff, ref = verify_export(out, src, ff, n_hat=0, length=length, device=device, dtype=dtype)
     report.max_abs_diff, report.short_max_abs_diff, report.verify_length = long_diff, short_diff, length
     worst = max(long_diff, short_diff)
     if not worst <= tolerance:  # also catches NaN
         raise ExportError(
             f"verification failed: {out} (written) differs from the search-time model by {worst:.3g} in logits "
             f"(tolerance {tolerance:g}; long {long_diff:.3g} at {length} tokens, short {short_diff:.3g}); "
-            "do not use it, and report this with your transformers version."
+            + ("do not use it, and report this with your transformers version." if dtype == "float32" else
+               f"in {dtype} this may be rounding: check again with --dtype float32 before using it.")
         )
     if ff.n_hat > 0:
         cost = n_hat_cost(factors_path.parent, src, ref, ff)
