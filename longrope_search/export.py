@@ -330,8 +330,8 @@ def export(
     if dtype not in VERIFY_DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(VERIFY_DTYPES)}; float32 checks exactly, "
                           "bfloat16 halves the memory of the check.")
+    ff = load_factors(source)  # a run directory (not a stages folder) or a factors.json
     factors_path = _factors_path(Path(source))
-    ff = load_factors(factors_path)
     if ff.n_hat > 0 and not drop_n_hat:
         raise ExportError(
             f"the factors were searched with n_hat={ff.n_hat}, which no runtime (transformers, vLLM, llama.cpp) can "

@@ -94,6 +94,10 @@ def load_factors(path: str | Path) -> FactorsFile:
     """A factors.json, or a run directory containing one."""
     path = Path(path)
     if path.is_dir():
+        from longrope_search.stages import not_a_run
+
+        if message := not_a_run(path):
+            raise ExportError(message)
         path = path / "factors.json"
     if not path.is_file():
         raise ExportError(f"{path} does not exist; pass a run directory or the factors.json a search wrote.")

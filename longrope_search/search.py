@@ -403,7 +403,11 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 def resolved_config_for_resume(run_dir: Path, overrides: list[str]) -> tuple[Config, list[str]]:
     """The run's saved config with budget overrides (`search.generations=60`) applied; others are refused."""
+    from longrope_search.stages import not_a_run
+
     path = run_dir / "config.resolved.yaml"
+    if message := not_a_run(run_dir):
+        raise CheckpointError(message)
     if not path.is_file():
         raise CheckpointError(f"{run_dir} is not a longrope run (no config.resolved.yaml); pass the folder a search wrote.")
     saved = read_yaml(path)

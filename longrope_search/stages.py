@@ -45,6 +45,17 @@ def is_pipeline(run_dir: Path) -> bool:
     return (run_dir / PIPELINE_FILE).is_file()
 
 
+def not_a_run(path: Path) -> str | None:
+    """For commands that take one run: the message when `path` is a stages folder instead, else None."""
+    if not is_pipeline(path):
+        return None
+    try:
+        last = str(read_yaml(path / PIPELINE_FILE)["stages"][-1]["name"])
+    except (ConfigError, KeyError, IndexError, TypeError):
+        last = "<stage>"
+    return f"{path} holds the stages of a progressive search; pass one stage's folder, e.g. {path / last} (the last)."
+
+
 def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Path, list[Stage]]:
     """Each stage's full config and run directory; the pipeline folder is --out, output.dir or runs/<model>-stages."""
     shared, configs = load_stages(path, overrides)

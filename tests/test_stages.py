@@ -62,6 +62,10 @@ def test_stages_chain_factors_and_a_rerun_keeps_finished_ones(setup, tmp_path):
     assert np.all(ratio >= 1 - 1e-9) and np.all(ratio <= 2.5 + 1e-9)
     assert short.factors == second.factors and short.short_factors is not None  # the short set readjusts stage 2
     assert (root / "stages.yaml").is_file()
+    for command in (["export", str(root), "--out", str(tmp_path / "x")], ["eval", str(root), "-l", "1x"],
+                    ["plot", str(root)]):  # commands that take one run name the stage to pass instead
+        wrong = runner.invoke(app, command)
+        assert wrong.exit_code == 2 and f"pass one stage's folder, e.g. {root / 'short'}" in wrong.stderr
 
     before = snapshot(root)
     again = runner.invoke(app, ["search", "--resume", str(root)])
