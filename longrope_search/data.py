@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,8 +41,7 @@ class CorpusSpec:
     @classmethod
     def of(cls, section: Any) -> "CorpusSpec":
         """From a config's data section (anything with these attribute names)."""
-        return cls(section.source, section.hub_config, section.split, section.text_field, section.concatenate,
-                   section.revision)
+        return cls(**{f.name: getattr(section, f.name) for f in fields(cls)})
 
 
 @dataclass

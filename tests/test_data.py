@@ -261,3 +261,13 @@ def test_missing_sources_and_fields_are_data_errors(tmp_path):
     (tmp_path / "a.csv").write_text("x\n")
     with pytest.raises(DataError, match="unsupported type"):
         load_texts(CorpusSpec(str(tmp_path / "a.csv")))
+
+
+def test_corpus_spec_of_a_config_section_keeps_every_field():
+    from longrope_search.config import DataSection
+
+    section = DataSection(source="hub:someone/books", hub_config="en", split="test", text_field="content",
+                          concatenate=True, revision="abc123")
+    spec = CorpusSpec.of(section)
+    assert (spec.source, spec.hub_config, spec.split, spec.text_field, spec.concatenate, spec.revision) == (
+        "hub:someone/books", "en", "test", "content", True, "abc123")
