@@ -152,6 +152,15 @@ def read_start_identity(log_path: Path) -> dict[str, Any] | None:
     return starts[-1] if starts else None
 
 
+def last_event(log_path: Path, event: str) -> dict[str, Any] | None:
+    """The newest record of this kind in log.jsonl, or None."""
+    found = None
+    for record in log_records(log_path):
+        if record.get("event") == event:
+            found = record
+    return found
+
+
 def is_finished(run_dir: Path) -> bool:
     """True when the run's last start or resume was followed by its `done` record (factors.json final)."""
     last = None

@@ -248,6 +248,27 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stages_with_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set` on a config with stages: the shared sections, and every stage that sets the key itself
+    (the command line wins over the file, stage settings included)."""
+    raw = apply_overrides(raw, overrides)
+    stages = raw.get("stages")
+    if isinstance(stages, list):
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                continue
+            mine = []
+            for item in overrides:
+                parts = item.partition("=")[0].strip().split(".")
+                node: Any = stage
+                for part in parts[:-1]:
+                    node = node.get(part) if isinstance(node, dict) else None
+                if isinstance(node, dict) and parts[-1] in node:
+                    mine.append(item)
+            stages[i] = apply_overrides(stage, mine)
+    return raw
+
+
 def has_stages(path: str | Path) -> bool:
     return "stages" in read_yaml(path)
 
@@ -258,7 +279,7 @@ def load_stages(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     Returns the shared config (its output.dir is the pipeline's folder) and each stage's full config, in
     order. Every problem in every stage is reported at once, in one line.
     """
-    raw = apply_overrides(read_yaml(path), overrides or [])
+    raw = stages_with_overrides(read_yaml(path), overrides or [])
     stages = raw.pop("stages")
     shared = from_dict(raw, source=str(path))
     if not isinstance(stages, list) or not stages:

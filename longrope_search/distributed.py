@@ -102,6 +102,13 @@ def shutdown(ctx: Context, wait: bool = True) -> None:
     if ctx.world_size > 1 and dist.is_initialized():
         if wait:
             dist.barrier()
+        # context-parallel groups first, each by itself: their gloo threads are gone before the world group's
+        for groups in _cp_process_groups.values():
+            for group in groups:
+                if wait and dist.get_rank(group) >= 0:  # -1: this rank is not in that group
+                    dist.barrier(group=group)
+                dist.destroy_process_group(group)
+        _cp_process_groups.clear()
         dist.destroy_process_group()
 
 

@@ -27,8 +27,10 @@ from longrope_search.files import atomic_write_text
 from longrope_search.rope import RopeSpec
 
 # Settings that may change on resume: they change how much is searched, not what a score means.
-BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob",
-               "chunk_size", "mlp_chunk", "context_parallel")  # the last three change memory use, not scores
+MEMORY_KEYS = ("chunk_size", "mlp_chunk", "context_parallel")  # change memory use and speed, not scores
+BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob", *MEMORY_KEYS)
+POPULATION_DONE = ("search.population sizes generation 0 only, and this run has finished it; later generations are "
+                   "parents + mutations + crossovers, so change those instead.")
 
 
 @dataclass(frozen=True)
@@ -608,6 +610,7 @@ class OpenedRun:
     notes: list[str] = field(default_factory=list)  # budget changes made on resume
     logged: dict[str, float] = field(default_factory=dict)  # every score in log.jsonl
     identity: dict[str, Any] | None = None  # what a resume must match (state, or the log's start record)
+    attention_fit: dict[str, Any] | None = None  # a short search's fitted mscale, logged once it was found
 
 
 def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: list[str] | None) -> OpenedRun:
@@ -618,17 +621,17 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
         # scores logged after the last checkpoint too: resume reuses them instead of recomputing
         log_path = run_dir / "log.jsonl"
         logged = checkpoint.read_log_scores(log_path)
+        fit = checkpoint.last_event(log_path, "attention_fit")
+        fit = fit["fit"] if fit else None
         if not (run_dir / "state").exists():
             # stopped during generation 0: start it again, reusing every evaluation already logged
             warning = f"no generation had finished; generation 0 starts again with {len(logged)} logged evaluations"
-            return OpenedRun(config, run_dir, None, [warning], notes, logged, checkpoint.read_start_identity(log_path))
+            return OpenedRun(config, run_dir, None, [warning], notes, logged, checkpoint.read_start_identity(log_path),
+                             fit)
         if any(note.startswith("search.population:") for note in notes):
-            raise ConfigError(
-                "search.population sizes generation 0 only, and this run has finished it; later generations "
-                "are parents + mutations + crossovers, so change those instead."
-            )
+            raise ConfigError(POPULATION_DONE)
         state, warnings = checkpoint.load_state(run_dir)
-        return OpenedRun(config, run_dir, state, warnings, notes, logged, state.fingerprint)
+        return OpenedRun(config, run_dir, state, warnings, notes, logged, state.fingerprint, fit)
     if config is None:
         raise ConfigError("pass --config with a YAML file (see configs/) or --resume with a run directory.")
     run_dir = run_dir or Path(config.output.dir or default_run_dir(config))
@@ -734,7 +737,15 @@ def run_search(
     if long_samples is not None:
         long_eval = context_parallel.make_evaluator(model, long_samples.search, ctx, config.search.chunk_size)
         long_eval.preload(opened.logged)
-        plan.attention_fit = fit_attention(plan, long_eval, log_path, None, ctx)
+        if opened.attention_fit is None:
+            if reporter is not None:
+                reporter.note(f"lowering the attention factor for short inputs: scoring the long set at "
+                              f"{plan.prior.target_length} tokens for mscale values in [1, {plan.prior.mscale:.4f}]")
+            plan.attention_fit = fit_attention(plan, long_eval, log_path, None, ctx)
+            if ctx.is_main:  # a resume reuses the result, whatever its ranks (the probes depend on their number)
+                checkpoint.append_log(log_path, {"event": "attention_fit", "fit": plan.attention_fit})
+        else:
+            plan.attention_fit = opened.attention_fit
         plan.mscale = plan.attention_fit["mscale"]
         if reporter is not None:
             reporter.note(describe_attention_fit(plan.attention_fit))

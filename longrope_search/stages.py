@@ -18,11 +18,14 @@ from typing import Any
 import yaml
 
 from longrope_search import checkpoint, distributed
-from longrope_search.config import Config, apply_overrides, load_stages, read_yaml
+from longrope_search.config import Config, load_stages, read_yaml, stages_with_overrides
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
-from longrope_search.search import BUDGET_KEYS, FAILED_START, PATH_FIELDS, absolute, absolute_paths, model_slug, run_search
+from longrope_search.search import (
+    BUDGET_KEYS, FAILED_START, MEMORY_KEYS, PATH_FIELDS, POPULATION_DONE, absolute, absolute_paths, model_slug,
+    run_search,
+)
 
 PIPELINE_FILE = "stages.yaml"  # in <output.dir>: the config the stages came from, so --resume can rerun them
 
@@ -32,6 +35,7 @@ class Stage:
     name: str
     config: Config  # complete: init_from chained, paths absolute
     run_dir: Path
+    chained: bool  # init_from is the previous stage's folder (set by the pipeline, not by the config)
 
 
 @dataclass
@@ -65,10 +69,11 @@ def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Pa
     for i, (name, config) in enumerate(configs):
         run_dir = root / name
         search = config.search
-        if i > 0 and not explicit[i]:
+        chained = i > 0 and not explicit[i]
+        if chained:
             search = search.model_copy(update={"init_from": str(stages[-1].run_dir)})
         config = config.model_copy(update={"search": search, "output": config.output.model_copy(update={"dir": str(run_dir)})})
-        stages.append(Stage(name, absolute_paths(config), run_dir))
+        stages.append(Stage(name, absolute_paths(config), run_dir, chained))
     return root, stages
 
 
@@ -85,24 +90,59 @@ def status(stage: Stage) -> str:
     return "finished" if checkpoint.is_finished(run_dir) else "unfinished"
 
 
-def budget_changes(stage: Stage) -> list[str]:
-    """`search.KEY=VALUE` for budget keys that differ from the stage's saved config; refuses other changes."""
+def budget_changes(stage: Stage, state: str) -> list[str]:
+    """`search.KEY=VALUE` for the budget keys a resume of the stage applies; refuses any other change.
+
+    Where the stage runs (output.dir, a chained init_from) may differ: the folder may have been moved. A
+    finished stage ignores settings that change only memory use; it is kept as it is.
+    """
     saved = read_yaml(stage.run_dir / "config.resolved.yaml")
     now = stage.config.model_dump(mode="json")
     changed = []
     for section, values in now.items():
         for key, value in values.items():
-            if saved.get(section, {}).get(key) == value:
+            before = saved.get(section, {}).get(key)
+            if before == value or section == "output" or (stage.chained and (section, key) == ("search", "init_from")):
                 continue
-            if section == "search" and key in BUDGET_KEYS:
-                changed.append(f"search.{key}={value}")
-            else:
+            if section == "search" and key in MEMORY_KEYS and state == "finished":
+                continue
+            if section == "search" and key == "population" and checkpoint.has_state(stage.run_dir):
+                raise ConfigError(f"stage {stage.name}: {POPULATION_DONE}")
+            if section != "search" or key not in BUDGET_KEYS:
                 raise ConfigError(
-                    f"stage {stage.name} in {stage.run_dir} was run with {section}.{key} = "
-                    f"{saved.get(section, {}).get(key)!r}, the config now says {value!r}; restore it, or write the "
-                    "stages to a new output.dir (only search budget settings may change between runs)."
+                    f"stage {stage.name} in {stage.run_dir} was run with {section}.{key} = {before!r}, the config now "
+                    f"says {value!r}; restore it, or write the stages to a new output.dir (only search budget "
+                    "settings may change between runs)."
                 )
+            changed.append(f"search.{key}={value}")
     return changed
+
+
+def check_chain(stages: list[Stage], what: list[tuple[str, list[str]]]) -> None:
+    """Refuse a run that would leave a later stage built on factors its earlier stage no longer has.
+
+    A stage searched or resumed now may change its factors; a later stage already on disk that builds on
+    it (directly or through others) would then be stale. A finished stage whose recorded prior differs from
+    what its init_from holds now is stale already.
+    """
+    changing: dict[Path, str] = {}  # run dir -> the stage whose run changes it
+    for stage, (state, changes) in zip(stages, what):
+        init = Path(stage.config.search.init_from) if stage.config.search.init_from else None
+        if init in changing and state != "new":
+            raise ConfigError(
+                f"stage {stage.name} was built on the factors of stage {changing[init]}, which this run would change; "
+                f"move {stage.run_dir} aside to search it again on the new factors, or leave stage "
+                f"{changing[init]} as it was."
+            )
+        if state != "finished" or changes or init in changing:
+            changing[stage.run_dir] = changing.get(init, stage.name) if init in changing else stage.name
+        elif init is not None and state == "finished" and (init / "factors.json").is_file():
+            recorded = load_factors(stage.run_dir).search.get("prior", {}).get("factors")
+            if recorded is not None and recorded != load_factors(init).factors:
+                raise ConfigError(
+                    f"stage {stage.name} was built on other factors than {init} holds now; move {stage.run_dir} "
+                    "aside to search it again on the current ones."
+                )
 
 
 def run_stages(
@@ -119,7 +159,8 @@ def run_stages(
         root_dir, stages = plan_stages(path, overrides, root)
         check_root(root_dir)
         what = [_status_and_changes(stage) for stage in stages]
-        write_pipeline(root_dir, path, overrides)
+        check_chain(stages, what)
+        write_pipeline(root_dir, path, overrides)  # only once every check passed
         return root_dir, stages, what
 
     root, stages, what = distributed.run_on_main(prepare, ctx)
@@ -139,7 +180,8 @@ def run_stages(
         except LongRopeError as exc:
             done = ", ".join(r.stage.name for r in results)
             kept = f"; finished stages ({done}) are kept" if done else ""
-            raise type(exc)(f"stage {stage.name}: {exc}{kept}; run the same command again once fixed.") from exc
+            message = str(exc).rstrip(".")
+            raise type(exc)(f"stage {stage.name}: {message}{kept}; run the same command again once fixed.") from exc
         if reporter is not None and kind == "kept":
             reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
         results.append(StageResult(stage, final, kind))
@@ -148,7 +190,7 @@ def run_stages(
 
 def _status_and_changes(stage: Stage) -> tuple[str, list[str]]:
     state = status(stage)
-    return state, ([] if state == "new" else budget_changes(stage))
+    return state, ([] if state == "new" else budget_changes(stage, state))
 
 
 def _announce(reporter: Any, stage: Stage, verb: str) -> Any:
@@ -165,7 +207,7 @@ def check_root(root: Path) -> None:
 
 def write_pipeline(root: Path, path: Path, overrides: list[str]) -> None:
     """stages.yaml: the config with --set applied, which `longrope search --resume ROOT` runs again."""
-    raw = apply_overrides(read_yaml(path), overrides)
+    raw = stages_with_overrides(read_yaml(path), overrides)
     raw.setdefault("output", {})["dir"] = str(root)
     for sections in (raw, *raw["stages"]):  # absolute, so a resume from another directory finds the same files
         for section, key in PATH_FIELDS:

@@ -373,6 +373,14 @@ def test_a_short_search_stopped_during_its_attention_fit_resumes_without_rescori
     assert json.loads((run / "factors.json").read_text()) == json.loads((ref / "factors.json").read_text())
     keys = [json.loads(line)["key"] for line in (run / "log.jsonl").read_text().splitlines() if '"event": "eval"' in line]
     assert len(keys) == len(set(keys))  # the logged long evaluation was reused, nothing scored twice
+    # the fit's result is logged once found; a later resume reuses it without scoring the long set again
+    fitted = [k for k in keys if k.startswith("attention:")]
+    more = runner.invoke(app, ["search", "--resume", str(run), "--set", "search.generations=2"])
+    assert more.exit_code == 0, more.output
+    log = (run / "log.jsonl").read_text()
+    assert [json.loads(line)["key"] for line in log.splitlines() if '"key": "attention:' in line] == fitted
+    assert log.count('"event": "attention_fit"') == 1
+    assert json.loads((run / "factors.json").read_text())["mscale"] == json.loads((ref / "factors.json").read_text())["mscale"]
 
 
 def test_a_start_that_failed_before_scoring_can_be_retried_in_place(setup, tmp_path):

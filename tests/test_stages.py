@@ -4,6 +4,7 @@ resumes unfinished ones, and a conflicting change or a missing model is one line
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,27 @@ def test_stages_chain_factors_and_a_rerun_keeps_finished_ones(setup, tmp_path):
     keys = eval_keys(root / "short")
     assert len(keys) == len(set(keys))
 
+    # a setting that changes only memory use keeps finished stages as they are; so does a moved folder
+    stage_files = {k: v for k, v in snapshot(root).items() if k != "stages.yaml"}
+    memory = runner.invoke(app, ["search", "--resume", str(root), "--set", "search.chunk_size=32"])
+    assert memory.exit_code == 0 and memory.output.count("(kept)") == 3, memory.output
+    assert {k: v for k, v in snapshot(root).items() if k != "stages.yaml"} == stage_files
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    again = runner.invoke(app, ["search", "--resume", str(moved)])
+    assert again.exit_code == 0 and again.output.count("(kept)") == 3, again.output
+
+    # changes that a finished stage cannot take are refused before anything is written, stages.yaml included
+    before = snapshot(root)
+    population = runner.invoke(app, ["search", "--resume", str(root), "--set", "search.population=12"])
+    assert population.exit_code == 2 and "stage 4x: search.population sizes generation 0 only" in population.stderr
+    # more generations would change stage 4x's factors, under the stages already built on them
+    more = runner.invoke(app, ["search", "--resume", str(root), "--set", "search.generations=2"])
+    line = more.stderr.strip()
+    assert more.exit_code == 2 and "\n" not in line
+    assert "stage 8x was built on the factors of stage 4x, which this run would change" in line
+    assert snapshot(root) == before
+
 
 def test_a_conflicting_change_or_a_missing_model_is_one_line_and_keeps_finished_stages(setup, tmp_path):
     model, corpus = setup
@@ -139,3 +161,13 @@ def test_bad_stage_configs_are_one_line(setup, tmp_path):
     result = runner.invoke(app, ["search", "--config", str(tmp_path / "ok.yaml"), "--out", str(not_ours)])
     assert result.exit_code == 2 and "is not a stages folder" in result.stderr
     assert [p.name for p in not_ours.iterdir()] == ["notes.txt"]
+
+
+def test_command_line_overrides_win_over_stage_settings(setup, tmp_path):
+    from longrope_search.config import load_stages
+
+    model, corpus = setup
+    config = staged_config(tmp_path / "stages.yaml", model, corpus)
+    _, stages = load_stages(config, ["search.population=10", "search.seed=3"])
+    assert [c.search.population for _, c in stages] == [10, 10, 10]  # the 8x stage's own 6 included
+    assert [c.search.parents for _, c in stages] == [4, 3, 4] and all(c.search.seed == 3 for _, c in stages)
