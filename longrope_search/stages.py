@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from longrope_search import checkpoint, distributed
-from longrope_search.config import Config, load_stages, read_yaml, stages_with_overrides
+from longrope_search.config import Config, load_stages, parse_length, read_yaml, stages_with_overrides
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
@@ -118,6 +118,27 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
     return changed
 
 
+def check_settings(stages: list[Stage], world_size: int) -> None:
+    """Mistakes a later stage would only hit after the earlier ones ran for hours, caught up front."""
+    previous = None  # (stage, tokens) of the last long stage with a target in tokens
+    for stage in stages:
+        s = stage.config.search
+        if world_size % s.context_parallel:
+            raise ConfigError(
+                f"stage {stage.name}: search.context_parallel is {s.context_parallel} but torchrun started {world_size} "
+                f"process(es); use a divisor of {world_size}, or start a multiple of {s.context_parallel} processes."
+            )
+        if s.short or s.target is None or str(s.target).strip().endswith("x"):
+            continue  # relative targets need the model's window: the stage checks them when it starts
+        tokens = parse_length(s.target)
+        if previous is not None and stage.chained and tokens <= previous[1]:
+            raise ConfigError(
+                f"stage {stage.name}: target {s.target} is not longer than stage {previous[0]}'s ({previous[1]} tokens); "
+                "each stage must extend the one before it."
+            )
+        previous = (stage.name, tokens)
+
+
 def check_chain(stages: list[Stage], what: list[tuple[str, list[str]]]) -> None:
     """Refuse a run that would leave a later stage built on factors its earlier stage no longer has.
 
@@ -157,6 +178,7 @@ def run_stages(
 
     def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]]]:
         root_dir, stages = plan_stages(path, overrides, root)
+        check_settings(stages, ctx.world_size)
         check_root(root_dir)
         what = [_status_and_changes(stage) for stage in stages]
         check_chain(stages, what)
@@ -168,7 +190,7 @@ def run_stages(
     for stage, (state, changes) in zip(stages, what):
         try:
             if state == "finished" and not changes:
-                final, kind = load_factors(stage.run_dir), "kept"
+                final, kind = distributed.run_on_main(lambda: load_factors(stage.run_dir), ctx), "kept"  # rank 0's files
             elif state == "new":
                 final, _ = run_search(stage.config, stage.run_dir, reporter=_announce(reporter, stage, "searching"),
                                       ctx=ctx)
