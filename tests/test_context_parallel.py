@@ -3,7 +3,6 @@ torch's ring attention to the PPL one process computes; each item of a map runs 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -98,7 +97,5 @@ def test_two_ranks_in_one_group_score_like_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LONGROPE_TEST_FOUR_RANKS") != "1",
-                    reason="four ranks take ~15 s on 2 cores; run with LONGROPE_TEST_FOUR_RANKS=1")
 def test_four_ranks_in_two_groups_share_the_candidates(tmp_path):
     check_cp_reports(torchrun("cp", str(tmp_path), cwd=tmp_path, ranks=4), groups=2)
