@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import typer
 from rich.console import Console
 
-from longrope_search.errors import LongRopeError
+from longrope_search.errors import LongRopeError, ModelError
 
 app = typer.Typer(
     help="Search LongRoPE's per-dimension RoPE rescale factors to extend a Hugging Face causal LM's context window.",
@@ -357,30 +357,59 @@ def plan(
 
     Time is FLOPs over --tflops, an assumption: measure one evaluation and pass what you get.
     """
-    from rich.table import Table
-
     from longrope_search import plan as plan_mod
-    from longrope_search.config import load_config, parse_length
+    from longrope_search.config import has_stages, load_config, load_stages, parse_length
 
     if config is None and model is None:
         fail("pass --config with a search YAML or --model with a preset, model directory or hub id.")
-    budget, loss_chunk = None, 1024
+
+    def estimate(shape: Any, length: int, samples_: int | None, budget: Any, search: Any | None) -> Any:
+        chunk = mlp_chunk or (search.mlp_chunk if search is not None else None) or None  # 0 (off) still compared
+        return plan_mod.estimate(
+            shape, length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes, samples=samples or samples_,
+            budget=budget, flash=not eager, tflops=tflops or plan_mod.DEFAULT_TFLOPS,
+            mlp_chunk=chunk or plan_mod.DEFAULT_MLP_CHUNK, loss_chunk=search.chunk_size if search is not None else 1024,
+        )
+
+    if config is not None and has_stages(config):
+        if target is not None:
+            fail("--target applies to a single-stage config; each stage sets its own search.target.")
+        previous = None  # (name, shape, length) of the last long stage
+        for name, cfg in load_stages(config)[1]:
+            try:
+                shape, length, n, budget = plan_mod.search_inputs(cfg, model)
+            except ModelError:
+                if previous is None:
+                    raise
+                console.print(f"note: stage {name}: {cfg.model.name} is not readable yet (a model still to be "
+                              f"fine-tuned?); planned with stage {previous[0]}'s model shape", markup=False)
+                shape, length, n, budget = plan_mod.search_inputs(cfg, shape=previous[1])
+            if cfg.search.short and previous is not None and cfg.search.mscale == "auto":
+                fit = plan_mod.attention_fit_budget(previous[2], shape.original_length)
+                show_plan(f"stage {name}: attention-factor check at {previous[2]} tokens", previous[1], previous[2],
+                          gpus, gpu_mem, estimate(previous[1], previous[2], n, fit, cfg.search))
+            show_plan(f"stage {name}", shape, length, gpus, gpu_mem, estimate(shape, length, n, budget, cfg.search))
+            if not cfg.search.short:
+                previous = (name, shape, length)
+        return
+    budget, search_section, config_samples = None, None, None
     if config is not None:
         search_config = load_config(config)
         shape, length, config_samples, budget = plan_mod.search_inputs(search_config, model)
-        samples = samples or config_samples
-        mlp_chunk = mlp_chunk or search_config.search.mlp_chunk or None  # 0 (off) still gets the comparison
-        loss_chunk = search_config.search.chunk_size
+        search_section = search_config.search
     else:
         shape = plan_mod.model_shape(model)
     if target is not None or config is None:
         length = parse_length(target or "8x", shape.original_length)
-    result = plan_mod.estimate(
-        shape, length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes, samples=samples, budget=budget,
-        flash=not eager, tflops=tflops or plan_mod.DEFAULT_TFLOPS, mlp_chunk=mlp_chunk or plan_mod.DEFAULT_MLP_CHUNK,
-        loss_chunk=loss_chunk,
-    )
-    table = Table(title=f"longrope plan: {shape.name} at {length} tokens on {gpus} x {gpu_mem:g} GB")
+    show_plan("longrope plan", shape, length, gpus, gpu_mem, estimate(shape, length, config_samples, budget, search_section))
+
+
+def show_plan(title: str, shape: Any, length: int, gpus: int, gpu_mem: float, result: Any) -> None:
+    from rich.table import Table
+
+    from longrope_search import plan as plan_mod
+
+    table = Table(title=f"{title}: {shape.name} at {length} tokens on {gpus} x {gpu_mem:g} GB")
     table.add_column("quantity")
     table.add_column("estimate")
     for name, value in plan_mod.rows(result):

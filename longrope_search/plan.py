@@ -132,6 +132,16 @@ class Budget:
         return math.ceil(self.population / parallel) + self.generations * math.ceil(self.per_generation / parallel)
 
 
+def attention_fit_budget(long_length: int, original_length: int) -> Budget:
+    """Long-set evaluations of a short search's attention-factor fit on one worker: the long set's own
+    mscale, 1.0, then a bisection of the grid between them (search.fit_attention)."""
+    from longrope_search.rope import longrope_mscale
+    from longrope_search.search import MSCALE_GRID
+
+    steps = math.ceil((longrope_mscale(long_length / original_length, original_length) - 1.0) / MSCALE_GRID)
+    return Budget(2 + math.ceil(math.log2(max(steps, 1))), 0, 0)
+
+
 def paper_budget(target_length: int) -> Budget:
     """P=64, T=40, N1=N2=16 up to 256k; P, N1, N2 halved from 512k (paper, section 4.1)."""
     return Budget(32, 40, 16) if target_length >= PAPER_LONG else Budget(64, 40, 32)
@@ -141,11 +151,13 @@ def paper_samples(target_length: int) -> int:
     return 3 if target_length >= PAPER_LONG else 5
 
 
-def search_inputs(config: Any, model: str | None = None) -> tuple[ModelShape, int, int, Budget]:
-    """(shape, target length, samples, budget) of a search Config; `model` replaces the config's model."""
+def search_inputs(config: Any, model: str | None = None, shape: ModelShape | None = None
+                  ) -> tuple[ModelShape, int, int, Budget]:
+    """(shape, target length, samples, budget) of a search Config; `model` replaces the config's model,
+    `shape` the reading of it (a stage whose fine-tuned model does not exist yet has its base's shape)."""
     from longrope_search.config import parse_length
 
-    shape = model_shape(model or config.model.name)
+    shape = shape or model_shape(model or config.model.name)
     if config.model.original_length is not None:
         shape = replace(shape, original_length=config.model.original_length)
     s = config.search

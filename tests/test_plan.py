@@ -140,3 +140,24 @@ def test_plan_command_prints_the_mode_and_refuses_unknown_presets():
     assert ok.exit_code == 0 and "8 GPUs per evaluation" in ok.output
     bad = CliRunner().invoke(app, ["plan", "--model", "llama2-7", "--target", "2048k"])
     assert bad.exit_code == 2 and "did you mean llama2-7b" in bad.output
+
+
+def test_plan_of_a_config_with_stages_plans_each_stage_and_the_attention_check():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from longrope_search.cli import app
+    from longrope_search.plan import attention_fit_budget
+
+    config = Path(__file__).parent.parent / "configs" / "llama2-7b-2048k.yaml"
+    result = CliRunner().invoke(app, ["plan", "--config", str(config), "--gpus", "8"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for title in ("stage 256k: llama2-7b at 262144 tokens", "stage 2048k: llama2-7b at 2097152 tokens",
+                  "stage short: attention-factor check at 2097152 tokens", "stage short: llama2-7b at 4096 tokens"):
+        assert title in result.output
+    # the fine-tuned model is a placeholder in the shipped config: its base's shape stands in for it
+    assert "planned with stage 256k's model shape" in result.output
+    assert result.output.count("set search.context_parallel: 8") == 2  # the 2048k stage and the check
+    # mscale of 512x over 4k is 1.32: 2 + ceil(log2(33)) long evaluations
+    assert attention_fit_budget(2097152, 4096).evaluations == 8
