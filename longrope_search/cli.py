@@ -384,7 +384,7 @@ def plan(
                 console.print(f"note: stage {name}: {cfg.model.name} is not readable yet (a model still to be "
                               f"fine-tuned?); planned with stage {previous[0]}'s model shape", markup=False)
                 shape, length, n, budget = plan_mod.search_inputs(cfg, shape=previous[1])
-            if cfg.search.short and previous is not None and cfg.search.mscale == "auto":
+            if cfg.search.short and previous is not None and cfg.search.mscale == "auto" and cfg.search.long_tolerance > 0:
                 fit = plan_mod.attention_fit_budget(previous[2], shape.original_length)
                 show_plan(f"stage {name}: attention-factor check at {previous[2]} tokens", previous[1], previous[2],
                           gpus, gpu_mem, estimate(previous[1], previous[2], n, fit, cfg.search))

@@ -428,25 +428,31 @@ def resolved_config_for_resume(run_dir: Path, overrides: list[str]) -> tuple[Con
     return from_dict(updated, source=str(path)), notes
 
 
-def absolute(value: str | None) -> str | None:
-    """A local path made absolute; builtin:, hub: and hub ids (org/name with no local counterpart) unchanged."""
-    if not isinstance(value, str) or not value or value.startswith(("builtin:", "hub:")):
+def absolute(value: str | None, local: bool = False) -> str | None:
+    """A local path made absolute; builtin:, hub: and hub ids (org/name with no local counterpart) unchanged.
+
+    local: the field is always a local path (init_from, init_factors), even when it does not exist yet
+    (a stage folder the pipeline has still to write).
+    """
+    if not isinstance(value, str) or not value or (not local and value.startswith(("builtin:", "hub:"))):
         return value
     path = Path(value).expanduser()
     # globs keep their pattern
-    local = path.exists() or any(ch in value for ch in "*?[") or value.startswith((".", "/", "~"))
-    return str(path.absolute()) if local else value
+    if local or path.exists() or any(ch in value for ch in "*?[") or value.startswith((".", "/", "~")):
+        return str(path.absolute())
+    return value
 
 
-# The config fields that hold local paths, as (section, key).
-PATH_FIELDS = (("model", "name"), ("data", "source"), ("search", "init_from"), ("search", "init_factors"))
+# The config fields that hold paths, as (section, key, always local).
+PATH_FIELDS = (("model", "name", False), ("data", "source", False), ("search", "init_from", True),
+               ("search", "init_factors", True))
 
 
 def absolute_paths(config: Config) -> Config:
     """Local paths made absolute, so a resume or eval from another directory reads the same files."""
     updates: dict[str, dict[str, Any]] = {}
-    for section, key in PATH_FIELDS:
-        updates.setdefault(section, {})[key] = absolute(getattr(getattr(config, section), key))
+    for section, key, local in PATH_FIELDS:
+        updates.setdefault(section, {})[key] = absolute(getattr(getattr(config, section), key), local)
     return config.model_copy(update={name: getattr(config, name).model_copy(update=values)
                                      for name, values in updates.items()})
 

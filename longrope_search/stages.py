@@ -98,13 +98,14 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
     """
     saved = read_yaml(stage.run_dir / "config.resolved.yaml")
     now = stage.config.model_dump(mode="json")
-    changed = []
+    changed, memory = [], []
     for section, values in now.items():
         for key, value in values.items():
             before = saved.get(section, {}).get(key)
             if before == value or section == "output" or (stage.chained and (section, key) == ("search", "init_from")):
                 continue
-            if section == "search" and key in MEMORY_KEYS and state == "finished":
+            if section == "search" and key in MEMORY_KEYS:
+                memory.append(f"search.{key}={value}")
                 continue
             if section == "search" and key == "population" and checkpoint.has_state(stage.run_dir):
                 raise ConfigError(f"stage {stage.name}: {POPULATION_DONE}")
@@ -115,28 +116,58 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
                     "settings may change between runs)."
                 )
             changed.append(f"search.{key}={value}")
-    return changed
+    # a finished stage is kept when only memory settings changed; once it resumes, they apply too
+    return changed + memory if changed or state != "finished" else []
 
 
-def check_settings(stages: list[Stage], world_size: int) -> None:
+def relocate(stage: Stage) -> None:
+    """Point a stage's saved config at where the stages folder is now (it may have been moved or copied):
+    its output.dir, and init_from when it chains to the stage before. Nothing else in it changes."""
+    path = stage.run_dir / "config.resolved.yaml"
+    saved = read_yaml(path)
+    updated = yaml.safe_load(yaml.safe_dump(saved))
+    updated.setdefault("output", {})["dir"] = str(stage.run_dir)
+    if stage.chained:
+        updated.setdefault("search", {})["init_from"] = stage.config.search.init_from
+    if updated != saved:
+        atomic_write_text(path, yaml.safe_dump(updated, sort_keys=False))
+
+
+def _target_tokens(config: Config) -> int | None:
+    """A long stage's target in tokens; `8x` needs the model's window (None when the model is not readable yet)."""
+    target = config.search.target or "8x"
+    if not str(target).strip().endswith("x"):
+        return parse_length(target)
+    original = config.model.original_length
+    if original is None:
+        from longrope_search.model import load_config, rope_spec
+
+        try:
+            original = rope_spec(load_config(config.model.name)).original_length
+        except LongRopeError:
+            return None  # e.g. a fine-tuned model still to come: the stage checks its target when it starts
+    return parse_length(target, original)
+
+
+def check_settings(stages: list[Stage], what: list[tuple[str, list[str]]], world_size: int) -> None:
     """Mistakes a later stage would only hit after the earlier ones ran for hours, caught up front."""
-    previous = None  # (stage, tokens) of the last long stage with a target in tokens
-    for stage in stages:
+    previous = None  # (stage, tokens) of the last long stage
+    for stage, (state, changes) in zip(stages, what):
         s = stage.config.search
-        if world_size % s.context_parallel:
+        if not (state == "finished" and not changes) and world_size % s.context_parallel:
             raise ConfigError(
                 f"stage {stage.name}: search.context_parallel is {s.context_parallel} but torchrun started {world_size} "
                 f"process(es); use a divisor of {world_size}, or start a multiple of {s.context_parallel} processes."
             )
-        if s.short or s.target is None or str(s.target).strip().endswith("x"):
-            continue  # relative targets need the model's window: the stage checks them when it starts
-        tokens = parse_length(s.target)
-        if previous is not None and stage.chained and tokens <= previous[1]:
+        if s.short:
+            continue
+        tokens = _target_tokens(stage.config)
+        if tokens is not None and previous is not None and stage.chained and tokens <= previous[1]:
             raise ConfigError(
-                f"stage {stage.name}: target {s.target} is not longer than stage {previous[0]}'s ({previous[1]} tokens); "
-                "each stage must extend the one before it."
+                f"stage {stage.name}: target {s.target} ({tokens} tokens) is not longer than stage {previous[0]}'s "
+                f"({previous[1]} tokens); each stage must extend the one before it."
             )
-        previous = (stage.name, tokens)
+        previous = (stage.name, tokens) if tokens is not None else None
 
 
 def check_chain(stages: list[Stage], what: list[tuple[str, list[str]]]) -> None:
@@ -178,11 +209,15 @@ def run_stages(
 
     def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]]]:
         root_dir, stages = plan_stages(path, overrides, root)
-        check_settings(stages, ctx.world_size)
         check_root(root_dir)
         what = [_status_and_changes(stage) for stage in stages]
+        check_settings(stages, what, ctx.world_size)
         check_chain(stages, what)
-        write_pipeline(root_dir, path, overrides)  # only once every check passed
+        # only once every check passed
+        for stage, (state, changes) in zip(stages, what):
+            if state == "unfinished" or changes:
+                relocate(stage)
+        write_pipeline(root_dir, path, overrides)
         return root_dir, stages, what
 
     root, stages, what = distributed.run_on_main(prepare, ctx)
@@ -232,9 +267,9 @@ def write_pipeline(root: Path, path: Path, overrides: list[str]) -> None:
     raw = stages_with_overrides(read_yaml(path), overrides)
     raw.setdefault("output", {})["dir"] = str(root)
     for sections in (raw, *raw["stages"]):  # absolute, so a resume from another directory finds the same files
-        for section, key in PATH_FIELDS:
+        for section, key, local in PATH_FIELDS:
             if isinstance(sections.get(section), dict) and key in sections[section]:
-                sections[section][key] = absolute(sections[section][key])
+                sections[section][key] = absolute(sections[section][key], local)
     pipeline = root / PIPELINE_FILE
     if pipeline.is_file() and read_yaml(pipeline) == raw:
         return

@@ -68,7 +68,8 @@ def test_shipped_configs_validate_and_start_with_their_command(path):
 
     configs = [c for _, c in load_stages(path)[1]] if has_stages(path) else [load_config(path)]
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# longrope search --config configs/") and path.name in first
+    command = first.removeprefix("# torchrun --nproc-per-node 8 -m longrope_search search").removeprefix("# longrope search")
+    assert command.startswith(" --config configs/") and path.name in first
     assert all(c.search.parents <= c.search.population for c in configs)
 
 

@@ -93,6 +93,16 @@ def test_stages_chain_factors_and_a_rerun_keeps_finished_ones(setup, tmp_path):
     shutil.copytree(root, moved)
     again = runner.invoke(app, ["search", "--resume", str(moved)])
     assert again.exit_code == 0 and again.output.count("(kept)") == 3, again.output
+    # an unfinished stage of a moved folder resumes on its new neighbours, not the old location's
+    shutil.rmtree(moved)
+    shutil.copytree(root, moved)
+    log = moved / "short" / "log.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if '"event": "done"' not in line))
+    shutil.move(root, tmp_path / "gone")
+    resumed = runner.invoke(app, ["search", "--resume", str(moved)])
+    assert resumed.exit_code == 0 and "stage short (resumed)" in resumed.output, resumed.output
+    assert yaml.safe_load((moved / "short" / "config.resolved.yaml").read_text())["search"]["init_from"] == str(moved / "8x")
+    shutil.move(tmp_path / "gone", root)
 
     # changes that a finished stage cannot take are refused before anything is written, stages.yaml included
     before = snapshot(root)
@@ -153,6 +163,16 @@ def test_bad_stage_configs_are_one_line(setup, tmp_path):
     result = runner.invoke(app, ["search", "--config", str(staged_config(tmp_path / "ok.yaml", model, corpus)),
                                  "--target", "16x"])
     assert result.exit_code == 2 and "set search.target, search.init_from and search.short per stage" in result.stderr
+    shorter = staged_config(tmp_path / "shorter.yaml", model, corpus, [
+        {"name": "a", "search": {"target": 256}}, {"name": "b", "search": {"target": 128}}])
+    result = runner.invoke(app, ["search", "--config", str(shorter), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "stage b: target 128 (128 tokens) is not longer than stage a's (256 tokens)" in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before stage a ran
+    relative = staged_config(tmp_path / "relative.yaml", model, corpus, [
+        {"name": "a", "search": {"target": "4x"}}, {"name": "b", "search": {"target": "2x"}}])
+    result = runner.invoke(app, ["search", "--config", str(relative), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "stage b: target 2x (64 tokens) is not longer than stage a's (128 tokens)" in result.stderr
+    assert not (tmp_path / "out").exists()  # the model's window is read up front for relative targets
     with pytest.raises(ConfigError, match="has stages; run it with `longrope search"):
         load_config(tmp_path / "ok.yaml")
     not_ours = tmp_path / "busy"
@@ -171,3 +191,15 @@ def test_command_line_overrides_win_over_stage_settings(setup, tmp_path):
     _, stages = load_stages(config, ["search.population=10", "search.seed=3"])
     assert [c.search.population for _, c in stages] == [10, 10, 10]  # the 8x stage's own 6 included
     assert [c.search.parents for _, c in stages] == [4, 3, 4] and all(c.search.seed == 3 for _, c in stages)
+
+
+def test_a_finished_stage_resumed_for_more_generations_takes_the_memory_settings_too(setup, tmp_path):
+    model, corpus = setup
+    config = staged_config(tmp_path / "one.yaml", model, corpus, [{"name": "a", "search": {"target": "4x"}}])
+    root = tmp_path / "out"
+    assert runner.invoke(app, ["search", "--config", str(config), "--out", str(root)]).exit_code == 0
+    result = runner.invoke(app, ["search", "--resume", str(root), "--set", "search.generations=2",
+                                 "--set", "search.chunk_size=32"])
+    assert result.exit_code == 0 and "stage a (resumed)" in result.output, result.output
+    saved = yaml.safe_load((root / "a" / "config.resolved.yaml").read_text())["search"]
+    assert (saved["generations"], saved["chunk_size"]) == (2, 32)
