@@ -151,6 +151,28 @@ def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | 
     return prior
 
 
+def carried_mismatch(config: Config, model_config: Any, prior: Prior | None) -> str | None:
+    """A warning when a long stage composes onto init_from's factors while the model carries other ones.
+
+    A model fine-tuned on stage 1's export carries stage 1's factors; if init_from's differ (stage 1 was
+    searched further after the fine-tune), the new stage would compose onto factors the model never saw.
+    A short search legitimately differs (it builds on the later, composed set).
+    """
+    from longrope_search.model import carried_factors
+
+    carried = carried_factors(model_config)
+    if carried is None or prior is None or config.search.short or not config.search.init_from:
+        return None
+    if len(carried) != len(prior.factors):
+        return None  # resolve_prior's geometry check names this
+    gap = float(np.max(np.abs(np.asarray(carried) / prior.factors - 1.0)))
+    if gap <= 1e-6:
+        return None
+    return (f"{config.model.name} carries LongRoPE factors that differ from search.init_from's (by up to {gap:.1%}); "
+            "this search composes onto init_from's. If the model was fine-tuned with its own factors, build on "
+            "those instead: drop search.init_from.")
+
+
 def make_plan(config: Config, spec: RopeSpec, prior: Prior | None = None) -> Plan:
     s = config.search
     if config.model.original_length is not None:
@@ -675,6 +697,9 @@ def run_search(
         return model_config, plan
 
     model_config, plan = distributed.run_everywhere(plan_run, ctx)
+    mismatch = carried_mismatch(config, model_config, plan.prior)
+    if mismatch and reporter is not None:
+        reporter.warn(mismatch)
     # ranks split into groups that score one sample together (size 1: ctx unchanged); same on every rank
     ctx = distributed.cp_groups(ctx, config.search.context_parallel)
     if ctx.is_main and not resume:

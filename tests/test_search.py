@@ -409,3 +409,27 @@ def test_a_refused_resume_changes_nothing_on_disk(setup, finished_run, tmp_path)
     result = runner.invoke(app, ["search", "--resume", str(run), "--set", "search.generations=5"])
     assert result.exit_code == 2 and "different setup" in result.stderr
     assert snapshot(run) == before
+
+
+def test_a_long_stage_on_a_model_carrying_other_factors_than_init_from_is_warned_about(setup, finished_run):
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from longrope_search.factors import load_factors
+    from longrope_search.search import Prior, carried_mismatch
+
+    model, corpus = setup
+    stage1 = load_factors(finished_run)
+    prior = Prior(np.asarray(stage1.factors), stage1.target_length, stage1.mscale, 0, "run")
+
+    def carrying(factors):
+        return SimpleNamespace(rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": factors})
+
+    config = from_dict(search_config(model, corpus, target="8x", init_from=str(finished_run)))
+    assert carried_mismatch(config, carrying(stage1.factors), prior) is None  # fine-tuned on stage 1: consistent
+    other = [f * 1.1 for f in stage1.factors]  # stage 1 searched further after the fine-tune
+    warning = carried_mismatch(config, carrying(other), prior)
+    assert warning and "differ from search.init_from's (by up to 10.0%)" in warning
+    short = from_dict(search_config(model, corpus, target="1x", short=True, init_from=str(finished_run)))
+    assert carried_mismatch(short, carrying(other), prior) is None  # a short set builds on the later, composed set
