@@ -101,16 +101,12 @@ def factors_figure(ff: FactorsFile) -> Figure:
     if ff.short_factors is not None:
         ax.plot(pairs, ff.short_factors, color=METHOD_COLORS[SEARCHED], linewidth=1.5, linestyle=":", marker="s",
                 markersize=3, label="LongRoPE short factors")
-    ax.set_yscale("log")
-    _readable_log_axis(ax.yaxis, [*ff.factors, *(ff.short_factors or []), 1.0, scale])
+    _log_y(ax, [*ff.factors, *(ff.short_factors or []), 1.0, scale])
     ax.set_xlim(-0.5, pairs[-1] + 0.5)
-    ax.set_xlabel("rotary pair i (low i = high frequency, short wavelength)")
-    ax.set_ylabel("rescale factor λ_i (frequency divided by λ_i)")
-    ax.set_title(f"Rescale factors for {ff.target_length:,} tokens: scale {scale:g}x, n_hat {ff.n_hat}, "
-                 f"mscale {ff.mscale:.3f}\n{ff.model}", fontsize=11)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=3, fontsize=9)
-    return fig
+    return _finish(fig, ax, "rotary pair i (low i = high frequency, short wavelength)",
+                   "rescale factor λ_i (frequency divided by λ_i)",
+                   f"Rescale factors for {ff.target_length:,} tokens: scale {scale:g}x, n_hat {ff.n_hat}, "
+                   f"mscale {ff.mscale:.3f}\n{ff.model}", legend_columns=3)
 
 
 # --- search progress ------------------------------------------------------------------------------------
@@ -154,17 +150,12 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
     if not finite.all():
         ax.plot([], [], " ", label=f"{(~finite).sum()} non-finite PPL not shown")
 
-    ax.set_yscale("log")
-    _readable_log_axis(ax.yaxis, ppls[finite].tolist())
+    _log_y(ax, ppls[finite].tolist())
     ax.set_xticks(range(last + 1) if last < 25 else np.linspace(0, last, 11).round().astype(int))
     ax.set_xlim(-0.6, last + 0.6)
-    ax.set_xlabel("generation (0 = initial population)")
-    ax.set_ylabel("perplexity on the search samples (lower is better)")
-    ax.set_title(f"Search for {ff.scored_length:,} tokens ({ff.scored_length / ff.rope.original_length:g}x): {len(state.history)} evaluations "
-                 f"over {last} generations", fontsize=11)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=4, fontsize=9)
-    return fig
+    return _finish(fig, ax, "generation (0 = initial population)", "perplexity on the search samples (lower is better)",
+                   f"Search for {ff.scored_length:,} tokens ({ff.scored_length / ff.rope.original_length:g}x): "
+                   f"{len(state.history)} evaluations over {last} generations")
 
 
 # --- eval results ---------------------------------------------------------------------------------------
@@ -210,23 +201,30 @@ def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, i
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_length(int(round(v)))))
     if log_y:
-        ax.set_yscale("log")
-        _readable_log_axis(ax.yaxis, [v for by_length in results.values() for v in by_length.values()])
+        _log_y(ax, [v for by_length in results.values() for v in by_length.values()])
     else:
         # A little room below 0 and above the top score, so markers at exactly 0 or 1 stay whole.
         top = max([1.0, *(v for by_length in results.values() for v in by_length.values())])
         ax.set_ylim(-0.03 * top, 1.05 * top)
-    ax.set_xlabel("context length (tokens, log scale)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=4, fontsize=9)
-    return fig
+    return _finish(fig, ax, "context length (tokens, log scale)", ylabel, title)
 
 
 # --- helpers --------------------------------------------------------------------------------------------
 
 
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, legend_columns: int = 4) -> Any:
+    """Labels, title, grid and the legend under the axes: the same on every plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=legend_columns, fontsize=9)
+    return fig
+
+
+def _log_y(ax: Any, values: list[float]) -> None:
+    ax.set_yscale("log")
+    _readable_log_axis(ax.yaxis, values)
 
 
 def _readable_log_axis(axis: Any, values: list[float]) -> None:
