@@ -136,10 +136,10 @@ def attention_fit_budget(long_length: int, original_length: int) -> Budget:
     """Long-set evaluations of a short search's attention-factor fit on one worker: the long set's own
     mscale, 1.0, then a bisection of the grid between them (search.fit_attention)."""
     from longrope_search.rope import longrope_mscale
-    from longrope_search.search import MSCALE_GRID
+    from longrope_search.search import attention_grid
 
-    steps = math.ceil((longrope_mscale(long_length / original_length, original_length) - 1.0) / MSCALE_GRID)
-    return Budget(2 + math.ceil(math.log2(max(steps, 1))), 0, 0)
+    grid = attention_grid(longrope_mscale(long_length / original_length, original_length))
+    return Budget(2 + math.ceil(math.log2(max(len(grid) - 1, 1))), 0, 0)
 
 
 def paper_budget(target_length: int) -> Budget:

@@ -541,6 +541,12 @@ def score_logged(
 MSCALE_GRID = 0.01  # resolution of the attention-factor fit
 
 
+def attention_grid(long_mscale: float) -> list[float]:
+    """The mscale values the fit may pick: 1.0, 1.01, ... and the long set's own, ascending."""
+    steps = int(np.ceil((long_mscale - 1.0) / MSCALE_GRID - 1e-9))
+    return [round(1.0 + i * MSCALE_GRID, 6) for i in range(steps)] + [long_mscale]
+
+
 def fit_attention(
     plan: Plan, evaluator: Any, log_path: Path, reporter: Any = None,
     ctx: distributed.Context = distributed.SINGLE_PROCESS,
@@ -554,8 +560,7 @@ def fit_attention(
     lowest value within tolerance of the long set's own. Every score is logged, so a resume re-scores nothing.
     """
     prior = plan.prior
-    steps = int(np.ceil((prior.mscale - 1.0) / MSCALE_GRID - 1e-9))
-    grid = [round(1.0 + i * MSCALE_GRID, 6) for i in range(steps)] + [prior.mscale]  # ascending, ends at prior
+    grid = attention_grid(prior.mscale)
 
     def ppls(indices: Sequence[int]) -> list[float]:
         jobs = [(f"attention:{grid[i]:.6g}", prior.factors, prior.n_hat, grid[i]) for i in indices]
@@ -564,11 +569,8 @@ def fit_attention(
     reference, at_one = ppls([len(grid) - 1, 0])
     limit = reference * (1.0 + plan.config.search.long_tolerance)
     checked = {grid[-1]: reference, grid[0]: at_one}
-    lo, hi = -1, len(grid) - 1  # grid[hi] is within the limit; grid[lo] is not (or lo == -1: nothing below)
-    if at_one <= limit:
-        hi = 0
-    else:
-        lo = 0
+    # grid[hi] is within the limit, grid[lo] is not (lo == -1: 1.0 itself is within it)
+    lo, hi = (-1, 0) if at_one <= limit else (0, len(grid) - 1)
     while hi - lo > 1:
         count = min(ctx.workers, hi - lo - 1)
         probe = sorted({lo + (hi - lo) * (k + 1) // (count + 1) for k in range(count)})
