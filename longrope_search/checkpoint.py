@@ -133,41 +133,40 @@ def log_records(log_path: Path) -> Iterator[dict[str, Any]]:
             yield record
 
 
-def read_log_scores(log_path: Path) -> dict[str, float]:
-    """Scores of every evaluation logged so far, including those after the last checkpoint.
+@dataclass
+class LogSummary:
+    """What resume and the stages runner read back from log.jsonl, in one pass."""
 
-    A kill between two checkpoints loses no finished evaluation: resume reuses these instead of
-    recomputing them.
-    """
-    return {r["key"]: ppl_from_json(r.get("ppl")) for r in log_records(log_path) if r.get("event") == "eval" and "key" in r}
+    scores: dict[str, float]  # key -> PPL of every logged evaluation, also those after the last checkpoint
+    newest: dict[str, dict[str, Any]]  # event -> its newest record (start, attention_fit, ...)
+    phase: str | None  # the last of start / resume / done
+
+    @property
+    def start_identity(self) -> dict[str, Any] | None:
+        """The identity logged when the search started: what a resume before generation 0 compares with."""
+        return self.newest.get("start", {}).get("fingerprint")
+
+
+def read_log(log_path: Path) -> LogSummary:
+    """A kill between two checkpoints loses no finished evaluation: resume reuses the logged scores."""
+    summary = LogSummary({}, {}, None)
+    for record in log_records(log_path):
+        event = record.get("event")
+        if event == "eval" and "key" in record:
+            summary.scores[record["key"]] = ppl_from_json(record.get("ppl"))
+        summary.newest[str(event)] = record
+        if event in ("start", "resume", "done"):
+            summary.phase = event
+    return summary
 
 
 def has_state(run_dir: Path) -> bool:
     return any((run_dir / "state").glob("gen_*.json"))
 
 
-def read_start_identity(log_path: Path) -> dict[str, Any] | None:
-    """The identity logged when the search started: what a resume before generation 0 compares with."""
-    starts = [r.get("fingerprint") for r in log_records(log_path) if r.get("event") == "start"]
-    return starts[-1] if starts else None
-
-
-def last_event(log_path: Path, event: str) -> dict[str, Any] | None:
-    """The newest record of this kind in log.jsonl, or None."""
-    found = None
-    for record in log_records(log_path):
-        if record.get("event") == event:
-            found = record
-    return found
-
-
 def is_finished(run_dir: Path) -> bool:
     """True when the run's last start or resume was followed by its `done` record (factors.json final)."""
-    last = None
-    for record in log_records(run_dir / "log.jsonl"):
-        if record.get("event") in ("start", "resume", "done"):
-            last = record["event"]
-    return last == "done" and (run_dir / "factors.json").is_file()
+    return read_log(run_dir / "log.jsonl").phase == "done" and (run_dir / "factors.json").is_file()
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:

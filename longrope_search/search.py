@@ -650,14 +650,12 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
         config, notes = resolved_config_for_resume(run_dir, overrides or [])
         # scores logged after the last checkpoint too: resume reuses them instead of recomputing
         log_path = run_dir / "log.jsonl"
-        logged = checkpoint.read_log_scores(log_path)
-        fit = checkpoint.last_event(log_path, "attention_fit")
-        fit = fit["fit"] if fit else None
+        log = checkpoint.read_log(log_path)
+        logged, fit = log.scores, log.newest.get("attention_fit", {}).get("fit")
         if not (run_dir / "state").exists():
             # stopped during generation 0: start it again, reusing every evaluation already logged
             warning = f"no generation had finished; generation 0 starts again with {len(logged)} logged evaluations"
-            return OpenedRun(config, run_dir, None, [warning], notes, logged, checkpoint.read_start_identity(log_path),
-                             fit)
+            return OpenedRun(config, run_dir, None, [warning], notes, logged, log.start_identity, fit)
         if any(note.startswith("search.population:") for note in notes):
             raise ConfigError(POPULATION_DONE)
         state, warnings = checkpoint.load_state(run_dir)
