@@ -1,0 +1,185 @@
+"""The retrieval task: a number bound to a name somewhere in a code context, asked back at its end.
+
+Owns the task's text in the code corpus's own idiom (a line `CACHE_TIMEOUT = 4817263` placed at a depth of
+the filler, then `assert CACHE_TIMEOUT ==` at the end, answered by the number), the seeded draw of names and
+numbers, and the token-level construction of one sample of an exact length. The training script, `longrope
+eval --needle` and the needle fitness all build their samples here, so they measure the same task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from longrope_search.errors import ConfigError, DataError
+
+# Words of the constant names (two of them, upper case, joined by "_"): ordinary identifiers of Python code.
+NAME_WORDS = (
+    "BUFFER", "CACHE", "CHUNK", "CLIENT", "CONFIG", "COUNT", "DEFAULT", "DELAY", "DEPTH", "ERROR", "EVENT", "FIELD",
+    "FILE", "FRAME", "GROUP", "HEADER", "INDEX", "ITEM", "KEY", "LIMIT", "LINE", "LOCK", "MAX", "MIN", "MODE",
+    "NODE", "OFFSET", "OPTION", "PAGE", "PATH", "POOL", "PORT", "QUEUE", "RANGE", "RETRY", "ROOT", "ROW", "SEED",
+    "SERVER", "SESSION", "SIZE", "SLOT", "STACK", "STATE", "STEP", "TABLE", "TASK", "TIMEOUT", "TOKEN", "TOTAL",
+    "USER", "VALUE", "WIDTH", "WINDOW", "WORKER",
+)
+DIGITS = (5, 7)  # the number has 5 to 7 digits, no leading zero
+BINDING = "\n{name} = {value}\n"  # inserted at a line break: the assignment on a line of its own
+QUESTION = "\nassert {name} =="
+ANSWER = " {value}"
+LINE_SEARCH = 64  # tokens either side of the wanted depth searched for a line break
+
+
+@dataclass(frozen=True)
+class Needle:
+    name: str  # e.g. CACHE_TIMEOUT
+    value: str  # e.g. 4817263
+
+
+def draw_needles(rng: np.random.Generator, count: int) -> list[Needle]:
+    """`count` needles with distinct names and distinct values, drawn from the caller's RNG (fixed draw order)."""
+    if not 1 <= count <= 64:
+        raise ConfigError(f"a needle sample holds 1 to 64 keys, not {count}.")
+    needles: list[Needle] = []
+    while len(needles) < count:
+        first, second = rng.choice(len(NAME_WORDS), size=2, replace=False)
+        digits = int(rng.integers(DIGITS[0], DIGITS[1] + 1))
+        value = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+        needle = Needle(f"{NAME_WORDS[first]}_{NAME_WORDS[second]}", value)
+        if all(n.name != needle.name and n.value != needle.value for n in needles):
+            needles.append(needle)
+    return needles
+
+
+@dataclass(frozen=True)
+class NeedleSample:
+    """One sample of exactly `length` tokens: [bos] filler-with-needles question answer."""
+
+    ids: torch.Tensor  # (length,) int64
+    answer_start: int  # ids[answer_start:] are the answer tokens
+    value: str  # the number asked for
+    depth: float  # where the asked needle landed: share of the filler before it, 0..1
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        """What a model is given to answer: everything before the answer.  # (answer_start,)"""
+        return self.ids[: self.answer_start]
+
+    @property
+    def answer(self) -> torch.Tensor:
+        return self.ids[self.answer_start :]
+
+    @property
+    def predicting(self) -> torch.Tensor:
+        """Positions whose next-token prediction is an answer token.  # (answer tokens,)"""
+        return torch.arange(self.answer_start - 1, self.ids.shape[0] - 1)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def question_and_answer(tokenizer: Any, needle: Needle) -> tuple[list[int], list[int]]:
+    """Token ids of the question and of its answer, split where the joint tokenisation splits."""
+    question = QUESTION.format(name=needle.name)
+    answer = ANSWER.format(value=needle.value)
+    q, both = _encode(tokenizer, question), _encode(tokenizer, question + answer)
+    if both[: len(q)] == q and len(both) > len(q):
+        return q, both[len(q) :]
+    return q, _encode(tokenizer, answer)  # a tokeniser that merges across the boundary: encode apart
+
+
+def needle_overhead(tokenizer: Any, needles: Sequence[Needle], asked: int = 0) -> int:
+    """Tokens a sample spends on anything but filler: bos, the bindings, the question and the answer."""
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    q, a = question_and_answer(tokenizer, needles[asked])
+    return bos + sum(len(_encode(tokenizer, BINDING.format(name=n.name, value=n.value))) for n in needles) + len(q) + len(a)
+
+
+def _line_break(tokenizer: Any, filler: Sequence[int], want: int) -> int:
+    """The token boundary nearest to `want` at a line break of the filler (after a token that ends one, or before
+    a token that starts one; 0 and the end count too), so a needle never splits a line; `want` if none is near."""
+
+    def at_break(p: int) -> bool:
+        if p in (0, len(filler)):
+            return True
+        return tokenizer.decode([filler[p - 1]]).endswith("\n") or tokenizer.decode([filler[p]]).startswith("\n")
+
+    for offset in range(LINE_SEARCH + 1):
+        for p in (want - offset, want + offset):
+            if 0 <= p <= len(filler) and at_break(p):
+                return p
+    return want
+
+
+def build_sample(
+    tokenizer: Any, filler: Sequence[int], length: int, needles: Sequence[Needle], depths: Sequence[float],
+    asked: int = 0,
+) -> NeedleSample:
+    """A sample of `length` tokens: the first tokens of `filler` with needle j placed at `depths[j]` of it (at the
+    nearest line break), then the question for needle `asked`, then its answer.
+
+    filler: token ids of one document (no bos); it must hold at least length - overhead tokens.
+    """
+    if len(depths) != len(needles) or not 0 <= asked < len(needles):
+        raise ConfigError("give one depth per needle and ask for one of them.")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ConfigError(f"needle depths are shares of the context, from 0 to 1; got {list(depths)}.")
+    overhead = needle_overhead(tokenizer, needles, asked)
+    room = length - overhead
+    if room < 0:
+        raise ConfigError(
+            f"a needle sample needs {overhead} tokens before any filler but the length is {length}; "
+            f"use lengths of at least {overhead} tokens."
+        )
+    if len(filler) < room:
+        raise DataError(f"the filler document has {len(filler)} tokens but {room} are needed for a {length}-token "
+                        "needle sample; use longer documents or a shorter length.")
+    filler = list(filler[:room])
+    places = [_line_break(tokenizer, filler, int(round(d * room))) for d in depths]
+    order = sorted(range(len(needles)), key=lambda j: (places[j], j))
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    done = 0
+    for j in order:
+        ids += filler[done : places[j]] + _encode(tokenizer, BINDING.format(name=needles[j].name, value=needles[j].value))
+        done = places[j]
+    question, answer = question_and_answer(tokenizer, needles[asked])
+    ids += filler[done:] + question
+    answer_start = len(ids)
+    ids += answer
+    assert len(ids) == length, (len(ids), length)  # overhead counted exactly the tokens added
+    return NeedleSample(torch.tensor(ids, dtype=torch.long), answer_start, needles[asked].value,
+                        places[asked] / room if room else 0.0)
+
+
+def leading_number(text: str) -> str | None:
+    """The number a generated answer starts with (after spaces), or None: what exact match compares."""
+    text = text.lstrip()
+    end = 0
+    while end < len(text) and text[end].isdigit():
+        end += 1
+    return text[:end] or None
+
+
+def greedy_answer(model: Any, tokenizer: Any, sample: NeedleSample) -> str:
+    """The model's greedy continuation of the sample's prompt, as text: as many tokens as the answer has plus two
+    (enough to see whether the number goes on).
+
+    Whatever RoPE is installed on the model runs: the rotary module computes cos/sin from position_ids on every
+    forward, the cached decoding steps included.
+    """
+    from transformers import GenerationConfig  # the generation utilities only, when a model is scored
+
+    ids = sample.prompt.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, n)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    greedy = GenerationConfig(max_new_tokens=sample.answer.shape[0] + 2, do_sample=False, num_beams=1,
+                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)  # (1, n + new)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def is_retrieved(sample: NeedleSample, text: str) -> bool:
+    """Exact match of the whole number: the continuation starts with the asked value and no further digit."""
+    return leading_number(text) == sample.value
