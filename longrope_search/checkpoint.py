@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from longrope_search.errors import CheckpointError
 from longrope_search.evolution import Candidate
 from longrope_search.files import atomic_write_text
+from longrope_search.rundir import FACTORS_FILE, LOG_FILE, STATE_DIR
 
 KEEP_STATES = 3  # older generations are deleted; more than one survives a torn newest file
 
@@ -83,7 +84,7 @@ def state_from_json(doc: dict[str, Any]) -> SearchState:
 
 
 def state_path(run_dir: Path, generation: int) -> Path:
-    return run_dir / "state" / f"gen_{generation:05d}.json"
+    return run_dir / STATE_DIR / f"gen_{generation:05d}.json"
 
 
 def save_state(run_dir: Path, state: SearchState) -> Path:
@@ -96,18 +97,18 @@ def save_state(run_dir: Path, state: SearchState) -> Path:
 
 def load_state(run_dir: Path) -> tuple[SearchState, list[str]]:
     """The newest readable state, and a warning for each newer file that was damaged."""
-    if not (run_dir / "state").is_dir():
+    if not (run_dir / STATE_DIR).is_dir():
         raise CheckpointError(
             f"{run_dir} has no search state (no state/ folder); start a new search with --config instead of --resume."
         )
     warnings: list[str] = []
-    for path in sorted((run_dir / "state").glob("gen_*.json"), reverse=True):
+    for path in sorted((run_dir / STATE_DIR).glob("gen_*.json"), reverse=True):
         try:
             return state_from_json(json.loads(path.read_text())), warnings
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warnings.append(f"{path.name} is damaged ({type(exc).__name__}); using the generation before it")
     raise CheckpointError(
-        f"no readable checkpoint in {run_dir / 'state'}; the files are damaged: start a new search with --config."
+        f"no readable checkpoint in {run_dir / STATE_DIR}; the files are damaged: start a new search with --config."
     )
 
 
@@ -161,12 +162,12 @@ def read_log(log_path: Path) -> LogSummary:
 
 
 def has_state(run_dir: Path) -> bool:
-    return any((run_dir / "state").glob("gen_*.json"))
+    return any((run_dir / STATE_DIR).glob("gen_*.json"))
 
 
 def is_finished(run_dir: Path) -> bool:
     """True when the run's last start or resume was followed by its `done` record (factors.json final)."""
-    return read_log(run_dir / "log.jsonl").phase == "done" and (run_dir / "factors.json").is_file()
+    return read_log(run_dir / LOG_FILE).phase == "done" and (run_dir / FACTORS_FILE).is_file()
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:
@@ -175,3 +176,12 @@ def append_log(log_path: Path, record: dict[str, Any]) -> None:
     with log_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
+
+
+def ensure_log_line_end(log_path: Path) -> None:
+    """A kill mid-write leaves a torn last line; start the next record on a fresh line."""
+    if log_path.is_file() and log_path.stat().st_size:
+        with log_path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")

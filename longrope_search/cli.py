@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional
 import typer
 from rich.console import Console
 
-from longrope_search.errors import LongRopeError, ModelError
+from longrope_search.config import DEFAULT_TARGET  # light: stdlib, yaml, pydantic
+from longrope_search.errors import ConfigError, LongRopeError
 
 app = typer.Typer(
     help="Search LongRoPE's per-dimension RoPE rescale factors to extend a Hugging Face causal LM's context window.",
@@ -63,68 +64,10 @@ def quiet_libraries() -> None:
 
 
 def parse_overrides(items: list[str] | None) -> list[str]:
-    from longrope_search.errors import ConfigError
-
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not key=value; write e.g. --set search.generations=10.")
     return list(items or [])
-
-
-class RichReporter:
-    """Live progress of a search: a bar over evaluations plus one printed line per generation."""
-
-    def __init__(self, out: Console) -> None:
-        self.console = out
-        self.progress: Any = None
-        self.task: Any = None
-
-    def warn(self, message: str) -> None:
-        self.console.print(f"warning: {message}", markup=False, style="yellow")
-
-    def note(self, message: str) -> None:
-        self.console.print(message, markup=False)
-
-    def start(self, plan: Any, state: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.stop()  # the previous stage's bar, when stages run one after another
-        s = plan.config.search
-        total = s.population + s.generations * (s.mutations + s.crossovers)
-        done = len(state.history) if state is not None else 0
-        self.console.print(
-            f"searching {plan.spec.num_factors} factors for {plan.target_length} tokens "
-            f"({plan.scale:g}x the {plan.spec.original_length}-token window), mscale {plan.mscale:.4f}, "
-            f"n_hat in {list(plan.space.n_hat_choices)}"
-            + (f"; resuming after generation {state.generation}" if state is not None else ""),
-            markup=False,
-        )
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
-            TimeRemainingColumn(), console=self.console, transient=True,
-        )
-        self.task = self.progress.add_task("generation 0", total=total, completed=done)
-        self.progress.start()
-
-    def evaluated(self, ppl: float, cached: bool) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task)
-
-    def generation(self, state: Any) -> None:
-        best = state.best()
-        per_eval = state.seconds / max(len(state.history), 1)  # scoring time only, resumed runs included
-        line = (f"generation {state.generation}: best ppl {best.ppl:.4f} ({best.origin}), "
-                f"{len(state.history)} evaluations, {per_eval:.2f} s/eval")
-        if self.progress is not None:
-            self.progress.update(self.task, description=f"generation {state.generation}, best {best.ppl:.3f}")
-            self.progress.console.print(line, markup=False)
-        else:
-            self.console.print(line, markup=False)
-
-    def stop(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
 
 
 @app.command()
@@ -152,10 +95,8 @@ def search(
     `longrope search --resume RUN` to continue with the same result as an uninterrupted run.
     The best factors so far are always in RUN/factors.json.
     """
-    from longrope_search import config as config_mod
-    from longrope_search import distributed
-    from longrope_search.search import default_run_dir, run_search
-    from longrope_search.stages import PIPELINE_FILE, is_pipeline, run_stages
+    from longrope_search import distributed, job
+    from longrope_search.progress import RichReporter
 
     quiet_libraries()
     overrides = parse_overrides(set_)
@@ -167,46 +108,25 @@ def search(
         overrides.append("search.short=true")
     ctx = distributed.init_from_env()  # under torchrun: join the ranks; otherwise one process
     reporter = RichReporter(console) if ctx.is_main else None
-    run_dir = resume or out
-    staged = False
+    planned = None
     try:
-        if resume is not None and config is not None:
-            fail("--resume continues the saved config of the run; drop --config (budget changes go in --set).")
-        # rank 0 reads the files: the other nodes may not have them
-        staged = distributed.run_on_main(
-            lambda: is_pipeline(resume) if resume is not None else config is not None and config_mod.has_stages(config),
-            ctx)
-        if staged and (target is not None or init_from is not None or short):
-            fail("--target, --init-from and --short apply to a single search; in a config with stages, set "
-                 "search.target, search.init_from and search.short per stage.")
-        if staged:
-            pipeline = resume / PIPELINE_FILE if resume is not None else config
-            results, run_dir = run_stages(pipeline, overrides, resume or out, reporter, ctx)
-            final = results[-1].final
-        elif resume is not None:
-            final, run_dir = run_search(None, resume, resume=True, overrides=overrides, reporter=reporter, ctx=ctx)
-        else:
-            # rank 0 reads the YAML: the other nodes may not have the file
-            cfg = distributed.run_on_main(lambda: config_mod.load_config(config, overrides), ctx)
-            run_dir = out or Path(cfg.output.dir or default_run_dir(cfg))
-            final, run_dir = run_search(cfg, run_dir, reporter=reporter, ctx=ctx)
+        planned = job.prepare(config, resume, out, overrides, target is not None or init_from is not None or short, ctx)
+        result = job.run(planned, reporter, ctx)
     except KeyboardInterrupt:
         if reporter is not None:
             reporter.stop()
-        if ctx.is_main and (run_dir is not None or staged):
-            again = f"`longrope search --resume {run_dir}`" if run_dir is not None else "the same command"
-            err_console.print(f"interrupted: finished generations and evaluations are saved; continue with {again}",
-                              markup=False, soft_wrap=True)
+        if ctx.is_main and planned is not None:
+            err_console.print(f"interrupted: finished generations and evaluations are saved; continue with "
+                              f"{planned.continue_command}", markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
         if reporter is not None:
             reporter.stop()
         distributed.shutdown(ctx, wait=sys.exc_info()[0] is None)
     if ctx.is_main:
-        if staged:
-            show_stages(results)
-            run_dir = results[-1].stage.run_dir
-        show_result(final, run_dir)
+        if result.stages:
+            show_stages(result.stages)
+        show_result(result.final, result.run_dir)
 
 
 def show_stages(results: list[Any]) -> None:
@@ -221,8 +141,10 @@ def show_stages(results: list[Any]) -> None:
 def show_result(final: Any, run_dir: Path) -> None:
     from rich.table import Table
 
-    length = final.search.get("scored_length", final.target_length)
-    kind = "short-context set" if final.search.get("mode") == "short" else "factors"
+    from longrope_search.factors import factors_path
+
+    length = final.scored_length
+    kind = "short-context set" if final.search.mode == "short" else "factors"
     table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
                         "perplexity, lower is better")
     table.add_column("method")
@@ -233,16 +155,14 @@ def show_result(final: Any, run_dir: Path) -> None:
     for name, row in final.baselines.items():
         table.add_row(name, f"{row.get('search', float('nan')):.4f}", f"{row.get('heldout', float('nan')):.4f}")
     console.print(table)
-    fit = final.search.get("attention_fit")
-    if fit:
-        from longrope_search.search import describe_attention_fit
-
-        console.print(describe_attention_fit(fit), markup=False)
-        if "heldout" in fit:
-            before, after = fit["heldout"]["long_mscale"], fit["heldout"]["mscale"]
-            console.print(f"held-out at {fit['length']} tokens: {before:.4f} -> {after:.4f} ({after / before - 1:+.2%})",
+    fit = final.search.attention_fit
+    if fit is not None:
+        console.print(fit.describe(), markup=False)
+        if fit.heldout is not None:
+            before, after = fit.heldout.long_mscale, fit.heldout.mscale
+            console.print(f"held-out at {fit.length} tokens: {before:.4f} -> {after:.4f} ({after / before - 1:+.2%})",
                           markup=False)
-    console.print(f"n_hat {final.n_hat}, mscale {final.mscale:.4f}; factors written to {run_dir / 'factors.json'}",
+    console.print(f"n_hat {final.n_hat}, mscale {final.mscale:.4f}; factors written to {factors_path(run_dir)}",
                   markup=False)
 
 
@@ -301,8 +221,10 @@ def eval_cmd(
     """
     import json
 
-    from longrope_search.evaluate import evaluate, render_tables
+    from longrope_search.eval_result import render_tables
+    from longrope_search.evaluate import evaluate
     from longrope_search.factors import load_factors
+    from longrope_search.rundir import EVAL_FILE
 
     quiet_libraries()
     with err_console.status("loading") as status:
@@ -318,7 +240,7 @@ def eval_cmd(
     for table in render_tables(result, original_length=window):
         console.print(table)
     if run_dir is not None:
-        console.print(f"written to {run_dir / 'eval.json'}", markup=False)
+        console.print(f"written to {run_dir / EVAL_FILE}", markup=False)
 
 
 @app.command()
@@ -358,50 +280,17 @@ def plan(
     Time is FLOPs over --tflops, an assumption: measure one evaluation and pass what you get.
     """
     from longrope_search import plan as plan_mod
-    from longrope_search.config import has_stages, load_config, load_stages, parse_length
 
-    if config is None and model is None:
-        fail("pass --config with a search YAML or --model with a preset, model directory or hub id.")
-
-    def estimate(shape: Any, length: int, samples_: int | None, budget: Any, search: Any | None) -> Any:
-        chunk = mlp_chunk or (search.mlp_chunk if search is not None else None) or None  # 0 (off) still compared
-        return plan_mod.estimate(
-            shape, length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes, samples=samples or samples_,
-            budget=budget, flash=not eager, tflops=tflops or plan_mod.DEFAULT_TFLOPS,
-            mlp_chunk=chunk or plan_mod.DEFAULT_MLP_CHUNK, loss_chunk=search.chunk_size if search is not None else 1024,
+    for planned in plan_mod.planned_searches(config, model, target):
+        if planned.note:
+            console.print(f"note: {planned.note}", markup=False)
+        result = plan_mod.estimate(
+            planned.shape, planned.length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes,
+            samples=samples or planned.samples, budget=planned.budget, flash=not eager,
+            tflops=tflops or plan_mod.DEFAULT_TFLOPS, mlp_chunk=mlp_chunk or planned.mlp_chunk,
+            loss_chunk=planned.loss_chunk,
         )
-
-    if config is not None and has_stages(config):
-        if target is not None:
-            fail("--target applies to a single-stage config; each stage sets its own search.target.")
-        previous = None  # (name, shape, length) of the last long stage
-        for name, cfg in load_stages(config)[1]:
-            try:
-                shape, length, n, budget = plan_mod.search_inputs(cfg, model)
-            except ModelError:
-                if previous is None:
-                    raise
-                console.print(f"note: stage {name}: {cfg.model.name} is not readable yet (a model still to be "
-                              f"fine-tuned?); planned with stage {previous[0]}'s model shape", markup=False)
-                shape, length, n, budget = plan_mod.search_inputs(cfg, shape=previous[1])
-            if cfg.search.short and previous is not None and cfg.search.mscale == "auto" and cfg.search.long_tolerance > 0:
-                fit = plan_mod.attention_fit_budget(previous[2], shape.original_length)
-                show_plan(f"stage {name}: attention-factor check at {previous[2]} tokens", previous[1], previous[2],
-                          gpus, gpu_mem, estimate(previous[1], previous[2], n, fit, cfg.search))
-            show_plan(f"stage {name}", shape, length, gpus, gpu_mem, estimate(shape, length, n, budget, cfg.search))
-            if not cfg.search.short:
-                previous = (name, shape, length)
-        return
-    budget, search_section, config_samples = None, None, None
-    if config is not None:
-        search_config = load_config(config)
-        shape, length, config_samples, budget = plan_mod.search_inputs(search_config, model)
-        search_section = search_config.search
-    else:
-        shape = plan_mod.model_shape(model)
-    if target is not None or config is None:
-        length = parse_length(target or "8x", shape.original_length)
-    show_plan("longrope plan", shape, length, gpus, gpu_mem, estimate(shape, length, config_samples, budget, search_section))
+        show_plan(planned.title, planned.shape, planned.length, gpus, gpu_mem, result)
 
 
 def show_plan(title: str, shape: Any, length: int, gpus: int, gpu_mem: float, result: Any) -> None:
@@ -424,7 +313,7 @@ def show_plan(title: str, shape: Any, length: int, gpus: int, gpu_mem: float, re
 @user_errors
 def info(
     model: str = typer.Option("builtin:tiny", "--model", "-m", help="Local directory, hub id, or builtin:NAME."),
-    target: str = typer.Option("8x", "--target", "-t", help="Target length for the baseline factor vectors."),
+    target: str = typer.Option(DEFAULT_TARGET, "--target", "-t", help="Target length for the baseline factor vectors."),
 ) -> None:
     """Show a model's RoPE geometry and the PI / NTK / YaRN factor vectors for a target length."""
     from rich.table import Table

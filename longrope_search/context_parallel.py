@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from longrope_search import fitness
 from longrope_search.distributed import Context, CPGroup
@@ -36,7 +38,7 @@ def _ring() -> Any:
     - `_templated_ring_attention`: the ring itself (rotate K/V, merge partial outputs by logsumexp), used for
       the CPU kernel exactly as torch's own handlers use it for the CUDA flash/efficient/cuDNN kernels.
     """
-    try:
+    try:  # torch-private and version-dependent: imported only when context parallelism runs
         from torch.distributed.tensor.experimental._context_parallel import _attention
     except ImportError as exc:
         raise ConfigError(
@@ -74,8 +76,6 @@ def _cpu_flash_ring(ring_attention: Callable[..., Any], op_call: Any, args: tupl
     kernel: output (b, h, l, d) and logsumexp (b, h, l), and takes fewer K/V heads (GQA) natively. Inputs are
     DTensors sharded on the sequence as the ring expects (torch's handlers check the same through sharding rules).
     """
-    from torch.distributed.tensor import DTensor, Shard
-
     query, key, value, *rest = args
     dropout_p = rest[0] if len(rest) > 0 else kwargs.get("dropout_p", 0.0)
     is_causal = rest[1] if len(rest) > 1 else kwargs.get("is_causal", False)
@@ -171,8 +171,6 @@ class ContextParallelEvaluator(fitness.Evaluator):
     """
 
     def __init__(self, model: Any, samples: torch.Tensor, cp: CPGroup, chunk_size: int = fitness.CHUNK_SIZE) -> None:
-        from torch.distributed.device_mesh import DeviceMesh
-
         _require_sdpa(model)
         super().__init__(model, samples, chunk_size)  # checks the head on each rank, whole (no collective)
         _ring()

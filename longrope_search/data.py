@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from longrope_search import builtin
 from longrope_search.errors import ConfigError, DataError, first_line
 
 # suffix (after any compression suffix) -> `datasets` packaged builder
@@ -102,7 +103,7 @@ def _builder(files: list[Path], source: str) -> str:
 
 
 def _load_hub(spec: CorpusSpec) -> Any:
-    from datasets import load_dataset
+    from datasets import load_dataset  # heavy (about a second): imported only when a corpus is read
     from datasets.exceptions import DatasetsError
 
     name = spec.source.removeprefix("hub:")
@@ -117,7 +118,7 @@ def _load_hub(spec: CorpusSpec) -> Any:
 
 
 def _load_local(files: list[Path], spec: CorpusSpec) -> Any:
-    from datasets import load_dataset
+    from datasets import load_dataset  # heavy (about a second): imported only when a corpus is read
     from datasets.exceptions import DatasetsError
 
     builder = _builder(files, spec.source)
@@ -131,8 +132,6 @@ def _load_local(files: list[Path], spec: CorpusSpec) -> Any:
 
 
 def _builtin_path(source: str) -> Path:
-    from longrope_search import builtin
-
     path = Path(builtin.resolve_corpus(source))
     if not path.is_file():
         raise DataError(f"the built-in corpus file {path} is missing; reinstall longrope to restore it.")

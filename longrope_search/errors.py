@@ -28,6 +28,10 @@ class ExportError(LongRopeError):
     """Factors cannot be exported, or the exported model does not reproduce them."""
 
 
+class GeometryError(ModelError):
+    """A factors file does not belong to the model: another rotary dimension or rope_theta."""
+
+
 class SearchError(LongRopeError):
     """The search space is impossible, or exhausted before the search could continue."""
 

@@ -15,12 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from longrope_search.config import load_config as load_run_config
+from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import ExportError
-from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.files import atomic_write_text
-from longrope_search.model import install_rope, load_config, resolve_model_path, rope_spec, rotary_dim
+from longrope_search.fitness import perplexity
+from longrope_search.memory import chunk_mlp
+from longrope_search.model import install_rope, load_config, resolve_model_path, rope_spec
 from longrope_search.rope import longrope_mscale
+from longrope_search.rundir import CONFIG_FILE, EXPORT_FACTORS_FILE
 
 # Files transformers loads weights from; symlinked by default because they are the only big ones.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -149,7 +155,7 @@ def _place_files(src: Path, out: Path, copy_weights: bool) -> list[str]:
     """Copy SRC's small top-level files, link or copy its weights; returns notes on what was skipped."""
     skipped = []
     for path in sorted(src.iterdir()):
-        if path.name.startswith(".") or path.name in ("config.json", "longrope.json"):
+        if path.name.startswith(".") or path.name in ("config.json", EXPORT_FACTORS_FILE):
             continue
         if path.is_dir() or path.name.endswith(FOREIGN_WEIGHT_SUFFIXES):
             skipped.append(path.name + ("/" if path.is_dir() else ""))
@@ -176,17 +182,13 @@ def _remove_stale_weights(out: Path) -> None:
     Only a previous export's weights go: its symlinks, or copies when it left a longrope.json. Real
     weights in a directory that is not an export (a mistyped --out) are never deleted.
     """
-    previous_export = (out / "longrope.json").is_file()
+    previous_export = (out / EXPORT_FACTORS_FILE).is_file()
     for path in out.iterdir():
         if _is_weight(path) and (path.is_symlink() or (previous_export and path.is_file())):
             path.unlink()
 
 
 # --- refusals ---------------------------------------------------------------------------------------------
-
-
-def _factors_path(source: Path) -> Path:
-    return source / "factors.json" if source.is_dir() else source
 
 
 def _source_model_dir(ff: FactorsFile, model: str | None) -> Path:
@@ -203,15 +205,11 @@ def _source_model_dir(ff: FactorsFile, model: str | None) -> Path:
 
 
 def _check_geometry(ff: FactorsFile, config: Any, src: Path) -> None:
-    pairs = rotary_dim(config) // 2
-    if len(ff.factors) != pairs:
-        raise ExportError(
-            f"the factors file has {len(ff.factors)} factors but {src} has {pairs} rotary pairs; "
-            "export onto the model the search ran on (or one with the same geometry) with --model."
-        )
     spec = rope_spec(config)
+    check_geometry(ff.rope, spec, "the factors file", str(src),
+                   "export onto the model the search ran on (or one with the same geometry) with --model.")
     # a search may set a shorter window than the config declares (model.original_length, e.g. Mistral v0.1)
-    if spec.base != ff.rope.base or ff.rope.original_length > spec.original_length:
+    if ff.rope.original_length > spec.original_length:
         raise ExportError(
             f"the factors were searched for rope_theta {ff.rope.base:g} and window {ff.rope.original_length} but "
             f"{src} has rope_theta {spec.base:g} and window {spec.original_length}; export onto the searched model."
@@ -240,7 +238,7 @@ def _random_ids(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def _full_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(ids.to(model.device)).logits.float().cpu()  # (1, L, vocab)
 
 
@@ -254,8 +252,6 @@ def verify_export(
     halves the memory). The two models are loaded one after the other to keep peak memory at one copy of
     the weights.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     dst_config = AutoConfig.from_pretrained(out)
     rope_type = (dst_config.rope_parameters or {}).get("rope_type")
     if rope_type != "longrope":
@@ -267,13 +263,13 @@ def verify_export(
     short = ff.short_or_ones
 
     dst = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).to(device).eval()
-    dst_long, dst_short = _logits(dst, long_ids), _logits(dst, short_ids)
+    dst_long, dst_short = _full_logits(dst, long_ids), _full_logits(dst, short_ids)
     del dst
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(device).eval()
     install_rope(ref, ff.factors, n_hat=n_hat, mscale=ff.mscale)
-    ref_long = _logits(ref, long_ids)
+    ref_long = _full_logits(ref, long_ids)
     install_rope(ref, short, n_hat=0, mscale=ff.mscale)
-    ref_short = _logits(ref, short_ids)
+    ref_short = _full_logits(ref, short_ids)
     return (dst_long - ref_long).abs().max().item(), (dst_short - ref_short).abs().max().item(), ref
 
 
@@ -282,14 +278,7 @@ def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[f
 
     `model` is SRC already loaded (by the verification); only its tokenizer is loaded here.
     """
-    from transformers import AutoTokenizer
-
-    from longrope_search.config import load_config as load_run_config
-    from longrope_search.data import CorpusSpec, build_samples
-    from longrope_search.fitness import perplexity
-    from longrope_search.memory import chunk_mlp
-
-    resolved = run_dir / "config.resolved.yaml"
+    resolved = run_dir / CONFIG_FILE
     if not resolved.is_file():
         return None
     config = load_run_config(resolved)
@@ -331,7 +320,7 @@ def export(
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(VERIFY_DTYPES)}; float32 checks exactly, "
                           "bfloat16 halves the memory of the check.")
     ff = load_factors(source)  # a run directory (not a stages folder) or a factors.json
-    factors_path = _factors_path(Path(source))
+    source_file = factors_path(source)
     if ff.n_hat > 0 and not drop_n_hat:
         raise ExportError(
             f"the factors were searched with n_hat={ff.n_hat}, which no runtime (transformers, vLLM, llama.cpp) can "
@@ -348,24 +337,43 @@ def export(
         raise ExportError(f"verify_length {length} must exceed the original window {original} to test the long "
                           "factors; pass a longer --verify-length.")
 
-    config_doc = json.loads((src / "config.json").read_text())
-    model_type = str(config_doc.get("model_type", config.model_type))
-    config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
+    notes = _write(ff, source_file, src, out, config.model_type, copy_weights, force)
+    report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
+    if not verify:
+        return report
+    ref = _verified(report, src, ff, length, tolerance, device, dtype)
+    if ff.n_hat > 0:
+        cost = n_hat_cost(source_file.parent, src, ref, ff)
+        if cost is not None:
+            kept, dropped = cost
+            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from "
+                         f"{kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
+    return report
 
+
+def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type: str, copy_weights: bool,
+           force: bool) -> list[str]:
+    """DST's files: SRC's (weights linked or copied), config.json with the longrope keys, longrope.json; the notes."""
+    config_doc = json.loads((src / "config.json").read_text())
+    model_type = str(config_doc.get("model_type", model_type))
+    config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
     out.mkdir(parents=True, exist_ok=True)
     if force:
         _remove_stale_weights(out)
     notes = _place_files(src, out, copy_weights)
     atomic_write_text(out / "config.json", json.dumps(config_doc, indent=2) + "\n")
-    atomic_write_text(out / "longrope.json", factors_path.read_text())  # provenance; runtime.apply reads it
+    atomic_write_text(out / EXPORT_FACTORS_FILE, source_file.read_text())  # provenance; runtime.apply reads it
     notes += compatibility_notes(ff, model_type)
     if ff.n_hat > 0:
         notes.append(f"n_hat={ff.n_hat} dropped: DST runs the factors with n_hat=0 (the searched PPL used "
-                     f"n_hat={ff.n_hat}); longrope.json keeps it for longrope_search.runtime.apply.")
+                     f"n_hat={ff.n_hat}); {EXPORT_FACTORS_FILE} keeps it for longrope_search.runtime.apply.")
+    return notes
 
-    report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
-    if not verify:
-        return report
+
+def _verified(report: ExportReport, src: Path, ff: FactorsFile, length: int, tolerance: float, device: str,
+              dtype: str) -> Any:
+    """Run the reload check into `report`; raise when DST's logits differ; the loaded SRC model for later use."""
+    out = report.out
     long_diff, short_diff, ref = verify_export(out, src, ff, n_hat=0, length=length, device=device, dtype=dtype)
     report.max_abs_diff, report.short_max_abs_diff, report.verify_length = long_diff, short_diff, length
     worst = max(long_diff, short_diff)
@@ -376,10 +384,4 @@ def export(
             + ("do not use it, and report this with your transformers version." if dtype == "float32" else
                f"in {dtype} this may be rounding: check again with --dtype float32 before using it.")
         )
-    if ff.n_hat > 0:
-        cost = n_hat_cost(factors_path.parent, src, ref, ff)
-        if cost is not None:
-            kept, dropped = cost
-            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from "
-                         f"{kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
-    return report
+    return ref

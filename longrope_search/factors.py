@@ -1,22 +1,108 @@
 """The factors file: what a search produces and what `export`, `eval` and `runtime.apply` consume.
 
 One JSON document per run (`runs/<name>/factors.json`), validated on load so a hand-edited or truncated
-file fails with one clear line instead of a traceback deep inside export.
+file fails with one clear line instead of a traceback deep inside export. Its records (how the factors were
+found, the prior stage, the attention-factor fit) are dataclasses; the JSON keeps their field names.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from longrope_search.errors import ExportError
+from longrope_search.errors import ExportError, GeometryError
 from longrope_search.files import atomic_write_text
 from longrope_search.rope import RopeSpec
+from longrope_search.rundir import FACTORS_FILE, not_a_run
 
 FORMAT = "longrope-factors/1"
+
+
+@dataclass(frozen=True)
+class PriorRecord:
+    """The previous stage a progressive search built on."""
+
+    source: str  # "run DIR" or "model NAME"
+    target_length: int
+    factors: list[float]
+    mscale: float
+
+
+@dataclass(frozen=True)
+class PplPair:
+    """The long set's PPL at its target with its own attention factor and with the fitted one."""
+
+    long_mscale: float
+    mscale: float
+
+
+@dataclass(frozen=True)
+class AttentionFit:
+    """How a short search lowered the attention factor that runtimes apply to short and long inputs alike."""
+
+    mscale: float  # the fitted value, used for both sets from now on
+    long_mscale: float  # the long set's own
+    length: int  # the long target the long set was scored at
+    tolerance: float  # search.long_tolerance
+    search: PplPair  # on the search samples
+    checked: dict[str, float]  # every mscale scored -> the long set's PPL
+    heldout: PplPair | None = None  # on held-out samples, once the search is done
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        if self.heldout is None:
+            del doc["heldout"]
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "AttentionFit":
+        heldout = doc.get("heldout")
+        return cls(float(doc["mscale"]), float(doc["long_mscale"]), int(doc["length"]), float(doc["tolerance"]),
+                   PplPair(**doc["search"]), {str(k): float(v) for k, v in doc["checked"].items()},
+                   None if heldout is None else PplPair(**heldout))
+
+    def describe(self) -> str:
+        before, after = self.search.long_mscale, self.search.mscale
+        return (f"attention factor {self.long_mscale:.4f} -> {self.mscale:.4f} for short inputs: the long set's PPL at "
+                f"{self.length} tokens {before:.4f} -> {after:.4f} ({after / before - 1:+.2%}, tolerance "
+                f"{self.tolerance:.0%}); {len(self.checked)} values scored")
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """How the factors were found: budget spent, settings, where the winner came from."""
+
+    generations: int = 0
+    evaluations: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)  # the config's search section as it ran
+    samples: int = 0  # data.samples
+    best_key: str = ""
+    best_origin: str = ""  # pi | ntk | yarn | init | mutation | crossover
+    best_generation: int = 0
+    scored_length: int | None = None  # the length candidates were scored at (the short window for --short)
+    mode: str = "long"  # long | short
+    prior: PriorRecord | None = None
+    attention_fit: AttentionFit | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("prior", "attention_fit")}
+        if self.prior is not None:
+            doc["prior"] = asdict(self.prior)
+        if self.attention_fit is not None:
+            doc["attention_fit"] = self.attention_fit.to_json()
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "SearchRecord":
+        known = {f.name for f in fields(cls)} - {"prior", "attention_fit"}
+        plain = {k: v for k, v in doc.items() if k in known}
+        prior = doc.get("prior")
+        fit = doc.get("attention_fit")
+        return cls(**plain, prior=None if prior is None else PriorRecord(**prior),
+                   attention_fit=None if fit is None else AttentionFit.from_json(fit))
 
 
 @dataclass
@@ -30,7 +116,7 @@ class FactorsFile:
     short_factors: list[float] | None = None  # used when the sequence fits the original window
     ppl: dict[str, float] = field(default_factory=dict)  # {"search": .., "heldout": ..}
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> {"search": .., "heldout": ..}
-    search: dict[str, Any] = field(default_factory=dict)  # settings, evaluations, generations, seconds
+    search: SearchRecord = field(default_factory=SearchRecord)
     versions: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -40,7 +126,7 @@ class FactorsFile:
     @property
     def scored_length(self) -> int:
         """The length the search scored at: the target, or the short window for a short readjustment run."""
-        return int(self.search.get("scored_length", self.target_length))
+        return int(self.search.scored_length or self.target_length)
 
     @property
     def short_or_ones(self) -> list[float]:
@@ -50,6 +136,7 @@ class FactorsFile:
     def to_json(self) -> dict[str, Any]:
         doc = {"format": FORMAT, **asdict(self), "scale": self.scale}
         doc["rope"] = asdict(self.rope)
+        doc["search"] = self.search.to_json()
         return doc
 
     @classmethod
@@ -64,7 +151,7 @@ class FactorsFile:
                 mscale=float(doc.get("mscale", 1.0)),
                 short_factors=None if doc.get("short_factors") is None else [float(x) for x in doc["short_factors"]],
                 ppl=dict(doc.get("ppl", {})), baselines=dict(doc.get("baselines", {})),
-                search=dict(doc.get("search", {})), versions=dict(doc.get("versions", {})),
+                search=SearchRecord.from_json(dict(doc.get("search", {}))), versions=dict(doc.get("versions", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(f"{source} is missing or has a malformed field ({exc}); re-run the search or fix it.") from exc
@@ -90,15 +177,30 @@ class FactorsFile:
         atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
 
 
+def check_geometry(rope: RopeSpec, spec: RopeSpec, what: str, model: str, fix: str) -> None:
+    """Factors searched for `rope` run on a model of geometry `spec`: the same rotary pairs and rope_theta (the window
+    may differ: model.original_length overrides it). `what` names the factors, `model` the model, `fix` the remedy."""
+    if rope.rotary_dim != spec.rotary_dim:
+        raise GeometryError(f"{what} has {rope.num_factors} factors but {model} has {spec.num_factors} rotary pairs "
+                            f"(the factors are for rotary_dim {rope.rotary_dim} and the model has rotary_dim "
+                            f"{spec.rotary_dim}); {fix}")
+    if rope.base != spec.base:
+        raise GeometryError(f"{what} was searched for rope_theta {rope.base:g} but {model} has rope_theta "
+                            f"{spec.base:g}; {fix}")
+
+
+def factors_path(path: str | Path) -> Path:
+    """The factors.json a run directory holds, or the file itself."""
+    path = Path(path)
+    return path / FACTORS_FILE if path.is_dir() else path
+
+
 def load_factors(path: str | Path) -> FactorsFile:
     """A factors.json, or a run directory containing one."""
     path = Path(path)
-    if path.is_dir():
-        from longrope_search.stages import not_a_run
-
-        if message := not_a_run(path):
-            raise ExportError(message)
-        path = path / "factors.json"
+    if path.is_dir() and (message := not_a_run(path)):
+        raise ExportError(message)
+    path = factors_path(path)
     if not path.is_file():
         raise ExportError(f"{path} does not exist; pass a run directory or the factors.json a search wrote.")
     try:

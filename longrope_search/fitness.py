@@ -13,12 +13,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from longrope_search.config import DEFAULT_CHUNK_SIZE as CHUNK_SIZE  # positions per lm_head + loss chunk
 from longrope_search.errors import ConfigError, DataError, ModelError
 from longrope_search.model import install_rope
-
-# Positions per lm_head + log-softmax chunk. With the two (chunk, vocab) fp32 buffers reused across chunks,
-# 1024 rows are as fast as 2048 and ~7% faster than 512 (2 CPU threads, 32k vocab), for 256 MB of buffers.
-CHUNK_SIZE = 1024
 
 
 @dataclass
@@ -34,7 +31,7 @@ def _decoder(model: Any) -> Any:
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
-def _logits(model: Any, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def head_logits(model: Any, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """lm_head plus the per-architecture logit transforms of *ForCausalLM.forward; (c, H) -> (c, V) fp32.
 
     `out` (c, V) fp32 is reused when the head is a plain fp32 Linear: on CPU a fresh (c, V) tensor per chunk
@@ -74,7 +71,7 @@ def nll_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk_size:
     for start in range(0, rows_total, chunk_size):
         end = min(start + chunk_size, rows_total)
         rows = end - start
-        logits = _logits(model, hidden[start:end], None if logits_buf is None else logits_buf[:rows])  # (c, V)
+        logits = head_logits(model, hidden[start:end], None if logits_buf is None else logits_buf[:rows])  # (c, V)
         if logits_buf is None:
             logits_buf, logp_buf = logits, torch.empty_like(logits)
         logp = torch.log_softmax(logits, dim=-1, out=logp_buf[:rows])  # (c, V)
@@ -128,7 +125,7 @@ def check_head(model: Any, input_ids: torch.Tensor) -> None:
     ids = input_ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, l)
     with torch.inference_mode():
         theirs = model(input_ids=ids, use_cache=False).logits[0].float()  # (l, V)
-        ours = _logits(model, _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0])
+        ours = head_logits(model, _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0])
     tolerance = 1e-4 if model.get_output_embeddings().weight.dtype == torch.float32 else 2e-2  # bf16/fp16: rounding
     scale = theirs.abs().max().clamp_min(1.0)
     if not torch.allclose(ours.to(theirs.device), theirs, rtol=0.0, atol=tolerance * scale.item()):

@@ -12,8 +12,11 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from longrope_search import builtin
 from longrope_search.errors import ModelError, first_line
+from longrope_search.memory import chunk_mlp
 from longrope_search.rope import RopeSpec, base_inv_freq, cos_sin, scaled_inv_freq
 
 
@@ -142,6 +145,21 @@ def install_rope(
     return module
 
 
+def greedy_continuation(model: nn.Module, tokenizer: Any, ids: torch.Tensor, new_tokens: int) -> str:
+    """The text of the model's greedy continuation of `ids` (n,), at most `new_tokens` tokens.
+
+    Whatever RoPE is installed runs: our rotary module computes cos/sin from position_ids on every forward, the
+    cached decoding steps included.
+    """
+    ids = ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, n)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    greedy = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                              eos_token_id=tokenizer.eos_token_id)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)  # (1, n + new)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 # --- loading ------------------------------------------------------------------------------------------
 
 
@@ -172,8 +190,6 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
 def resolve_model_path(name_or_path: str) -> str:
     """builtin:NAME -> the shipped directory; a local path must exist; anything else is a hub id."""
     if name_or_path.startswith("builtin:"):
-        from longrope_search import builtin
-
         return str(builtin.resolve_model(name_or_path))
     path = Path(name_or_path).expanduser()
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -183,8 +199,6 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_config(name_or_path: str) -> Any:
-    from transformers import AutoConfig
-
     source = resolve_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(source)
@@ -201,8 +215,6 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     mlp_chunk > 0 runs each MLP over that many positions at a time: the same numbers, far less memory
     at long lengths (the L x intermediate activation dominates after the chunked loss).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     config = load_config(name_or_path)
     rope_spec(config)  # refuse non-RoPE models before loading gigabytes
     source = resolve_model_path(name_or_path)
@@ -233,7 +245,5 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
             f"cannot move the model to device {device!r} ({first_line(exc)}); set model.device to cpu, cuda or cuda:N."
         ) from exc
     if mlp_chunk:
-        from longrope_search.memory import chunk_mlp
-
         chunk_mlp(model, mlp_chunk)
     return model, tokenizer

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from longrope_search.errors import ConfigError, DataError
+from longrope_search.model import greedy_continuation
 
 # Words of the constant names (two of them, upper case, joined by "_"): ordinary identifiers of Python code.
 NAME_WORDS = (
@@ -163,21 +164,9 @@ def leading_number(text: str) -> str | None:
 
 
 def greedy_answer(model: Any, tokenizer: Any, sample: NeedleSample) -> str:
-    """The model's greedy continuation of the sample's prompt, as text: as many tokens as the answer has plus two
-    (enough to see whether the number goes on).
-
-    Whatever RoPE is installed on the model runs: the rotary module computes cos/sin from position_ids on every
-    forward, the cached decoding steps included.
-    """
-    from transformers import GenerationConfig  # the generation utilities only, when a model is scored
-
-    ids = sample.prompt.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, n)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    greedy = GenerationConfig(max_new_tokens=sample.answer.shape[0] + 2, do_sample=False, num_beams=1,
-                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy)  # (1, n + new)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    """The model's greedy continuation of the sample's prompt (with the installed RoPE), as text: as many tokens as
+    the answer has plus two, enough to see whether the number goes on."""
+    return greedy_continuation(model, tokenizer, sample.prompt, sample.answer.shape[0] + 2)
 
 
 def is_retrieved(sample: NeedleSample, text: str) -> bool:

@@ -7,12 +7,18 @@ FLOPs over an assumed achieved TFLOP/s per GPU, which is the number to correct w
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from pathlib import Path
+from typing import Callable
 
+from longrope_search.attention import attention_grid
+from longrope_search.config import (
+    DEFAULT_CHUNK_SIZE, DEFAULT_MLP_CHUNK, DEFAULT_TARGET, Config, has_stages, load_config, load_stages, parse_length,
+)
 from longrope_search.errors import ConfigError, ModelError
+from longrope_search.rope import longrope_mscale
+from longrope_search.shapes import ModelShape, model_shape
 
 GB = 1e9
 # CUDA context, cuBLAS workspaces and allocator fragmentation take the rest of a GPU's memory.
@@ -20,99 +26,7 @@ USABLE_FRACTION = 0.9
 # Assumed achieved bf16 TFLOP/s of one H100/H200 on this workload (FlashAttention-2 forward reaches
 # roughly 40-50% of the 989 TFLOP/s dense peak at long sequences); measure and pass --tflops.
 DEFAULT_TFLOPS = 400.0
-DEFAULT_MLP_CHUNK = 16384  # (16384, intermediate) GEMMs still run at full speed on a GPU
 PAPER_LONG = 512 * 1024  # from here the paper halves P, N1, N2 and scores 3 books instead of 5
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes of a decoder-only RoPE model that memory and FLOPs depend on."""
-
-    name: str
-    hidden_size: int
-    num_layers: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    original_length: int
-    rotary_dim: int
-    tied_embeddings: bool = False
-    fused_projections: bool = False  # Phi-3: q/k/v come from one matmul, gate/up from another
-
-    @property
-    def layer_linear_params(self) -> int:
-        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)  # q, o, k, v
-        return attention + 3 * self.hidden_size * self.intermediate_size
-
-    @property
-    def params(self) -> int:
-        embeddings = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
-        norms = (2 * self.num_layers + 1) * self.hidden_size
-        return self.num_layers * self.layer_linear_params + embeddings + norms
-
-    @property
-    def matmul_params(self) -> int:
-        """Weights each token multiplies through: every linear layer and the lm_head (not the lookup)."""
-        return self.num_layers * self.layer_linear_params + self.vocab_size * self.hidden_size
-
-
-def _llama_like(name: str, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
-                original: int, **extra: Any) -> ModelShape:
-    head_dim = hidden // heads
-    return ModelShape(name, hidden, layers, intermediate, heads, kv_heads, head_dim, vocab, original, head_dim, **extra)
-
-
-PRESETS: dict[str, ModelShape] = {
-    "llama2-7b": _llama_like("llama2-7b", 4096, 32, 11008, 32, 32, 32000, 4096),
-    "llama3-8b": _llama_like("llama3-8b", 4096, 32, 14336, 32, 8, 128256, 8192),
-    "mistral-7b": _llama_like("mistral-7b", 4096, 32, 14336, 32, 8, 32000, 8192),  # trained on 8k, declares 32k
-    "phi3-mini": _llama_like("phi3-mini", 3072, 32, 8192, 32, 32, 32064, 4096, fused_projections=True),
-}
-# The hub ids of configs/*.yaml, so `longrope plan --config configs/llama2-7b.yaml` works offline.
-HUB_PRESETS = {
-    "meta-llama/Llama-2-7b-hf": "llama2-7b",
-    "meta-llama/Meta-Llama-3-8B": "llama3-8b",
-    "mistralai/Mistral-7B-v0.1": "mistral-7b",
-    "microsoft/Phi-3-mini-4k-instruct": "phi3-mini",
-}
-
-
-def shape_from_config(config: Any, name: str) -> ModelShape:
-    """ModelShape of a transformers config (what `model.load_config` returns)."""
-    from longrope_search.model import rope_spec
-
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                           "vocab_size") if getattr(config, k, None) is None]
-    if missing:
-        raise ModelError(f"the config of {name!r} has no {', '.join(missing)}; plan needs a decoder-only RoPE model.")
-    spec = rope_spec(config)
-    heads = config.num_attention_heads
-    return ModelShape(
-        name=name, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
-        intermediate_size=config.intermediate_size, num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        vocab_size=config.vocab_size, original_length=spec.original_length, rotary_dim=spec.rotary_dim,
-        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        fused_projections=getattr(config, "model_type", "") == "phi3",
-    )
-
-
-def model_shape(name: str) -> ModelShape:
-    """A preset (llama2-7b, ...), one of their hub ids, or anything `model.load_config` reads."""
-    if name in PRESETS or name in HUB_PRESETS:
-        return PRESETS[HUB_PRESETS.get(name, name)]
-    if "/" not in name and ":" not in name and not name.startswith((".", "~")):
-        near = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise ModelError(
-            f"unknown model preset {name!r}; {hint}use one of {', '.join(PRESETS)}, a local model directory or a hub id."
-        )
-    from longrope_search.model import load_config
-
-    return shape_from_config(load_config(name), name)
 
 
 @dataclass(frozen=True)
@@ -135,9 +49,6 @@ class Budget:
 def attention_fit_budget(long_length: int, original_length: int) -> Budget:
     """Long-set evaluations of a short search's attention-factor fit on one worker: the long set's own
     mscale, 1.0, then a bisection of the grid between them (search.fit_attention)."""
-    from longrope_search.rope import longrope_mscale
-    from longrope_search.search import attention_grid
-
     grid = attention_grid(longrope_mscale(long_length / original_length, original_length))
     return Budget(2 + math.ceil(math.log2(max(len(grid) - 1, 1))), 0, 0)
 
@@ -151,18 +62,76 @@ def paper_samples(target_length: int) -> int:
     return 3 if target_length >= PAPER_LONG else 5
 
 
-def search_inputs(config: Any, model: str | None = None, shape: ModelShape | None = None
+def search_inputs(config: Config, model: str | None = None, shape: ModelShape | None = None
                   ) -> tuple[ModelShape, int, int, Budget]:
     """(shape, target length, samples, budget) of a search Config; `model` replaces the config's model,
     `shape` the reading of it (a stage whose fine-tuned model does not exist yet has its base's shape)."""
-    from longrope_search.config import parse_length
-
     shape = shape or model_shape(model or config.model.name)
     if config.model.original_length is not None:
         shape = replace(shape, original_length=config.model.original_length)
     s = config.search
     budget = Budget(s.population, s.generations, s.mutations + s.crossovers)
-    return shape, parse_length(s.target or ("1x" if s.short else "8x"), shape.original_length), config.data.samples, budget
+    return shape, parse_length(s.target_or_default, shape.original_length), config.data.samples, budget
+
+
+@dataclass(frozen=True)
+class PlannedSearch:
+    """One search a command asks to plan, with what `estimate` needs beyond the hardware."""
+
+    title: str
+    shape: ModelShape
+    length: int
+    samples: int | None = None  # the config's data.samples; None: the paper's for the length
+    budget: Budget | None = None  # None: the paper's
+    mlp_chunk: int = DEFAULT_MLP_CHUNK  # compared even when the config switches chunking off
+    loss_chunk: int = DEFAULT_CHUNK_SIZE
+    note: str | None = None
+
+
+def planned_searches(config_path: Path | None, model: str | None, target: str | None) -> list[PlannedSearch]:
+    """The searches `longrope plan` estimates: a preset or model at a target, a config's search, or each stage of a
+    config with stages (plus a short stage's attention-factor check on the long set)."""
+    if config_path is None and model is None:
+        raise ConfigError("pass --config with a search YAML or --model with a preset, model directory or hub id.")
+    if config_path is None:
+        shape = model_shape(model)
+        return [PlannedSearch("longrope plan", shape, parse_length(target or DEFAULT_TARGET, shape.original_length))]
+    if not has_stages(config_path):
+        config = load_config(config_path)
+        shape, length, samples, budget = search_inputs(config, model)
+        if target is not None:
+            length = parse_length(target, shape.original_length)
+        return [_planned("longrope plan", shape, length, samples, budget, config)]
+    if target is not None:
+        raise ConfigError("--target applies to a single-stage config; each stage sets its own search.target.")
+    out: list[PlannedSearch] = []
+    previous = None  # (name, shape, length) of the last long stage
+    for name, config in load_stages(config_path)[1]:
+        note = None
+        try:
+            shape, length, samples, budget = search_inputs(config, model)
+        except ModelError:
+            if previous is None:
+                raise
+            note = (f"stage {name}: {config.model.name} is not readable yet (a model still to be fine-tuned?); "
+                    f"planned with stage {previous[0]}'s model shape")
+            shape, length, samples, budget = search_inputs(config, shape=previous[1])
+        s = config.search
+        if s.short and previous is not None and s.mscale == "auto" and s.long_tolerance > 0:
+            fit = attention_fit_budget(previous[2], shape.original_length)
+            out.append(_planned(f"stage {name}: attention-factor check at {previous[2]} tokens", previous[1],
+                                previous[2], samples, fit, config, note))
+            note = None
+        out.append(_planned(f"stage {name}", shape, length, samples, budget, config, note))
+        if not s.short:
+            previous = (name, shape, length)
+    return out
+
+
+def _planned(title: str, shape: ModelShape, length: int, samples: int, budget: Budget, config: Config,
+             note: str | None = None) -> PlannedSearch:
+    s = config.search
+    return PlannedSearch(title, shape, length, samples, budget, s.mlp_chunk or DEFAULT_MLP_CHUNK, s.chunk_size, note)
 
 
 # --- memory ------------------------------------------------------------------------------------------
@@ -170,7 +139,7 @@ def search_inputs(config: Any, model: str | None = None, shape: ModelShape | Non
 
 def activation_bytes(
     shape: ModelShape, length: int, dtype_bytes: int = 2, flash: bool = True, mlp_chunk: int | None = None,
-    loss_chunk: int = 1024,
+    loss_chunk: int = DEFAULT_CHUNK_SIZE,
 ) -> dict[str, int]:
     """Peak bytes of the tensors one fitness forward holds at once, in each phase of a decoder layer and of the loss.
 
@@ -232,7 +201,9 @@ MODES = {
 
 
 @dataclass(frozen=True)
-class Plan:
+class Estimate:
+    """Memory, mode and time of one search on given hardware."""
+
     shape: ModelShape
     target_length: int
     gpus: int
@@ -316,8 +287,8 @@ def estimate(
     flash: bool = True,
     tflops: float = DEFAULT_TFLOPS,
     mlp_chunk: int = DEFAULT_MLP_CHUNK,
-    loss_chunk: int = 1024,
-) -> Plan:
+    loss_chunk: int = DEFAULT_CHUNK_SIZE,
+) -> Estimate:
     """Memory, mode and time of a search; samples and budget default to the paper's for the target."""
     problems = [
         f"{what} must be {rule} (got {value})" for what, value, ok, rule in (
@@ -352,7 +323,7 @@ def estimate(
         notes.append("context parallelism time assumes perfect scaling (no ring communication cost).")
     if not flash:
         notes.append("eager attention holds L x L scores per head; sdpa (the default) or flash-attn needs O(L).")
-    return Plan(
+    return Estimate(
         shape=shape, target_length=target_length, gpus=gpus, gpu_mem_gb=gpu_mem_gb, dtype_bytes=dtype_bytes,
         flash=flash, samples=samples, budget=budget, tflops=tflops, mlp_chunk=mlp_chunk, loss_chunk=loss_chunk,
         weights_bytes=weights,
@@ -376,7 +347,7 @@ def format_seconds(s: float) -> str:
     return f"{s:.1f} s"
 
 
-def rows(plan: Plan) -> list[tuple[str, str]]:
+def rows(plan: Estimate) -> list[tuple[str, str]]:
     """(quantity, value) lines of `longrope plan`, in reading order."""
     s, n, b = plan.shape, plan.target_length, plan.dtype_bytes
     per_row = (4 if s.fused_projections else 3) * s.intermediate_size * b

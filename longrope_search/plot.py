@@ -4,7 +4,6 @@ results by length. Reads factors.json, state/ and eval.json; writes PNGs with ma
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +16,9 @@ from longrope_search import rope
 from longrope_search.checkpoint import SearchState, load_state
 from longrope_search.config import format_length
 from longrope_search.errors import CheckpointError
+from longrope_search.eval_result import EvalResult, read_eval
 from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.rundir import EVAL_FILE, PLOTS_DIR
 
 SEARCHED = "longrope"
 # One colour per method in every figure, so a reader matches lines across plots at a glance.
@@ -48,9 +49,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
         for line in warnings:
             warn(line)
     figures = {"factors.png": factors_figure(factors), "search.png": search_figure(state, factors)}
-    results = load_eval(run_dir)
-    if results is not None:
+    result = read_eval(run_dir / EVAL_FILE)
+    if result is not None:
         lengths = (factors.rope.original_length, factors.target_length)
+        results = _finite(result)
         if results["ppl"]:
             figures["ppl_by_length.png"] = by_length_figure(
                 results["ppl"], lengths, "perplexity (lower is better)", "Perplexity by context length", log_y=True)
@@ -58,7 +60,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
             figures["passkey.png"] = by_length_figure(
                 results["passkey"], lengths, "passkey retrieval accuracy (fraction correct)", "Passkey retrieval by context length",
                 log_y=False)
-    return save_figures(figures, Path(out_dir) if out_dir is not None else run_dir / "plots")
+    return save_figures(figures, Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR)
 
 
 def save_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
@@ -162,24 +164,16 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
 
 
 def load_eval(run_dir: Path) -> dict[str, dict[str, dict[int, float]]] | None:
-    """eval.json as {"ppl"|"passkey": {method: {length: value}}} with int lengths; None when absent.
+    """eval.json as {"ppl"|"passkey": {method: {length: value}}}; None when absent (see `_finite`)."""
+    result = read_eval(run_dir / EVAL_FILE)
+    return None if result is None else _finite(result)
 
-    Length keys arrive as strings after a JSON round trip and as ints from Python writers; both are read.
-    Missing scores (null, inf) are left out rather than drawn at an arbitrary height.
-    """
-    path = run_dir / "eval.json"
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-        return {kind: {str(method): {int(length): float(value) for length, value in by_length.items()
-                                     if value is not None and math.isfinite(float(value))}
-                       for method, by_length in (doc.get(kind) or {}).items()}
-                for kind in ("ppl", "passkey")}
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
-        raise CheckpointError(
-            f"{path} is damaged or not in the `longrope eval` format ({type(exc).__name__}); re-run `longrope eval`."
-        ) from exc
+
+def _finite(result: EvalResult) -> dict[str, dict[str, dict[int, float]]]:
+    """Missing scores (null, inf) are left out rather than drawn at an arbitrary height."""
+    return {kind: {method: {length: value for length, value in by_length.items() if math.isfinite(value)}
+                   for method, by_length in getattr(result, kind).items()}
+            for kind in ("ppl", "passkey")}
 
 
 def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, int], ylabel: str, title: str,

@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from longrope_search.errors import ModelError
-from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.factors import FactorsFile, check_geometry, load_factors
 from longrope_search.model import LongRopeRotaryEmbedding, rope_spec, rotary_owner
 from longrope_search.rope import RopeSpec
+from longrope_search.rundir import EXPORT_FACTORS_FILE, FACTORS_FILE
 
 Mode = Literal["auto", "long"]
 MODES = ("auto", "long")
@@ -69,8 +70,8 @@ class ShortLongRotaryEmbedding(nn.Module):
 def _factors_file(path: str | Path) -> FactorsFile:
     """A factors.json, a run directory, or an exported model directory (its longrope.json)."""
     path = Path(path)
-    if path.is_dir() and not (path / "factors.json").exists() and (path / "longrope.json").is_file():
-        path = path / "longrope.json"
+    if path.is_dir() and not (path / FACTORS_FILE).exists() and (path / EXPORT_FACTORS_FILE).is_file():
+        path = path / EXPORT_FACTORS_FILE
     return load_factors(path)
 
 
@@ -81,13 +82,8 @@ def apply(model: nn.Module, factors_path: str | Path, mode: Mode = "auto") -> nn
     directory, a factors.json, or an exported model directory. The config is left as it is.
     """
     ff = _factors_file(factors_path)
-    spec = rope_spec(model.config)
-    if (spec.rotary_dim, spec.base) != (ff.rope.rotary_dim, ff.rope.base):
-        raise ModelError(
-            f"the factors were searched for rotary_dim {ff.rope.rotary_dim} and rope_theta {ff.rope.base:g} but "
-            f"the model has rotary_dim {spec.rotary_dim} and rope_theta {spec.base:g}; apply them to the model they "
-            "were searched on."
-        )
+    check_geometry(ff.rope, rope_spec(model.config), str(factors_path), "the model",
+                   "apply them to the model they were searched on.")
     owner = rotary_owner(model)
     device = next((b.device for b in owner.rotary_emb.buffers()), None)
     short = ff.short_or_ones

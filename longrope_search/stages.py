@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -22,12 +21,13 @@ from longrope_search.config import Config, load_stages, parse_length, read_yaml,
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
-from longrope_search.search import (
-    BUDGET_KEYS, FAILED_START, MEMORY_KEYS, PATH_FIELDS, POPULATION_DONE, absolute, absolute_paths, model_slug,
-    run_search,
+from longrope_search.model import load_config, rope_spec
+from longrope_search.progress import SILENT, Reporter
+from longrope_search.rundir import (
+    CONFIG_FILE, FACTORS_FILE, FAILED_START, PIPELINE_FILE, absolute_paths, absolute_raw_paths, default_stages_dir,
+    is_pipeline, resume_change,
 )
-
-PIPELINE_FILE = "stages.yaml"  # in <output.dir>: the config the stages came from, so --resume can rerun them
+from longrope_search.search import run_search
 
 
 @dataclass
@@ -45,26 +45,11 @@ class StageResult:
     status: str  # "searched", "resumed" or "kept"
 
 
-def is_pipeline(run_dir: Path) -> bool:
-    return (run_dir / PIPELINE_FILE).is_file()
-
-
-def not_a_run(path: Path) -> str | None:
-    """For commands that take one run: the message when `path` is a stages folder instead, else None."""
-    if not is_pipeline(path):
-        return None
-    try:
-        last = str(read_yaml(path / PIPELINE_FILE)["stages"][-1]["name"])
-    except (ConfigError, KeyError, IndexError, TypeError):
-        last = "<stage>"
-    return f"{path} holds the stages of a progressive search; pass one stage's folder, e.g. {path / last} (the last)."
-
-
 def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Path, list[Stage]]:
     """Each stage's full config and run directory; the pipeline folder is --out, output.dir or runs/<model>-stages."""
     shared, configs = load_stages(path, overrides)
     explicit = _explicit_init_from(path)
-    root = (root or Path(shared.output.dir or Path("runs") / f"{model_slug(shared)}-stages")).absolute()
+    root = (root or Path(shared.output.dir or default_stages_dir(shared))).absolute()
     stages: list[Stage] = []
     for i, (name, config) in enumerate(configs):
         run_dir = root / name
@@ -96,7 +81,7 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
     Where the stage runs (output.dir, a chained init_from) may differ: the folder may have been moved. A
     finished stage ignores settings that change only memory use; it is kept as it is.
     """
-    saved = read_yaml(stage.run_dir / "config.resolved.yaml")
+    saved = read_yaml(stage.run_dir / CONFIG_FILE)
     now = stage.config.model_dump(mode="json")
     changed, memory = [], []
     for section, values in now.items():
@@ -104,18 +89,17 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
             before = saved.get(section, {}).get(key)
             if before == value or section == "output" or (stage.chained and (section, key) == ("search", "init_from")):
                 continue
-            if section == "search" and key in MEMORY_KEYS:
-                memory.append(f"search.{key}={value}")
-                continue
-            if section == "search" and key == "population" and checkpoint.has_state(stage.run_dir):
-                raise ConfigError(f"stage {stage.name}: {POPULATION_DONE}")
-            if section != "search" or key not in BUDGET_KEYS:
+            try:
+                kind = resume_change(section, key, checkpoint.has_state(stage.run_dir))
+            except ConfigError as exc:
+                raise ConfigError(f"stage {stage.name}: {exc}") from None
+            if kind == "identity":
                 raise ConfigError(
                     f"stage {stage.name} in {stage.run_dir} was run with {section}.{key} = {before!r}, the config now "
                     f"says {value!r}; restore it, or write the stages to a new output.dir (only search budget "
                     "settings may change between runs)."
                 )
-            changed.append(f"search.{key}={value}")
+            (memory if kind == "memory" else changed).append(f"search.{key}={value}")
     # a finished stage is kept when only memory settings changed; once it resumes, they apply too
     return changed + memory if changed or state != "finished" else []
 
@@ -123,7 +107,7 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
 def relocate(stage: Stage) -> None:
     """Point a stage's saved config at where the stages folder is now (it may have been moved or copied):
     its output.dir, and init_from when it chains to the stage before. Nothing else in it changes."""
-    path = stage.run_dir / "config.resolved.yaml"
+    path = stage.run_dir / CONFIG_FILE
     saved = read_yaml(path)
     updated = yaml.safe_load(yaml.safe_dump(saved))
     updated.setdefault("output", {})["dir"] = str(stage.run_dir)
@@ -135,13 +119,11 @@ def relocate(stage: Stage) -> None:
 
 def _target_tokens(config: Config) -> int | None:
     """A long stage's target in tokens; `8x` needs the model's window (None when the model is not readable yet)."""
-    target = config.search.target or "8x"
+    target = config.search.target_or_default
     if not str(target).strip().endswith("x"):
         return parse_length(target)
     original = config.model.original_length
     if original is None:
-        from longrope_search.model import load_config, rope_spec
-
         try:
             original = rope_spec(load_config(config.model.name)).original_length
         except LongRopeError:
@@ -188,9 +170,9 @@ def check_chain(stages: list[Stage], what: list[tuple[str, list[str]]]) -> None:
             )
         if state != "finished" or changes or init in changing:
             changing[stage.run_dir] = changing.get(init, stage.name) if init in changing else stage.name
-        elif init is not None and state == "finished" and (init / "factors.json").is_file():
-            recorded = load_factors(stage.run_dir).search.get("prior", {}).get("factors")
-            if recorded is not None and recorded != load_factors(init).factors:
+        elif init is not None and state == "finished" and (init / FACTORS_FILE).is_file():
+            prior = load_factors(stage.run_dir).search.prior
+            if prior is not None and prior.factors != load_factors(init).factors:
                 raise ConfigError(
                     f"stage {stage.name} was built on other factors than {init} holds now; move {stage.run_dir} "
                     "aside to search it again on the current ones."
@@ -198,7 +180,7 @@ def check_chain(stages: list[Stage], what: list[tuple[str, list[str]]]) -> None:
 
 
 def run_stages(
-    path: Path, overrides: list[str], root: Path | None = None, reporter: Any = None,
+    path: Path, overrides: list[str], root: Path | None = None, reporter: Reporter = SILENT,
     ctx: distributed.Context = distributed.SINGLE_PROCESS,
 ) -> tuple[list[StageResult], Path]:
     """Run, resume or keep every stage in order; returns each stage's result and the pipeline folder.
@@ -239,7 +221,7 @@ def run_stages(
             kept = f"; finished stages ({done}) are kept" if done else ""
             message = str(exc).rstrip(".")
             raise type(exc)(f"stage {stage.name}: {message}{kept}; run the same command again once fixed.") from exc
-        if reporter is not None and kind == "kept":
+        if kind == "kept":
             reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
         results.append(StageResult(stage, final, kind))
     return results, root
@@ -250,9 +232,8 @@ def _status_and_changes(stage: Stage) -> tuple[str, list[str]]:
     return state, ([] if state == "new" else budget_changes(stage, state))
 
 
-def _announce(reporter: Any, stage: Stage, verb: str) -> Any:
-    if reporter is not None:
-        reporter.note(f"stage {stage.name}: {verb} in {stage.run_dir}")
+def _announce(reporter: Reporter, stage: Stage, verb: str) -> Reporter:
+    reporter.note(f"stage {stage.name}: {verb} in {stage.run_dir}")
     return reporter
 
 
@@ -267,9 +248,7 @@ def write_pipeline(root: Path, path: Path, overrides: list[str]) -> None:
     raw = stages_with_overrides(read_yaml(path), overrides)
     raw.setdefault("output", {})["dir"] = str(root)
     for sections in (raw, *raw["stages"]):  # absolute, so a resume from another directory finds the same files
-        for section, key, local in PATH_FIELDS:
-            if isinstance(sections.get(section), dict) and key in sections[section]:
-                sections[section][key] = absolute(sections[section][key], local)
+        absolute_raw_paths(sections)
     pipeline = root / PIPELINE_FILE
     if pipeline.is_file() and read_yaml(pipeline) == raw:
         return

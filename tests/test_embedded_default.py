@@ -31,6 +31,6 @@ def test_short_search_on_the_shipped_model_beats_pi_then_readjusts_short_inputs(
     # lowered attention factor (~1.08) and short set are within 1% (a 2% rise allowed at 8x)
     assert readjusted.baselines["long"]["heldout"] > unmodified * 1.05
     assert readjusted.ppl["heldout"] <= unmodified * 1.01 < readjusted.baselines["ones"]["heldout"]
-    fit = readjusted.search["attention_fit"]
+    fit = readjusted.search.attention_fit
     assert 1.0 <= readjusted.mscale < final.mscale
-    assert fit["search"]["mscale"] <= fit["search"]["long_mscale"] * 1.02
+    assert fit.search.mscale <= fit.search.long_mscale * 1.02

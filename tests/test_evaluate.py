@@ -13,7 +13,10 @@ import torch
 from search_fixtures import WORDS, search_config, write_model
 from tiny_models import tiny_model, tiny_tokenizer
 
+from longrope_search import eval_result as er
 from longrope_search import evaluate as ev
+from longrope_search import methods as mt
+from longrope_search import passkey as pk
 from longrope_search.config import from_dict
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import ConfigError, DataError, ModelError
@@ -68,29 +71,29 @@ def factors_file(factors: list[float], mscale: float, target: int = 128, n_hat: 
 def test_methods_reduce_to_ones_inside_the_window_and_longrope_keeps_its_mscale():
     ff = factors_file([1.5] * 8, mscale=1.2, n_hat=4, short=[1.1] * 8)
     for length in (16, 32):
-        methods = {m.name: m for m in ev.methods_for(SPEC, length, ff)}
+        methods = {m.name: m for m in mt.methods_for(SPEC, length, ff)}
         assert set(methods) == ALL
         for name in ("none", "pi", "ntk", "yarn"):
             assert methods[name].factors == (1.0,) * 8 and methods[name].mscale == 1.0 and methods[name].n_hat == 0
         # transformers' longrope: short factors, no n_hat, and the same attention_factor as the long ones
-        assert methods["longrope"] == ev.Method("longrope", (1.1,) * 8, 0, 1.2)
-    assert ev.methods_for(SPEC, 32, factors_file([1.5] * 8, 1.2))[-1].factors == (1.0,) * 8  # no short factors
+        assert methods["longrope"] == mt.Method("longrope", (1.1,) * 8, 0, 1.2)
+    assert mt.methods_for(SPEC, 32, factors_file([1.5] * 8, 1.2))[-1].factors == (1.0,) * 8  # no short factors
 
-    methods = {m.name: m for m in ev.methods_for(SPEC, 128, ff)}
+    methods = {m.name: m for m in mt.methods_for(SPEC, 128, ff)}
     assert methods["pi"].factors == (4.0,) * 8 and methods["pi"].mscale == 1.0
     assert methods["ntk"].factors == tuple(ntk_factors(SPEC, 4.0).tolist())
     assert methods["yarn"].mscale == pytest.approx(0.1 * math.log(4.0) + 1.0)
-    assert methods["longrope"] == ev.Method("longrope", (1.5,) * 8, 4, 1.2)
+    assert methods["longrope"] == mt.Method("longrope", (1.5,) * 8, 4, 1.2)
     # past the target the long factors stay (what a served model does), baselines stretch to the new scale
-    methods = {m.name: m for m in ev.methods_for(SPEC, 256, ff)}
+    methods = {m.name: m for m in mt.methods_for(SPEC, 256, ff)}
     assert methods["longrope"].factors == (1.5,) * 8 and methods["pi"].factors == (8.0,) * 8
-    assert [m.name for m in ev.methods_for(SPEC, 128, None)] == ["none", "pi", "ntk", "yarn"]
+    assert [m.name for m in mt.methods_for(SPEC, 128, None)] == ["none", "pi", "ntk", "yarn"]
 
 
 def test_factors_of_another_geometry_are_refused():
     other = FactorsFile(model="x", rope=RopeSpec(500000.0, 16, 32), target_length=128, factors=[1.0] * 8)
     with pytest.raises(ModelError, match="rope_theta 500000 but"):
-        ev.methods_for(SPEC, 128, other)
+        mt.methods_for(SPEC, 128, other)
 
 
 # --- perplexity ---------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def test_run_table_matches_the_searched_scores_and_writes_eval_json(tiny_run):
     assert doc["lengths"] == [32, 64, 128] and doc["passkey"] == {} and doc["samples"] == 2
     assert doc["factors"] == str(run_dir / "factors.json") and doc["model"] == ff.model
     assert set(doc["ppl"]["pi"]) == {"32", "64", "128"} and doc["ppl"]["pi"]["64"] == result.ppl["pi"][64]
-    assert ev.EvalResult.from_json(doc) == result
+    assert er.EvalResult.from_json(doc) == result
 
 
 def test_longrope_with_pi_factors_and_mscale_scores_like_pi(tiny_run):
@@ -189,16 +192,16 @@ def test_heldout_streams_never_include_search_documents_when_concatenated(tmp_pa
 
 
 def test_json_round_trip_keeps_infinite_ppl_as_null_and_tables_mark_the_best():
-    result = ev.EvalResult(lengths=[32, 256], ppl={"none": {32: 5.0, 256: math.inf}, "pi": {32: 5.0, 256: 9.5}},
+    result = er.EvalResult(lengths=[32, 256], ppl={"none": {32: 5.0, 256: math.inf}, "pi": {32: 5.0, 256: 9.5}},
                            samples=3, model="m", factors=None, passkey={"none": {32: 1.0, 256: 0.0},
                                                                         "pi": {32: 0.5, 256: 0.25}})
     doc = json.loads(json.dumps(result.to_json(), allow_nan=False))  # strict JSON: no Infinity
     assert doc == {"lengths": [32, 256], "ppl": {"none": {"32": 5.0, "256": None}, "pi": {"32": 5.0, "256": 9.5}},
                    "passkey": {"none": {"32": 1.0, "256": 0.0}, "pi": {"32": 0.5, "256": 0.25}},
                    "samples": 3, "model": "m", "factors": None}
-    assert ev.EvalResult.from_json(doc) == result
+    assert er.EvalResult.from_json(doc) == result
 
-    ppl_table, passkey_table = ev.render_tables(result, original_length=32)
+    ppl_table, passkey_table = er.render_tables(result, original_length=32)
     assert [c.header for c in ppl_table.columns] == ["method", "32 (1x)", "256 (8x)"]
     cells = {c.header: [str(x) for x in c._cells] for c in ppl_table.columns}
     assert cells["method"] == ["none", "pi"]
@@ -224,21 +227,21 @@ def _first_prefix_containing(tokenizer, ids: torch.Tensor, text: str) -> int:
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 0.8, 1.0])
 def test_passkey_prompt_has_the_length_and_the_needle_at_the_depth(depth):
     tokenizer = tiny_tokenizer()
-    prompt = ev.passkey_prompt(tokenizer, 800, "48213", depth)
+    prompt = pk.passkey_prompt(tokenizer, 800, "48213", depth)
     assert 800 - 8 <= len(prompt.ids) <= 800  # short by less than one filler word (~5 tokens here)
     assert prompt.ids[0] == tokenizer.bos_token_id and prompt.key == "48213"
     text = tokenizer.decode(prompt.ids, skip_special_tokens=True)
-    assert text.startswith(ev.INTRO) and text.endswith("\n" + ev.QUESTION) and text.count("48213") == 2
+    assert text.startswith(pk.INTRO) and text.endswith("\n" + pk.QUESTION) and text.count("48213") == 2
     def tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # depth = share of the filler tokens (between the intro and the needle + question) before the needle
-    start = _first_prefix_containing(tokenizer, prompt.ids, ev.INTRO)
+    start = _first_prefix_containing(tokenizer, prompt.ids, pk.INTRO)
     needle = _first_prefix_containing(tokenizer, prompt.ids, "The pass key is 48213") - tokens("The pass key is 48213")
-    filler = len(prompt.ids) - start - tokens(ev.NEEDLE.format(key="48213") + "\n" + ev.QUESTION)
+    filler = len(prompt.ids) - start - tokens(pk.NEEDLE.format(key="48213") + "\n" + pk.QUESTION)
     assert abs((needle - start) / filler - depth) < 0.06 and abs(prompt.depth - depth) < 0.06
     with pytest.raises(ConfigError, match="longer lengths"):
-        ev.passkey_prompt(tokenizer, 64, "48213", depth)
+        pk.passkey_prompt(tokenizer, 64, "48213", depth)
 
 
 def test_passkey_accuracy_per_method_and_length_is_deterministic_and_uses_the_installed_rope():
@@ -250,23 +253,23 @@ def test_passkey_accuracy_per_method_and_length_is_deterministic_and_uses_the_in
         lambda mod, args, kwargs, out: seen.append((tuple(mod.inv_freq.tolist()), int(kwargs["position_ids"].max()))),
         with_kwargs=True,
     )
-    scores = ev.passkey(model, tokenizer, SPEC, [256, 288], ff, trials=2, seed=7)
+    scores = pk.passkey(model, tokenizer, SPEC, [256, 288], ff, trials=2, seed=7)
     assert set(scores) == ALL and all(set(row) == {256, 288} for row in scores.values())
     assert all(v in (0.0, 0.5, 1.0) for row in scores.values() for v in row.values())  # a random model: ~0
-    again = ev.passkey(model, tokenizer, SPEC, [288], ff, trials=2, seed=7)
+    again = pk.passkey(model, tokenizer, SPEC, [288], ff, trials=2, seed=7)
     assert again == {name: {288: row[288]} for name, row in scores.items()}
     # every method's frequencies reached the decoding steps (positions past the prompt), not just the prefill
     for length in (256, 288):
-        for method in ev.methods_for(SPEC, length, ff):
+        for method in mt.methods_for(SPEC, length, ff):
             inv_freq = tuple(scaled_inv_freq(SPEC, torch.tensor(method.factors)).tolist())
             positions = [p for f, p in seen if f == inv_freq]
             assert positions and max(positions) >= length - 8, (method.name, length)
-    assert ev.passkey_trials(3, 7) == ev.passkey_trials(3, 7) != ev.passkey_trials(3, 8)
-    assert all(len(key) == 5 and 0.0 <= depth <= 1.0 for key, depth in ev.passkey_trials(10, 0))
+    assert pk.passkey_trials(3, 7) == pk.passkey_trials(3, 7) != pk.passkey_trials(3, 8)
+    assert all(len(key) == 5 and 0.0 <= depth <= 1.0 for key, depth in pk.passkey_trials(10, 0))
 
 
 def test_a_later_eval_adds_to_eval_json_instead_of_erasing_it(tmp_path):
-    from longrope_search.evaluate import EvalResult
+    from longrope_search.eval_result import EvalResult
 
     path = tmp_path / "eval.json"
     long = EvalResult([256, 512], {"pi": {256: 3.0, 512: 4.0}}, 4, "m", "f", {"pi": {512: 0.5}})

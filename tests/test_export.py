@@ -10,7 +10,7 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from longrope_search.errors import ExportError
+from longrope_search.errors import ExportError, GeometryError
 from longrope_search.export import export, hf_rope_config
 from longrope_search.factors import FactorsFile
 from longrope_search.model import install_rope, rope_spec
@@ -143,7 +143,7 @@ def test_refuses_destination_inside_source(tmp_path):
 def test_refuses_factor_count_that_does_not_match_the_model(tmp_path):
     llama, phi3 = make_source(tmp_path, "llama"), make_source(tmp_path, "phi3")
     run = make_factors(tmp_path, llama)  # 8 factors; the Phi-3 model has 4 rotary pairs
-    with pytest.raises(ExportError, match="8 factors but .* has 4 rotary pairs"):
+    with pytest.raises(GeometryError, match="8 factors but .* has 4 rotary pairs"):
         export(run, tmp_path / "dst", model=str(phi3))
     assert not (tmp_path / "dst").exists()
 

@@ -12,9 +12,8 @@ from longrope_search.config import load_config
 from longrope_search.errors import ConfigError, ModelError
 from longrope_search.fitness import sequence_nll
 from longrope_search.memory import chunk_mlp, measure_peak
-from longrope_search.plan import (
-    PRESETS, Budget, activation_bytes, estimate, model_shape, paper_budget, rows, search_inputs, shape_from_config,
-)
+from longrope_search.plan import Budget, activation_bytes, estimate, paper_budget, rows, search_inputs
+from longrope_search.shapes import PRESETS, model_shape, shape_from_config
 from tiny_models import tiny_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

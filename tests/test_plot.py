@@ -123,3 +123,4 @@ def test_unwritable_output_is_a_checkpoint_error(run_copy):
 def test_lengths_read_as_the_cli_writes_them():
     assert [format_length(n) for n in (32, 4096, 6144, 262144, 2097152, 4000)] == [
         "32", "4k", "6k", "256k", "2m", "4000"]
+

@@ -23,7 +23,8 @@ from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.errors import CheckpointError, ConfigError
 from longrope_search.evolution import SearchSpace
-from longrope_search.search import make_plan, run_search
+from longrope_search.search import run_search
+from longrope_search.search_setup import make_setup as make_plan
 from longrope_search.model import load_config, rope_spec
 
 runner = CliRunner()
@@ -215,7 +216,7 @@ def test_progressive_stage_composes_with_the_previous_factors(setup, finished_ru
     config = from_dict(search_config(model, corpus, target="8x", generations=1, init_from=str(finished_run)))
     final, run_dir = run_search(config, tmp_path / "stage2")
     stage = np.array(final.factors) / np.array(stage1.factors)
-    assert final.target_length == 256 and final.search["prior"]["target_length"] == 128
+    assert final.target_length == 256 and final.search.prior.target_length == 128
     assert np.all(stage >= 1.0 - 1e-9) and np.all(stage <= 1.25 * 2 + 1e-9)  # stage factors in [1, 1.25 * 2]
     assert "prior" in final.baselines
     # what was scored is exactly the composed vector written to factors.json
@@ -239,8 +240,8 @@ def test_short_readjustment_keeps_the_long_set_and_adds_a_short_one(setup, finis
     assert final.factors == long.factors and final.target_length == long.target_length
     assert final.mscale == long.mscale and final.n_hat == long.n_hat
     assert len(final.short_factors) == 8 and all(1.0 <= f <= 2.0 for f in final.short_factors)
-    assert final.search["mode"] == "short" and final.search["scored_length"] == 32
-    assert set(final.baselines) == {"none", "ones", "long"} and "attention_fit" not in final.search
+    assert final.search.mode == "short" and final.search.scored_length == 32
+    assert set(final.baselines) == {"none", "ones", "long"} and final.search.attention_fit is None
     with pytest.raises(ConfigError, match="short readjustment needs the long factors"):
         run_search(from_dict(search_config(model, corpus, target="1x", short=True)), tmp_path / "a")
     with pytest.raises(ConfigError, match="set search.target to 1x or less"):
@@ -258,7 +259,7 @@ def test_short_readjustment_lowers_the_attention_factor_within_the_long_toleranc
     from longrope_search.factors import load_factors
     from longrope_search.fitness import perplexity
     from longrope_search.model import install_rope, load_model
-    from longrope_search.search import MSCALE_GRID
+    from longrope_search.attention import MSCALE_GRID
 
     model, corpus = setup
     long = load_factors(finished_run)
@@ -266,10 +267,10 @@ def test_short_readjustment_lowers_the_attention_factor_within_the_long_toleranc
     config = from_dict(search_config(model, corpus, target="1x", generations=1, short=True,
                                      long_tolerance=tolerance, init_from=str(finished_run)))
     final, run_dir = run_search(config, tmp_path / "short")
-    fit = final.search["attention_fit"]
-    assert final.mscale == fit["mscale"] <= long.mscale and fit["long_mscale"] == long.mscale
-    assert final.factors == long.factors and fit["length"] == long.target_length
-    assert set(fit["heldout"]) == {"long_mscale", "mscale"}
+    fit = final.search.attention_fit
+    assert final.mscale == fit.mscale <= long.mscale and fit.long_mscale == long.mscale
+    assert final.factors == long.factors and fit.length == long.target_length
+    assert fit.heldout is not None
     if final.mscale != long.mscale:
         assert set(final.baselines) == {"none", "ones", "long", "ones_fitted"}
 
@@ -283,15 +284,15 @@ def test_short_readjustment_lowers_the_attention_factor_within_the_long_toleranc
         return perplexity(lm, samples.search, 48).ppl
 
     reference = long_ppl(long.mscale)
-    assert fit["search"]["long_mscale"] == pytest.approx(reference, rel=1e-6)
+    assert fit.search.long_mscale == pytest.approx(reference, rel=1e-6)
     assert long_ppl(final.mscale) <= reference * (1 + tolerance) + 1e-9
     # every lower value the fit scored is over the limit (the bisection's guarantee; the unit test below
     # checks that it finds the lowest grid value on a known curve)
     limit = reference * (1 + tolerance)
-    assert all(ppl > limit for m, ppl in fit["checked"].items() if float(m) < final.mscale)
+    assert all(ppl > limit for m, ppl in fit.checked.items() if float(m) < final.mscale)
     keys = [json.loads(line).get("key", "") for line in (run_dir / "log.jsonl").read_text().splitlines()]
     fitted = [k for k in keys if k.startswith("attention:")]
-    assert len(fitted) == len(fit["checked"]) == len(set(fitted))
+    assert len(fitted) == len(fit.checked) == len(set(fitted))
     assert len(fitted) <= 2 + int(np.ceil(np.log2(max(2, (long.mscale - 1) / MSCALE_GRID))))
 
 
@@ -300,7 +301,8 @@ def test_fit_attention_bisects_to_the_lowest_value_within_tolerance(tmp_path):
     import numpy as np
 
     from longrope_search.fitness import FitnessResult
-    from longrope_search.search import Prior, fit_attention
+    from longrope_search.attention import fit_attention
+    from longrope_search.search_setup import Prior
 
     class Curve:  # PPL falls as the attention factor rises toward 1.3
         def __init__(self):
@@ -320,8 +322,8 @@ def test_fit_attention_bisects_to_the_lowest_value_within_tolerance(tmp_path):
     curve = Curve()
     fit = fit_attention(FakePlan, curve, tmp_path / "log.jsonl")
     # 10 + 20 (1.3 - m)^2 <= 10.5  <=>  m >= 1.3 - 0.1581
-    assert fit["mscale"] == pytest.approx(1.15) and len(curve.calls) <= 2 + 5
-    assert fit["search"] == {"long_mscale": 10.0, "mscale": pytest.approx(10.0 + 20 * 0.15 ** 2)}
+    assert fit.mscale == pytest.approx(1.15) and len(curve.calls) <= 2 + 5
+    assert fit.search.long_mscale == 10.0 and fit.search.mscale == pytest.approx(10.0 + 20 * 0.15 ** 2)
     # four workers (ranks or context-parallel groups) probe four values per round: fewer rounds, same answer
     from longrope_search import distributed
 
@@ -330,9 +332,9 @@ def test_fit_attention_bisects_to_the_lowest_value_within_tolerance(tmp_path):
 
     wide = Curve()
     fit = fit_attention(FakePlan, wide, tmp_path / "log3.jsonl", ctx=FourWorkers())
-    assert fit["mscale"] == pytest.approx(1.15) and len(wide.calls) <= 2 + 4 * 2
+    assert fit.mscale == pytest.approx(1.15) and len(wide.calls) <= 2 + 4 * 2
     FakePlan.config.search.long_tolerance = 0.9  # everything passes: 1.0 itself
-    assert fit_attention(FakePlan, Curve(), tmp_path / "log2.jsonl")["mscale"] == 1.0
+    assert fit_attention(FakePlan, Curve(), tmp_path / "log2.jsonl").mscale == 1.0
 
 
 def test_resume_of_a_run_stopped_during_generation_0_reuses_its_logged_scores(setup, tmp_path):
@@ -417,7 +419,7 @@ def test_a_long_stage_on_a_model_carrying_other_factors_than_init_from_is_warned
     import numpy as np
 
     from longrope_search.factors import load_factors
-    from longrope_search.search import Prior, carried_mismatch
+    from longrope_search.search_setup import Prior, carried_mismatch
 
     model, corpus = setup
     stage1 = load_factors(finished_run)

@@ -58,7 +58,7 @@ def test_stages_chain_factors_and_a_rerun_keeps_finished_ones(setup, tmp_path):
     first, second, short = (load_factors(root / name) for name in ("4x", "8x", "short"))
     assert (first.target_length, second.target_length, short.target_length) == (128, 256, 256)
     # stage 2 multiplies its own factors (in [1, 1.25 * 2]) onto stage 1's: lambda_2 * lambda_1
-    assert second.search["prior"]["factors"] == first.factors
+    assert second.search.prior.factors == first.factors
     ratio = np.asarray(second.factors) / np.asarray(first.factors)
     assert np.all(ratio >= 1 - 1e-9) and np.all(ratio <= 2.5 + 1e-9)
     assert short.factors == second.factors and short.short_factors is not None  # the short set readjusts stage 2

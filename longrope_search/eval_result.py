@@ -1,0 +1,121 @@
+"""eval.json: the result of `longrope eval` (scores per method per length), its one reader and writer, the merge
+that keeps earlier lengths, and the tables the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.table import Table
+from rich.text import Text
+
+from longrope_search.config import format_length
+from longrope_search.errors import CheckpointError
+from longrope_search.files import atomic_write_text
+
+
+@dataclass
+class EvalResult:
+    """Scores per method per length. JSON schema (read by the plotter, keep it stable):
+    {"lengths": [int], "ppl": {method: {"<length>": float | null}}, "passkey": {method: {"<length>": float}},
+     "samples": int, "model": str, "factors": str | null}; null ppl = not finite, empty passkey = not measured.
+    """
+
+    lengths: list[int]
+    ppl: dict[str, dict[int, float]]
+    samples: int
+    model: str
+    factors: str | None = None
+    passkey: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        def table(scores: dict[str, dict[int, float]]) -> dict[str, dict[str, float | None]]:
+            return {m: {str(n): (v if math.isfinite(v) else None) for n, v in row.items()} for m, row in scores.items()}
+
+        doc = {"lengths": list(self.lengths), "ppl": table(self.ppl), "passkey": table(self.passkey),
+               "samples": self.samples, "model": self.model, "factors": self.factors}
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "EvalResult":
+        """Lengths may be strings (JSON) or ints; null scores are inf. Missing metadata reads as unknown."""
+
+        def table(scores: dict[str, dict[str, float | None]] | None) -> dict[str, dict[int, float]]:
+            return {str(m): {int(n): (math.inf if v is None else float(v)) for n, v in row.items()}
+                    for m, row in (scores or {}).items()}
+
+        ppl, passkey = table(doc["ppl"]), table(doc.get("passkey"))
+        lengths = doc.get("lengths") or sorted({n for t in (ppl, passkey) for row in t.values() for n in row})
+        return cls(lengths=[int(n) for n in lengths], ppl=ppl, samples=int(doc.get("samples", 0)),
+                   model=str(doc.get("model", "")), factors=doc.get("factors"), passkey=passkey)
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+
+    def merged_into(self, path: Path) -> "EvalResult":
+        """This result on top of an earlier eval.json of the same samples: a quick run never erases a long one."""
+        try:
+            old = read_eval(path)
+        except CheckpointError:
+            old = None
+        if old is None or (old.samples, old.model, old.factors) != (self.samples, self.model, self.factors):
+            return self  # none yet, unreadable or not comparable: replaced by this complete result
+        merged = {name: _merged(getattr(old, name), getattr(self, name)) for name in ("ppl", "passkey")}
+        return EvalResult(sorted(set(old.lengths) | set(self.lengths)), merged["ppl"], self.samples, self.model,
+                          self.factors, merged["passkey"])
+
+
+def _merged(old: dict[str, dict[int, Any]], new: dict[str, dict[int, Any]]) -> dict[str, dict[int, Any]]:
+    """method -> length -> score: the new scores over the old ones, old lengths and methods kept."""
+    out = {m: {**old.get(m, {}), **row} for m, row in new.items()}
+    for m, row in old.items():
+        out.setdefault(m, row)
+    return out
+
+
+def length_label(length: int, original_length: int | None = None) -> str:
+    """4096 -> '4k'; with the window known, '32k (8x)'."""
+    text = format_length(length)
+    return f"{text} ({length / original_length:g}x)" if original_length else text
+
+
+def render_tables(result: EvalResult, original_length: int | None = None) -> list[Any]:
+    """Rich tables, rows = methods, columns = lengths; the best per column bold and starred (ties all starred)."""
+    def build(title: str, scores: dict[str, dict[int, float]], better: Callable[..., float], fmt: str) -> Any:
+        table = Table(title=title, caption="* best per length")
+        table.add_column("method")
+        lengths = [n for n in result.lengths if any(n in row for row in scores.values())]  # a merge may lack some
+        for n in lengths:
+            table.add_column(length_label(n, original_length), justify="right")
+        best = {n: better(row[n] for row in scores.values() if n in row) for n in lengths}
+        for method, row in scores.items():
+            cells = []
+            for n in lengths:
+                if n not in row:
+                    cells.append(Text("-"))
+                    continue
+                top = math.isclose(row[n], best[n], rel_tol=1e-9)  # equal infinities count as a tie
+                cells.append(Text(format(row[n], fmt) + ("*" if top else " "), style="bold green" if top else ""))
+            table.add_row(method, *cells)
+        return table
+
+    tables = [build(f"perplexity on {result.samples} held-out samples, lower is better", result.ppl, min, ",.3f")]
+    if result.passkey:
+        tables.append(build("passkey retrieval accuracy, higher is better", result.passkey, max, ".2f"))
+    return tables
+
+
+def read_eval(path: Path) -> EvalResult | None:
+    """The eval.json at `path`; None when there is none. Length keys may be strings (JSON) or ints."""
+    if not path.is_file():
+        return None
+    try:
+        return EvalResult.from_json(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged or not in the `longrope eval` format ({type(exc).__name__}); re-run `longrope eval`."
+        ) from exc

@@ -1,0 +1,74 @@
+"""One `longrope search` command: a new search, a resume, or a config with stages (new or resumed).
+
+`prepare` decides which from the arguments and the files (on rank 0 under torchrun) and refuses combinations
+that do not apply, before anything runs; `run` runs it. The run directory is known before the run starts, so
+an interrupted command can name the command that continues it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from longrope_search import distributed
+from longrope_search.config import Config, has_stages, load_config
+from longrope_search.errors import ConfigError
+from longrope_search.factors import FactorsFile
+from longrope_search.progress import SILENT, Reporter
+from longrope_search.rundir import PIPELINE_FILE, default_run_dir, is_pipeline
+from longrope_search.search import run_search
+from longrope_search.stages import StageResult, run_stages
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: Literal["search", "resume", "stages"]
+    run_dir: Path | None  # the run (or stages folder); None for stages that go to their config's output.dir
+    overrides: list[str]
+    config: Config | None = None  # a new single search
+    stages_file: Path | None = None  # stages: the config, or the folder's stages.yaml on resume
+
+    @property
+    def continue_command(self) -> str:
+        """How to continue after an interruption."""
+        return f"`longrope search --resume {self.run_dir}`" if self.run_dir is not None else "the same command"
+
+
+@dataclass
+class JobResult:
+    final: FactorsFile  # the last stage's for stages
+    run_dir: Path  # the run to export
+    stages: list[StageResult] = field(default_factory=list)  # empty for a single search
+
+
+def prepare(config_path: Path | None, resume: Path | None, out: Path | None, overrides: list[str],
+            single_options: bool, ctx: distributed.Context = distributed.SINGLE_PROCESS) -> Job:
+    """The job the arguments ask for. `single_options`: --target, --init-from or --short was given (they apply to
+    a single search only). Rank 0 reads the files: the other nodes may not have them."""
+    if resume is not None and config_path is not None:
+        raise ConfigError("--resume continues the saved config of the run; drop --config (budget changes go in --set).")
+    staged = distributed.run_on_main(
+        lambda: is_pipeline(resume) if resume is not None else config_path is not None and has_stages(config_path),
+        ctx)
+    if staged and single_options:
+        raise ConfigError("--target, --init-from and --short apply to a single search; in a config with stages, set "
+                          "search.target, search.init_from and search.short per stage.")
+    if staged:
+        return Job("stages", resume or out, overrides,
+                   stages_file=resume / PIPELINE_FILE if resume is not None else config_path)
+    if resume is not None:
+        return Job("resume", resume, overrides)
+    config = distributed.run_on_main(lambda: load_config(config_path, overrides), ctx)
+    return Job("search", out or Path(config.output.dir or default_run_dir(config)), overrides, config=config)
+
+
+def run(job: Job, reporter: Reporter = SILENT, ctx: distributed.Context = distributed.SINGLE_PROCESS) -> JobResult:
+    if job.kind == "stages":
+        results, _ = run_stages(job.stages_file, job.overrides, job.run_dir, reporter, ctx)
+        return JobResult(results[-1].final, results[-1].stage.run_dir, results)
+    if job.kind == "resume":
+        final, run_dir = run_search(None, job.run_dir, resume=True, overrides=job.overrides, reporter=reporter, ctx=ctx)
+    else:
+        final, run_dir = run_search(job.config, job.run_dir, reporter=reporter, ctx=ctx)
+    return JobResult(final, run_dir)

@@ -1,0 +1,258 @@
+"""A search's setup: everything derived from the config and the model's geometry before any weights load.
+
+`SearchSetup` is what one search scores: the target length, the search space, the attention factor, the
+factors it builds on (`Prior`, a previous stage) and the seeds of its first population; `identity` is what
+a resume must match. A setup is immutable: the attention-factor fit of a short search makes a new one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from longrope_search import rope
+from longrope_search.config import Config, parse_length
+from longrope_search.errors import ConfigError
+from longrope_search.evolution import SearchSpace
+from longrope_search.factors import AttentionFit, PriorRecord, check_geometry, load_factors
+from longrope_search.model import carried_factors
+from longrope_search.rope import RopeSpec
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Long factors the model already runs with: a previous stage of a progressive extension."""
+
+    factors: np.ndarray  # (d/2,)
+    target_length: int
+    mscale: float
+    n_hat: int
+    source: str  # where they came from, for messages and factors.json
+    short_factors: list[float] | None = None  # a short set searched earlier; kept through later stages
+
+    def record(self) -> PriorRecord:
+        return PriorRecord(self.source, self.target_length, [float(x) for x in self.factors], self.mscale)
+
+
+@dataclass(frozen=True)
+class SearchSetup:
+    """What a search scores, derived from the config and the model's rotary geometry."""
+
+    config: Config
+    spec: RopeSpec
+    target_length: int  # the length candidates are scored at
+    space: SearchSpace
+    mscale: float  # the attention factor every candidate runs with
+    seeds: dict[str, np.ndarray]  # named seed vectors of the initial population, in the space's terms
+    prior: Prior | None = None
+    short: bool = False
+    attention_fit: AttentionFit | None = None  # a short search: how the shared mscale was lowered
+
+    @property
+    def scale(self) -> float:
+        return self.spec.scale(self.target_length)
+
+    @property
+    def fits_mscale(self) -> bool:
+        """Short search with mscale auto: lower the shared attention factor before searching the short set."""
+        s = self.config.search
+        return self.short and s.mscale == "auto" and s.long_tolerance > 0 and self.prior.mscale > 1.0
+
+    def with_attention_fit(self, fit: AttentionFit) -> "SearchSetup":
+        """The same setup scoring under the fitted attention factor."""
+        return dataclasses.replace(self, mscale=fit.mscale, attention_fit=fit)
+
+    def factors(self, genes: Sequence[int]) -> np.ndarray:
+        """What the model runs with for a candidate: stage factors composed with the prior's (long mode)."""
+        stage = self.space.factors(genes)  # (d/2,)
+        if self.prior is not None and not self.short:
+            return stage * self.prior.factors  # lambda_total = lambda_stage2 * lambda_stage1
+        return stage
+
+    def comparisons(self) -> dict[str, tuple[np.ndarray, float]]:
+        """Reference methods scored beside the winner: name -> (factors, mscale)."""
+        if self.short:
+            ones = np.ones(self.spec.num_factors)
+            out = {
+                "none": (ones, 1.0),  # the unmodified model
+                "ones": (ones, self.prior.mscale),  # an export without a short set: factors 1, the long mscale
+                "long": (self.prior.factors, self.prior.mscale),  # the long set used for short inputs too
+            }
+            if self.mscale != self.prior.mscale:
+                out["ones_fitted"] = (ones, self.mscale)  # what lowering the mscale alone achieves
+            return out
+        out = {}
+        for name in ("none", *rope.BASELINES):
+            factors = rope.baseline(name)(self.spec, self.scale).numpy()
+            out[name] = (factors, rope.BASELINE_MSCALE[name](self.scale, self.spec.original_length))
+        if self.prior is not None:
+            out["prior"] = (self.prior.factors, self.prior.mscale)  # the previous stage, extrapolated
+        return out
+
+
+# --- the prior ------------------------------------------------------------------------------------------
+
+
+def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | None:
+    """The factors this search builds on: search.init_from, or else those the model carries (rope_type longrope).
+
+    init_from wins over carried factors: a fine-tuned stage-1 model carries stage 1, while its short
+    readjustment must build on the composed stage-2 factors of a later run.
+    """
+    carried = carried_factors(model_config)
+    prior = None
+    if config.search.init_from:
+        ff = load_factors(config.search.init_from)
+        check_geometry(ff.rope, spec, f"search.init_from {config.search.init_from}", config.model.name,
+                       "use a run of this model.")
+        prior = Prior(np.asarray(ff.factors), ff.target_length, ff.mscale, ff.n_hat, f"run {config.search.init_from}",
+                      ff.short_factors)
+    elif carried is not None:
+        params = model_config.rope_parameters
+        target = int(model_config.max_position_embeddings)
+        mscale = params.get("attention_factor") or rope.longrope_mscale(target / spec.original_length, spec.original_length)
+        short = params.get("short_factor")
+        prior = Prior(np.asarray(carried), target, float(mscale), 0, f"model {config.model.name}",
+                      None if short is None or all(x == 1.0 for x in short) else [float(x) for x in short])
+    if config.search.short and prior is None:
+        raise ConfigError(
+            "short readjustment needs the long factors it complements: set search.init_from (--init-from) to the "
+            "long run, or search on a LongRoPE-extended model."
+        )
+    return prior
+
+
+def carried_mismatch(config: Config, model_config: Any, prior: Prior | None) -> str | None:
+    """A warning when a long stage composes onto init_from's factors while the model carries other ones.
+
+    A model fine-tuned on stage 1's export carries stage 1's factors; if init_from's differ (stage 1 was
+    searched further after the fine-tune), the new stage would compose onto factors the model never saw.
+    A short search legitimately differs (it builds on the later, composed set).
+    """
+    carried = carried_factors(model_config)
+    if carried is None or prior is None or config.search.short or not config.search.init_from:
+        return None
+    if len(carried) != len(prior.factors):
+        return None  # resolve_prior's geometry check names this
+    gap = float(np.max(np.abs(np.asarray(carried) / prior.factors - 1.0)))
+    if gap <= 1e-6:
+        return None
+    return (f"{config.model.name} carries LongRoPE factors that differ from search.init_from's (by up to {gap:.1%}); "
+            "this search composes onto init_from's. If the model was fine-tuned with its own factors, build on "
+            "those instead: drop search.init_from.")
+
+
+# --- the setup ------------------------------------------------------------------------------------------
+
+
+def make_setup(config: Config, spec: RopeSpec, prior: Prior | None = None) -> SearchSetup:
+    """The setup of a search on a model of geometry `spec`; every check of the target happens here."""
+    s = config.search
+    if config.model.original_length is not None:
+        spec = RopeSpec(spec.base, spec.rotary_dim, config.model.original_length)
+    if s.short:
+        target, space, mscale = _short_space(config, spec, prior)
+    else:
+        target, space, mscale = _long_space(config, spec, prior)
+    setup = SearchSetup(config, spec, target, space, mscale, {}, prior, short=s.short)
+    return dataclasses.replace(setup, seeds=seed_vectors(setup))  # a bad init_factors file fails here
+
+
+def _long_space(config: Config, spec: RopeSpec, prior: Prior | None) -> tuple[int, SearchSpace, float]:
+    s = config.search
+    target = parse_length(s.target_or_default, spec.original_length)
+    floor = prior.target_length if prior is not None else spec.original_length
+    if target <= floor:
+        what = f"the previous stage's target ({floor} tokens)" if prior else f"the model's original window ({floor} tokens)"
+        raise ConfigError(
+            f"target {s.target_or_default} ({target} tokens) is not longer than {what}; set search.target above it, "
+            f"e.g. {floor * 8}."
+        )
+    # n_hat positions keep the original rotation; values at or beyond the window would mean "no scaling".
+    n_hat = tuple(v for v in s.n_hat if v < spec.original_length) or (0,)
+    space = SearchSpace(
+        num_factors=spec.num_factors, max_factor=s.max_factor or 1.25 * target / floor, step=s.step,
+        monotonic=s.monotonic, n_hat_choices=n_hat,
+    )
+    scale = target / spec.original_length
+    mscale = rope.longrope_mscale(scale, spec.original_length) if s.mscale == "auto" else float(s.mscale)
+    return target, space, mscale
+
+
+def _short_space(config: Config, spec: RopeSpec, prior: Prior) -> tuple[int, SearchSpace, float]:
+    s = config.search
+    target = parse_length(s.target_or_default, spec.original_length)
+    if target > spec.original_length:
+        raise ConfigError(
+            f"a short-context search scores inputs that fit the original window ({spec.original_length} tokens), "
+            f"but target is {target}; set search.target to 1x or less."
+        )
+    prior_scale = prior.target_length / spec.original_length
+    # milder than the long set: the paper readjusts with a lower maximum factor
+    space = SearchSpace(
+        num_factors=spec.num_factors, max_factor=s.max_factor or max(1.0 + s.step, min(2.0, prior_scale)),
+        step=s.step, monotonic=s.monotonic, n_hat_choices=(0,),  # no runtime applies n_hat to short inputs
+    )
+    # transformers and vLLM apply the long set's attention factor to short inputs too; with auto it is
+    # lowered by the attention fit once the model is loaded
+    mscale = prior.mscale if s.mscale in ("auto", "keep") else float(s.mscale)
+    return target, space, mscale
+
+
+def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
+    """Named seed vectors of the initial population, in the space's terms (a later stage's own factors)."""
+    if setup.prior is not None and not setup.short:
+        # a later stage starts from the previous stage's window, extending it by target / previous target
+        spec = RopeSpec(setup.spec.base, setup.spec.rotary_dim, setup.prior.target_length)
+        scale = setup.target_length / setup.prior.target_length
+    elif setup.short:
+        spec, scale = setup.spec, setup.space.max_factor / 1.25  # the mildest set that still spans the space
+    else:
+        spec, scale = setup.spec, setup.scale
+    seeds = {name: rope.baseline(name)(spec, scale).numpy() for name in setup.config.search.seeds}
+    if setup.short:
+        seeds.setdefault("none", np.ones(spec.num_factors))  # "keep the original RoPE" is the natural start
+    if setup.config.search.init_factors:
+        init = load_factors(setup.config.search.init_factors)
+        check_geometry(init.rope, setup.spec, f"search.init_factors {setup.config.search.init_factors}",
+                       setup.config.model.name, "use a factors file searched on the same model.")
+        # the space holds this stage's factors: a later stage divides out the prior, a short search seeds its set
+        if setup.short:
+            seeds["init"] = np.asarray(init.short_or_ones, dtype=np.float64)
+        elif setup.prior is not None:
+            seeds["init"] = np.asarray(init.factors, dtype=np.float64) / setup.prior.factors
+        else:
+            seeds["init"] = np.asarray(init.factors, dtype=np.float64)
+    return seeds
+
+
+# --- identity -------------------------------------------------------------------------------------------
+
+
+def model_identity(name: str, model_config: Any) -> str:
+    """The model name plus a hash of its config: a different checkpoint under the same path is caught."""
+    digest = hashlib.sha256(model_config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return f"{name}@{digest}"
+
+
+def identity(setup: SearchSetup, model_id: str, data_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
+    """What a resume must match: the model, the data, the tokenizer and everything that decides a score."""
+    space = setup.space
+    return {
+        "model": model_id,
+        "target_length": setup.target_length,
+        "original_length": setup.spec.original_length,
+        "rotary_dim": setup.spec.rotary_dim,
+        "rope_base": setup.spec.base,
+        "data": data_fingerprint,
+        "tokenizer": tokenizer_fingerprint,
+        "space": [space.max_factor, space.min_factor, space.step, space.monotonic, list(space.n_hat_choices)],
+        "mscale": ["fit", setup.prior.mscale, setup.config.search.long_tolerance] if setup.fits_mscale else setup.mscale,
+        "seeds": sorted(setup.seeds),
+        "prior": None if setup.prior is None else [float(x) for x in setup.prior.factors],
+        "short": setup.short,
+    }
