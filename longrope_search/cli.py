@@ -63,6 +63,14 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
+def parse_shares(text: str) -> tuple[float, ...]:
+    """'0,0.25,1' -> (0.0, 0.25, 1.0); range checks are the caller's."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"cannot read {text!r} as comma-separated numbers; write e.g. 0,0.25,0.5,0.75,1.") from None
+
+
 def parse_overrides(items: list[str] | None) -> list[str]:
     for item in items or []:
         if "=" not in item:
@@ -210,28 +218,37 @@ def eval_cmd(
     samples: Optional[int] = typer.Option(None, "--samples", "-n", help="Windows per length (default: the run's heldout_samples, or 8)."),
     passkey: bool = typer.Option(False, "--passkey", help="Also measure passkey retrieval."),
     trials: int = typer.Option(10, "--trials", help="Passkey prompts per length."),
-    seed: int = typer.Option(0, "--seed", help="Picks the passkey prompts (and the documents without RUN_DIR)."),
+    needle: bool = typer.Option(False, "--needle", help="Also measure needle retrieval by length and depth."),
+    needle_trials: int = typer.Option(20, "--needle-trials", help="Needle prompts per length and depth."),
+    depths: str = typer.Option("0,0.25,0.5,0.75,1", "--depths", help="Needle depths, shares of the context."),
+    keys: int = typer.Option(4, "--keys", help="Needles in a multi-key prompt (one is asked)."),
+    seed: int = typer.Option(0, "--seed", help="Picks the passkey and needle prompts (and the documents without RUN_DIR)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: the run's, else auto)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
-    """Perplexity (and passkey retrieval) per length of no scaling, PI, NTK, YaRN and the searched factors.
+    """Perplexity (and passkey and needle retrieval) per length of no scaling, PI, NTK, YaRN and the searched
+    factors.
 
     With RUN_DIR, perplexity is measured on held-out documents the search never scored, and the result is
-    also written to RUN_DIR/eval.json. Without it, pass --model, --factors and --data.
+    also written to RUN_DIR/eval.json. Without it, pass --model, --factors and --data. --needle hides a named
+    number in held-out text at each depth and asks for it at the end (one needle, and several keys with one
+    asked): the share of exact greedy answers per length and depth.
     """
     import json
 
     from longrope_search.eval_result import render_tables
     from longrope_search.evaluate import evaluate
     from longrope_search.factors import load_factors
+    from longrope_search.retrieval import NeedleSettings
     from longrope_search.rundir import EVAL_FILE
 
     quiet_libraries()
+    settings = NeedleSettings(needle_trials, parse_shares(depths), keys, seed) if needle else None
     with err_console.status("loading") as status:
         result = evaluate(
             [x.strip() for x in lengths.split(",") if x.strip()], run_dir=run_dir, model=model, factors=factors,
             data=data, samples=samples, seed=seed, passkey_trials=trials if passkey else 0, device=device,
-            progress=status.update,
+            progress=status.update, needle=settings,
         )
     if json_out:
         typer.echo(json.dumps(result.to_json(), indent=2))

@@ -18,11 +18,17 @@ from longrope_search.errors import CheckpointError
 from longrope_search.files import atomic_write_text
 
 
+NEEDLE_VARIANTS = {"single": "one needle", "multikey": "several keys, one asked"}
+Accuracy = dict[str, dict[str, dict[int, dict[float, float]]]]  # variant -> method -> length -> depth -> accuracy
+
+
 @dataclass
 class EvalResult:
     """Scores per method per length. JSON schema (read by the plotter, keep it stable):
     {"lengths": [int], "ppl": {method: {"<length>": float | null}}, "passkey": {method: {"<length>": float}},
-     "samples": int, "model": str, "factors": str | null}; null ppl = not finite, empty passkey = not measured.
+     "samples": int, "model": str, "factors": str | null,
+     "needle": {variant: {method: {"<length>": {"<depth>": float}}}}, "needle_trials": int};
+    null ppl = not finite, empty passkey = not measured; "needle" and "needle_trials" only once measured.
     """
 
     lengths: list[int]
@@ -31,6 +37,8 @@ class EvalResult:
     model: str
     factors: str | None = None
     passkey: dict[str, dict[int, float]] = field(default_factory=dict)
+    needle: Accuracy = field(default_factory=dict)
+    needle_trials: int = 0  # prompts per (length, depth) cell
 
     def to_json(self) -> dict[str, Any]:
         def table(scores: dict[str, dict[int, float]]) -> dict[str, dict[str, float | None]]:
@@ -38,6 +46,10 @@ class EvalResult:
 
         doc = {"lengths": list(self.lengths), "ppl": table(self.ppl), "passkey": table(self.passkey),
                "samples": self.samples, "model": self.model, "factors": self.factors}
+        if self.needle:
+            doc["needle"] = {variant: {m: {str(n): {f"{d:g}": a for d, a in cells.items()} for n, cells in rows.items()}
+                                       for m, rows in methods.items()} for variant, methods in self.needle.items()}
+            doc["needle_trials"] = self.needle_trials
         return doc
 
     @classmethod
@@ -49,9 +61,13 @@ class EvalResult:
                     for m, row in (scores or {}).items()}
 
         ppl, passkey = table(doc["ppl"]), table(doc.get("passkey"))
+        needle = {str(variant): {str(m): {int(n): {float(d): float(a) for d, a in cells.items()}
+                                          for n, cells in rows.items()} for m, rows in methods.items()}
+                  for variant, methods in (doc.get("needle") or {}).items()}
         lengths = doc.get("lengths") or sorted({n for t in (ppl, passkey) for row in t.values() for n in row})
         return cls(lengths=[int(n) for n in lengths], ppl=ppl, samples=int(doc.get("samples", 0)),
-                   model=str(doc.get("model", "")), factors=doc.get("factors"), passkey=passkey)
+                   model=str(doc.get("model", "")), factors=doc.get("factors"), passkey=passkey, needle=needle,
+                   needle_trials=int(doc.get("needle_trials", 0)))
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
@@ -65,8 +81,12 @@ class EvalResult:
         if old is None or (old.samples, old.model, old.factors) != (self.samples, self.model, self.factors):
             return self  # none yet, unreadable or not comparable: replaced by this complete result
         merged = {name: _merged(getattr(old, name), getattr(self, name)) for name in ("ppl", "passkey")}
+        needle, trials = self.needle, self.needle_trials
+        if not needle or old.needle_trials == trials:  # cells of other trial counts do not compare
+            needle = {v: _merged(old.needle.get(v, {}), self.needle.get(v, {})) for v in {*old.needle, *self.needle}}
+            trials = trials or old.needle_trials
         return EvalResult(sorted(set(old.lengths) | set(self.lengths)), merged["ppl"], self.samples, self.model,
-                          self.factors, merged["passkey"])
+                          self.factors, merged["passkey"], needle, trials)
 
 
 def _merged(old: dict[str, dict[int, Any]], new: dict[str, dict[int, Any]]) -> dict[str, dict[int, Any]]:
@@ -106,6 +126,12 @@ def render_tables(result: EvalResult, original_length: int | None = None) -> lis
     tables = [build(f"perplexity on {result.samples} held-out samples, lower is better", result.ppl, min, ",.3f")]
     if result.passkey:
         tables.append(build("passkey retrieval accuracy, higher is better", result.passkey, max, ".2f"))
+    for variant, methods in result.needle.items():
+        depths = sorted({d for rows in methods.values() for cells in rows.values() for d in cells})
+        means = {m: {n: sum(cells.values()) / len(cells) for n, cells in rows.items()} for m, rows in methods.items()}
+        tables.append(build(f"needle retrieval ({NEEDLE_VARIANTS.get(variant, variant)}), exact answers over "
+                            f"{result.needle_trials} prompts x {len(depths)} depths ({', '.join(f'{d:.0%}' for d in depths)})"
+                            ", higher is better", means, max, ".0%"))
     return tables
 
 

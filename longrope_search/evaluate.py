@@ -23,6 +23,7 @@ from longrope_search.fitness import Evaluator
 from longrope_search.methods import methods_for, unique_lengths
 from longrope_search.model import load_config, load_model, rope_spec
 from longrope_search.passkey import passkey, passkey_prompt
+from longrope_search.retrieval import NeedleSettings, cell_samples, draw_trials, needle_accuracy
 from longrope_search.rope import RopeSpec
 from longrope_search.rundir import EVAL_FILE, STATE_DIR, config_for_resume
 
@@ -180,6 +181,19 @@ def flag_inputs(model: str | None, factors: str | Path | None, data: str | None,
                       device=device, dtype=dtype)
 
 
+def needle_fillers(tokenizer: Any, inputs: EvalInputs, longest: int, shortest: int, settings: NeedleSettings,
+                   seed: int) -> list[list[int]]:
+    """One held-out document per needle trial (token ids without bos, at least `longest` long); a length too short
+    for the needle prompts fails here, before any scoring."""
+    windows, _ = heldout_windows(tokenizer, inputs.corpus, longest, settings.trials, seed, inputs.cache_dir,
+                                 inputs.exclude)  # (trials, longest): [bos] + the document's first tokens
+    skip = 1 if tokenizer.bos_token_id is not None else 0
+    fillers = [row[skip:].tolist() for row in windows]
+    for variant in ("single", "multikey"):
+        cell_samples(tokenizer, fillers[:1], shortest, 0.5, draw_trials(settings, variant)[:1])
+    return fillers
+
+
 def evaluate(
     lengths: Sequence[str | int],
     run_dir: str | Path | None = None,
@@ -192,6 +206,7 @@ def evaluate(
     device: str | None = None,
     dtype: str | None = None,
     progress: Progress | None = None,
+    needle: NeedleSettings | None = None,
 ) -> EvalResult:
     """`longrope eval`: a run directory (model, corpus and factors from it; writes RUN/eval.json), or
     --model with --factors and --data. Input checks run before the weights load (passkey lengths, which need the
@@ -200,6 +215,7 @@ def evaluate(
     Lengths may be relative ('8x' of the factors' original window) or absolute ('16k'). passkey_trials 0 skips
     passkey retrieval. samples defaults to the run's data.heldout_samples (or DEFAULT_SAMPLES). seed picks the
     passkey trials, and the documents without a run (a run's held-out windows follow its own data.seed).
+    needle: measure needle retrieval with these settings (retrieval.py) on held-out documents too.
     """
     if not lengths:
         raise ConfigError("no lengths to evaluate; pass --lengths, e.g. --lengths 1x,8x,16x or 4k,32k.")
@@ -215,6 +231,8 @@ def evaluate(
         raise ConfigError(f"cannot evaluate on {inputs.samples} samples; pass --samples 1 or more.")
     if passkey_trials < 0:
         raise ConfigError(f"cannot run {passkey_trials} passkey trials; pass --trials 1 or more.")
+    if needle is not None:
+        needle.check()
 
     ff = inputs.factors
     spec = ff.rope  # carries a window override (model.original_length) the model's config does not know
@@ -225,10 +243,14 @@ def evaluate(
     loaded, tokenizer = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype, mlp_chunk=inputs.mlp_chunk)
     if passkey_trials:
         passkey_prompt(tokenizer, min(resolved), "00000", 0.5)  # a too-short length fails now, not after the PPL
+    fillers = needle_fillers(tokenizer, inputs, max(resolved), min(resolved), needle, seed) if needle else None
     result = eval_ppl(loaded, tokenizer, spec, inputs.corpus, resolved, ff, inputs.samples, seed, inputs.cache_dir,
                       inputs.chunk_size, inputs.exclude, progress)
     if passkey_trials:
         result.passkey = passkey(loaded, tokenizer, spec, resolved, ff, passkey_trials, seed, progress)
+    if needle is not None:
+        result.needle = needle_accuracy(loaded, tokenizer, spec, resolved, ff, fillers, needle, progress)
+        result.needle_trials = needle.trials
     result.model, result.factors = inputs.model, str(inputs.factors_file)
     if run_dir is not None:
         result.merged_into(run_dir / EVAL_FILE).save(run_dir / EVAL_FILE)

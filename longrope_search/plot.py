@@ -33,7 +33,8 @@ DPI = 120
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
              warn: Callable[[str], None] | None = None) -> list[Path]:
-    """Write factors.png, search.png and, when eval.json exists, ppl_by_length.png / passkey.png.
+    """Write factors.png, search.png and, when eval.json exists, ppl_by_length.png, passkey.png and the needle
+    figures (needle_by_length.png, one heat map per variant: needle_single.png, needle_multikey.png).
 
     out_dir defaults to RUN/plots. `warn` receives one line per damaged newer checkpoint skipped, since
     search.png then stops at an older generation.
@@ -60,6 +61,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
             figures["passkey.png"] = by_length_figure(
                 results["passkey"], lengths, "passkey retrieval accuracy (fraction correct)", "Passkey retrieval by context length",
                 log_y=False)
+        if result.needle:
+            figures["needle_by_length.png"] = needle_by_length_figure(result.needle, lengths)
+            for variant, methods in result.needle.items():
+                figures[f"needle_{variant}.png"] = needle_heatmap(methods, variant, factors.rope.original_length)
     return save_figures(figures, Path(out_dir) if out_dir is not None else run_dir / PLOTS_DIR)
 
 
@@ -201,6 +206,59 @@ def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, i
         top = max([1.0, *(v for by_length in results.values() for v in by_length.values())])
         ax.set_ylim(-0.03 * top, 1.05 * top)
     return _finish(fig, ax, "context length (tokens, log scale)", ylabel, title)
+
+
+VARIANT_TITLES = {"single": "one needle", "multikey": "several keys, one asked"}
+
+
+def needle_heatmap(methods: dict[str, dict[int, dict[float, float]]], variant: str, original: int) -> Figure:
+    """The needle-in-a-haystack map: depth (rows) x length (columns), one panel per method, green = found."""
+    names = list(methods)
+    lengths = sorted({n for rows in methods.values() for n in rows})
+    depths = sorted({d for rows in methods.values() for cells in rows.values() for d in cells})
+    fig = Figure(figsize=(2.2 + 1.9 * len(names), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
+    image = None
+    for ax, name in zip(axes, names):
+        grid = np.array([[methods[name].get(n, {}).get(d, np.nan) for n in lengths] for d in depths])  # (depths, lengths)
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="upper")
+        for (row, col), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(lengths)), [format_length(n) + ("*" if n > original else "") for n in lengths],
+                      fontsize=8)
+        ax.set_title(METHOD_LABELS.get(name, name), fontsize=9)
+        ax.set_xlabel("context length", fontsize=8)
+    axes[0].set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+    axes[0].set_ylabel("needle depth (share of the context before it)", fontsize=8)
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="exact answers")
+    fig.suptitle(f"Needle retrieval ({VARIANT_TITLES.get(variant, variant)}); * = beyond the original window",
+                 fontsize=10)
+    return fig
+
+
+def needle_by_length_figure(needle: dict[str, dict[str, dict[int, dict[float, float]]]],
+                            lengths: tuple[int, int]) -> Figure:
+    """Accuracy averaged over depths by length, one colour per method; one needle solid, several keys dashed."""
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.add_subplot()
+    extra = iter(EXTRA_COLORS)
+    colors: dict[str, Any] = {}
+    for variant, methods in needle.items():
+        for method, rows in methods.items():
+            xs = sorted(rows)
+            color = colors.setdefault(method, METHOD_COLORS.get(method) or next(extra, None))
+            ax.plot(xs, [sum(rows[n].values()) / len(rows[n]) for n in xs], marker="o", color=color,
+                    linestyle="-" if variant == "single" else "--", linewidth=2.5 if method == SEARCHED else 1.5,
+                    label=f"{METHOD_LABELS.get(method, method)}, {VARIANT_TITLES.get(variant, variant)}")
+    original, target = lengths
+    ax.axvline(original, color="0.5", linestyle=":", label=f"original window ({format_length(original)})")
+    ax.axvline(target, color="0.5", linestyle="--", label=f"search target ({format_length(target)})")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_length(int(round(v)))))
+    ax.set_ylim(-0.03, 1.05)
+    return _finish(fig, ax, "context length (tokens, log scale)", "exact answers (share, mean over depths)",
+                   "Needle retrieval by context length", legend_columns=3)
 
 
 # --- helpers --------------------------------------------------------------------------------------------

@@ -124,3 +124,13 @@ def test_lengths_read_as_the_cli_writes_them():
     assert [format_length(n) for n in (32, 4096, 6144, 262144, 2097152, 4000)] == [
         "32", "4k", "6k", "256k", "2m", "4000"]
 
+
+def test_needle_results_add_a_heat_map_per_variant_and_accuracy_by_length(run_copy):
+    cells = {"0": 1.0, "0.5": 0.5, "1": 1.0}
+    needle = {variant: {m: {"32": cells, "128": {"0": 0.0, "0.5": 0.25, "1": 0.75}} for m in ("none", "yarn", "longrope")}
+              for variant in ("single", "multikey")}
+    (run_copy / "eval.json").write_text(json.dumps({**EVAL, "needle": needle, "needle_trials": 4}))
+    paths = plot_run(run_copy)
+    assert [p.name for p in paths][-3:] == ["needle_by_length.png", "needle_single.png", "needle_multikey.png"]
+    for path in paths:
+        assert_png(path)
