@@ -95,8 +95,9 @@ def save_state(run_dir: Path, state: SearchState) -> Path:
     return path
 
 
-def load_state(run_dir: Path) -> tuple[SearchState, list[str]]:
-    """The newest readable state, and a warning for each newer file that was damaged."""
+def load_state(run_dir: Path, missing_ok: bool = False) -> tuple[SearchState | None, list[str]]:
+    """The newest readable state, and a warning for each newer file that was damaged. With `missing_ok`, None (and
+    the warnings) when no state file is readable, for a caller that can replay the search from its log."""
     if not (run_dir / STATE_DIR).is_dir():
         raise CheckpointError(
             f"{run_dir} has no search state (no state/ folder); start a new search with --config instead of --resume."
@@ -107,6 +108,8 @@ def load_state(run_dir: Path) -> tuple[SearchState, list[str]]:
             return state_from_json(json.loads(path.read_text())), warnings
         except (OSError, ValueError, KeyError, TypeError) as exc:
             warnings.append(f"{path.name} is damaged ({type(exc).__name__}); using the generation before it")
+    if missing_ok:
+        return None, warnings
     raise CheckpointError(
         f"no readable checkpoint in {run_dir / STATE_DIR}; the files are damaged: start a new search with --config."
     )

@@ -23,15 +23,16 @@ import transformers
 from longrope_search import __version__, checkpoint, context_parallel, data, distributed, evolution
 from longrope_search.attention import fit_attention, long_heldout
 from longrope_search.checkpoint import Evaluation, SearchState
-from longrope_search.comparison import Comparison, compare_methods
+from longrope_search.comparison import Comparison, NeedleCheck, compare_methods
 from longrope_search.config import Config
 from longrope_search.errors import CheckpointError, ConfigError, DataError
 from longrope_search.factors import AttentionFit, FactorsFile, SearchRecord
 from longrope_search.fitness import Evaluator
 from longrope_search.model import load_config, load_model, rope_spec
+from longrope_search.needle import NeedleSample, needle_samples, scored_answers
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
-    FACTORS_FILE, LOG_FILE, STATE_DIR, absolute_paths, check_new_run_dir, config_for_resume, default_run_dir,
+    FACTORS_FILE, LOG_FILE, absolute_paths, check_new_run_dir, config_for_resume, default_run_dir,
     write_resolved_config,
 )
 from longrope_search.scoring import ScoreFn, logged_scorer
@@ -136,6 +137,7 @@ class Search:
         setup = self.setup
         searched = [round(float(x), 10) for x in setup.factors(best.candidate.genes)]
         fit = setup.attention_fit
+        mscale = setup.mscale_of(best.candidate)
         if fit is not None and comparison is not None and comparison.long_heldout is not None:
             fit = dataclasses.replace(fit, heldout=comparison.long_heldout)
         record = SearchRecord(
@@ -145,7 +147,7 @@ class Search:
             scored_length=setup.target_length, mode="short" if setup.short else "long",
             prior=None if setup.prior is None else setup.prior.record(), attention_fit=fit,
         )
-        common = dict(model=setup.config.model.name, rope=setup.spec, mscale=setup.mscale, ppl={"search": best.ppl},
+        common = dict(model=setup.config.model.name, rope=setup.spec, mscale=mscale, ppl={"search": best.ppl},
                       search=record, versions=versions())
         if setup.short:  # the long set stays; the searched set becomes the short one
             ff = FactorsFile(target_length=setup.prior.target_length, factors=[float(x) for x in setup.prior.factors],
@@ -184,10 +186,12 @@ class Loaded:
     """What every rank holds once the weights and samples are in memory."""
 
     model: Any
-    samples: data.Samples
+    tokenizer: Any
+    samples: data.Samples  # the windows the search and held-out sets are made of
     long_samples: data.Samples | None  # a short search's long-set samples, for the attention fit
     identity: dict[str, Any]
-    evaluator: Evaluator  # the search samples
+    evaluator: Evaluator  # the search samples, scored by the search's fitness
+    heldout_needles: list[NeedleSample]  # one needle in each held-out window (other needles than the search's)
 
 
 def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: list[str] | None) -> OpenedRun:
@@ -200,17 +204,20 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
         return OpenedRun(absolute_paths(config), run_dir)
     if run_dir is None:
         raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
-    generation_zero_done = (run_dir / STATE_DIR).exists()
+    generation_zero_done = checkpoint.has_state(run_dir)
     config, notes = config_for_resume(run_dir, overrides or [], generation_zero_done)
     # scores logged after the last checkpoint too: resume reuses them instead of recomputing
     log = checkpoint.read_log(run_dir / LOG_FILE)
     fit_doc = log.newest.get("attention_fit", {}).get("fit")
     fit = None if fit_doc is None else AttentionFit.from_json(fit_doc)
-    if not generation_zero_done:
-        # stopped during generation 0: start it again, reusing every evaluation already logged
-        warning = f"no generation had finished; generation 0 starts again with {len(log.scores)} logged evaluations"
-        return OpenedRun(config, run_dir, True, None, [warning], notes, log.scores, log.start_identity, fit)
-    state, warnings = checkpoint.load_state(run_dir)
+    state, warnings = (None, []) if not generation_zero_done else checkpoint.load_state(run_dir, missing_ok=True)
+    if state is None:
+        # stopped during generation 0 (or inside the first checkpoint write), or every checkpoint is damaged: the
+        # search replays from generation 0; every logged evaluation is reused, so it scores only what is missing
+        warning = (f"no generation had finished; generation 0 starts again with {len(log.scores)} logged evaluations"
+                   if not generation_zero_done else f"no checkpoint is readable; the search replays from generation 0 "
+                   f"with {len(log.scores)} logged evaluations")
+        return OpenedRun(config, run_dir, True, None, [*warnings, warning], notes, log.scores, log.start_identity, fit)
     return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, state.fingerprint, fit)
 
 
@@ -244,7 +251,15 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context) -> Loa
     d = config.data
     corpus = data.CorpusSpec.of(d)
     samples = data.build_samples(tokenizer, corpus, setup.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir)
-    ident = identity(setup, model_identity(config.model.name, model_config), samples.fingerprint,
+    search_ids, targets, fingerprint = samples.search, None, samples.fingerprint
+    if config.search.fitness == "needle":  # a needle in each search window; loss on its answer only
+        search_ids, targets = scored_answers(needle_samples(tokenizer, samples.search, np.random.default_rng([d.seed, 1])))
+        fingerprint = data.ids_fingerprint(search_ids)
+    try:  # the comparison's retrieval column: other needles than the search's
+        heldout_needles = needle_samples(tokenizer, samples.heldout, np.random.default_rng([d.seed, 2]))
+    except ConfigError:  # windows too short for a needle prompt (a short search of a tiny window): no such column
+        heldout_needles = []
+    ident = identity(setup, model_identity(config.model.name, model_config), fingerprint,
                      data.tokenizer_fingerprint(tokenizer))
     long_samples = None
     if setup.fits_mscale:  # the long set's own length, for the attention-factor fit
@@ -255,8 +270,8 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context) -> Loa
             raise DataError(f"{exc} (the short search checks the long set at {setup.prior.target_length} tokens "
                             "before lowering its attention factor; or set search.mscale: keep)") from None
         ident["long_data"] = long_samples.fingerprint
-    evaluator = context_parallel.make_evaluator(model, samples.search, ctx, config.search.chunk_size)
-    return Loaded(model, samples, long_samples, ident, evaluator)
+    evaluator = context_parallel.make_evaluator(model, search_ids, ctx, config.search.chunk_size, targets)
+    return Loaded(model, tokenizer, samples, long_samples, ident, evaluator, heldout_needles)
 
 
 def check_identity(opened: OpenedRun, ident: dict[str, Any], ctx: distributed.Context) -> None:
@@ -316,12 +331,23 @@ def fit(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporte
 
 
 def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed.Context) -> FactorsFile:
-    """Phase 9: the winner against the reference methods on search and held-out samples; the final factors.json."""
+    """Phase 9: the winner against the reference methods on search and held-out samples (fitness, plain PPL, needle
+    retrieval); the final factors.json."""
     setup, chunk = search.setup, search.setup.config.search.chunk_size
-    heldout_eval = None
-    if loaded.samples.heldout.shape[0] > 0:
-        heldout_eval = context_parallel.make_evaluator(loaded.model, loaded.samples.heldout, ctx, chunk)
-    comparison = compare_methods(setup, state.best().candidate, loaded.evaluator, heldout_eval, ctx)
+    evaluators = {"search": loaded.evaluator}
+    needles = None
+    if loaded.heldout_needles:
+        def evaluator(ids: Any, targets: Any = None) -> Evaluator:
+            return context_parallel.make_evaluator(loaded.model, ids, ctx, chunk, targets)
+
+        if setup.config.search.fitness == "needle":
+            evaluators["heldout"] = evaluator(*scored_answers(loaded.heldout_needles))
+            evaluators["heldout_ppl"] = evaluator(loaded.samples.heldout)
+        else:
+            evaluators["heldout"] = evaluator(loaded.samples.heldout)
+        if ctx.cp is None:  # greedy decoding runs on one rank: not for samples a context-parallel group splits
+            needles = NeedleCheck(loaded.model, loaded.tokenizer, loaded.heldout_needles)
+    comparison = compare_methods(setup, state.best().candidate, evaluators, needles, ctx)
     if loaded.long_samples is not None and loaded.long_samples.heldout.shape[0] > 0:
         long_eval = context_parallel.make_evaluator(loaded.model, loaded.long_samples.heldout, ctx, chunk)
         comparison.long_heldout = long_heldout(setup.attention_fit, setup.prior, long_eval, ctx)
