@@ -133,17 +133,22 @@ def search(
         distributed.shutdown(ctx, wait=sys.exc_info()[0] is None)
     if ctx.is_main:
         if result.stages:
-            show_stages(result.stages)
+            show_stages(result.stages, "search" if result.sweep is not None else "stage")
+        if result.sweep is not None:
+            best = result.sweep.best.stage
+            console.print(f"best critical dimension: {best.config.search.critical_dim} ({best.run_dir}); every "
+                          f"search's fitness in {result.sweep.root / 'sweep.json'}", markup=False)
         show_result(result.final, result.run_dir)
 
 
-def show_stages(results: list[Any]) -> None:
+def show_stages(results: list[Any], what: str = "stage") -> None:
     for r in results:
         ppl = r.final.ppl
-        console.print(f"stage {r.stage.name} ({r.status}): {r.final.scored_length} tokens, search ppl "
+        console.print(f"{what} {r.stage.name} ({r.status}): {r.final.scored_length} tokens, search ppl "
                       f"{ppl.get('search', float('nan')):.4f}, held-out {ppl.get('heldout', float('nan')):.4f}, "
                       f"{r.stage.run_dir}", markup=False)
-    console.print(f"the last stage's factors (export this one): {results[-1].stage.run_dir}", markup=False)
+    if what == "stage":
+        console.print(f"the last stage's factors (export this one): {results[-1].stage.run_dir}", markup=False)
 
 
 def show_result(final: Any, run_dir: Path) -> None:
@@ -153,15 +158,19 @@ def show_result(final: Any, run_dir: Path) -> None:
 
     length = final.scored_length
     kind = "short-context set" if final.search.mode == "short" else "factors"
+    needle = final.search.settings.get("fitness") == "needle"
+    fitness = "needle perplexity (loss on the hidden number's answer)" if needle else "perplexity"
     table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
-                        "perplexity, lower is better")
+                        f"{fitness}, lower is better; needles found, higher is better")
+    columns = {"search": "search samples", "heldout": "held-out samples", "heldout_ppl": "held-out perplexity",
+               "needle": "held-out needles found"}
+    rows = {"longrope (searched)": final.ppl, **final.baselines}
+    shown = [c for c in columns if any(c in row for row in rows.values())]
     table.add_column("method")
-    table.add_column("search samples", justify="right")
-    table.add_column("held-out samples", justify="right")
-    table.add_row("longrope (searched)", f"{final.ppl.get('search', float('nan')):.4f}",
-                  f"{final.ppl.get('heldout', float('nan')):.4f}")
-    for name, row in final.baselines.items():
-        table.add_row(name, f"{row.get('search', float('nan')):.4f}", f"{row.get('heldout', float('nan')):.4f}")
+    for column in shown:
+        table.add_column(columns[column], justify="right")
+    for name, row in rows.items():
+        table.add_row(name, *(f"{row.get(c, float('nan')):{'.0%' if c == 'needle' else '.4f'}}" for c in shown))
     console.print(table)
     fit = final.search.attention_fit
     if fit is not None:

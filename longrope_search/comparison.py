@@ -1,46 +1,74 @@
 """The final comparison of a search: the winner and each reference method (PI, NTK, YaRN, none, and for later
-stages the prior; for a short search the unmodified model and the long set) on the search and held-out samples.
+stages the prior; for a short search the unmodified model and the long set) on the search and held-out samples:
+the fitness, the plain perplexity when the fitness is the needle's, and needle retrieval on held-out documents.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from longrope_search import distributed
 from longrope_search.evolution import Candidate
 from longrope_search.factors import PplPair
 from longrope_search.fitness import Evaluator
+from longrope_search.model import install_rope
+from longrope_search.needle import NeedleSample, greedy_answer, is_retrieved
 from longrope_search.search_setup import SearchSetup
+
+# The columns of the comparison: the fitness on the search and held-out samples; "heldout_ppl" the plain perplexity
+# of the held-out windows (a needle search only); "needle" the share of held-out needles answered exactly.
+SCORES = ("search", "heldout", "heldout_ppl")
+NEEDLE = "needle"
 
 
 @dataclass
 class Comparison:
-    """PPLs by sample set ("search", "heldout"): the winner's, and each reference method's."""
+    """Per column (SCORES, NEEDLE): the winner's value, and each reference method's."""
 
     ppl: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)
     long_heldout: PplPair | None = None  # a short search: the long set's held-out PPL before and after the fit
 
 
+@dataclass
+class NeedleCheck:
+    """Greedy retrieval of a needle in each held-out sample: what the comparison's "needle" column measures."""
+
+    model: Any
+    tokenizer: Any
+    samples: Sequence[NeedleSample]
+
+    def accuracy(self, factors: Any, n_hat: int, mscale: float) -> float:
+        install_rope(self.model, factors, n_hat, mscale)
+        return sum(is_retrieved(s, greedy_answer(self.model, self.tokenizer, s)) for s in self.samples) / len(self.samples)
+
+
 def compare_methods(
-    setup: SearchSetup, best: Candidate, search_eval: Evaluator, heldout_eval: Evaluator | None,
+    setup: SearchSetup, best: Candidate, evaluators: dict[str, Evaluator], needles: NeedleCheck | None,
     ctx: distributed.Context = distributed.SINGLE_PROCESS,
 ) -> Comparison:
-    """PPL of the winner and of each reference method (with its own mscale) on the search and held-out samples,
-    spread over the ranks like the search's own evaluations. The winner's search PPL is already known."""
-    evaluators = {"search": search_eval} if heldout_eval is None else {"search": search_eval, "heldout": heldout_eval}
-    # (baseline name or None for the winner, samples, key, factors, n_hat, mscale)
+    """Every column (the keys of `evaluators`, and NEEDLE when `needles` is given) for the winner and each reference
+    method with its own mscale, spread over the ranks like the search's own evaluations. The winner's score on the
+    search samples is already known."""
+    # (baseline name or None for the winner, column, key, factors, n_hat, mscale)
     jobs: list[tuple[str | None, str, str, Any, int, float]] = []
-    if heldout_eval is not None:
-        jobs.append((None, "heldout", best.key, setup.factors(best.genes), best.n_hat, setup.mscale))
+    winner = (best.key, setup.factors(best.genes), best.n_hat, setup.mscale_of(best))
+    columns = [c for c in SCORES if c in evaluators] + ([NEEDLE] if needles is not None else [])
+    jobs += [(None, column, *winner) for column in columns if column != "search"]
     for name, (factors, mscale) in setup.comparisons().items():
-        jobs += [(name, split, f"baseline:{name}", factors, 0, mscale) for split in evaluators]
-    ppls = distributed.map_candidates(lambda job: evaluators[job[1]].score(*job[2:]).ppl, jobs, ctx)
+        jobs += [(name, column, f"baseline:{name}", factors, 0, mscale) for column in columns]
+
+    def run(job: tuple[str | None, str, str, Any, int, float]) -> float:
+        _, column, key, factors, n_hat, mscale = job
+        if column == NEEDLE:
+            return needles.accuracy(factors, n_hat, mscale)
+        return evaluators[column].score(key, factors, n_hat, mscale).ppl
+
     result = Comparison()
-    for (name, split, *_), ppl in zip(jobs, ppls):
+    for (name, column, *_), value in zip(jobs, distributed.map_candidates(run, jobs, ctx)):
         if name is None:
-            result.ppl[split] = ppl
+            result.ppl[column] = value
         else:
-            result.baselines.setdefault(name, {})[split] = ppl
+            result.baselines.setdefault(name, {})[column] = value
     return result

@@ -90,22 +90,38 @@ class DataSection(Section):
     cache_dir: str | None = None  # tokenised samples; default $LONGROPE_CACHE or ~/.cache/longrope
 
 
+# `method: longrope2` fills these in wherever the config does not set them (LongRoPE2, arXiv:2502.20082: needle-
+# driven fitness, the critical dimension, a searched attention factor; P=64 with an initial population of 2P,
+# 60 iterations, 16 mutations, 16 crossovers, 32 parents; no n_hat).
+LONGROPE2 = {"fitness": "needle", "critical_dim": "auto", "mscale": "search", "n_hat": [0], "population": 128,
+             "generations": 60, "parents": 32, "mutations": 16, "crossovers": 16}
+
+
 class SearchSection(Section):
+    # longrope: the paper's search (LongRoPE, 2024); longrope2: the LONGROPE2 settings as defaults
+    method: Literal["longrope", "longrope2"] = "longrope"
     target: str | int | None = None  # 256k, 2m, 131072, or 8x the window; None: 8x (1x with short: true)
+    # ppl: perplexity of whole windows; needle: loss on the answer of a number hidden in each window (LongRoPE2)
+    fitness: Literal["ppl", "needle"] = "ppl"
+    # Pairs from this one on are searched in [scale, max_factor], strictly increasing; the pairs below follow an
+    # NTK-style curve that reaches the scale there. auto: LongRoPE2's theoretical value from the model's base and
+    # window; a list: one search per value, the best by held-out fitness kept. null: every pair is searched (v1).
+    critical_dim: int | list[int] | Literal["auto"] | None = None
     population: int = Field(64, ge=2)  # P
     generations: int = Field(40, ge=0)  # T
     parents: int = Field(32, ge=1)  # top-k kept each generation
     mutations: int = Field(16, ge=0)  # N1
     crossovers: int = Field(16, ge=0)  # N2
     mutation_prob: float = Field(0.3, ge=0.0, le=1.0)  # p, also the gene swap probability of crossover
-    max_factor: float | None = Field(None, gt=1.0)  # None: 1.25 * scale (the paper)
+    max_factor: float | None = Field(None, gt=1.0)  # None: 1.25 * scale (the paper); 2 * scale with critical_dim
     step: float = Field(0.01, gt=0.0)
     monotonic: bool = True  # factors non-decreasing with the rotary pair index
     n_hat: list[int] = Field(default_factory=lambda: list(PAPER_N_HAT))
     # The attention factor. Long search, auto: sqrt(1 + ln s / ln L), transformers' default. Short search
     # (runtimes apply one factor to short and long inputs), auto: lowered toward 1 as far as the long set's
-    # PPL at its target allows (long_tolerance); keep: the long set's factor unchanged.
-    mscale: float | Literal["auto", "keep"] = "auto"
+    # PPL at its target allows (long_tolerance); keep: the long set's factor unchanged. search: one more gene of
+    # the search, on a 0.01 grid (LongRoPE2).
+    mscale: float | Literal["auto", "keep", "search"] = "auto"
     long_tolerance: float = Field(0.02, ge=0.0, lt=1.0)  # short search: allowed rise of the long PPL, 0.02 = 2%
     seeds: list[Literal["none", "pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
     init_factors: str | None = None  # a factors.json whose factors join the initial population
@@ -141,9 +157,26 @@ class SearchSection(Section):
     @field_validator("mscale")
     @classmethod
     def _mscale(cls, value: float | str) -> float | str:
-        if value not in ("auto", "keep") and value <= 0:
-            raise ValueError("mscale must be positive, 'auto' or 'keep'")
+        if value not in ("auto", "keep", "search") and value <= 0:
+            raise ValueError("mscale must be positive, 'auto', 'keep' or 'search'")
         return value
+
+    @field_validator("critical_dim")
+    @classmethod
+    def _critical_dim(cls, value: int | list[int] | str | None) -> int | list[int] | str | None:
+        values = value if isinstance(value, list) else [value] if isinstance(value, int) else []
+        if isinstance(value, list) and not value:
+            raise ValueError("critical_dim needs at least one value in a list (or auto, or one number)")
+        if any(v < 0 for v in values):
+            raise ValueError("critical_dim counts rotary pairs: use 0 or more (or auto)")
+        return sorted(set(value)) if isinstance(value, list) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") == "longrope2":
+            return {**LONGROPE2, **data}
+        return data
 
     @model_validator(mode="after")
     def _budget(self) -> "SearchSection":
@@ -153,7 +186,15 @@ class SearchSection(Section):
             raise ValueError("mutations + crossovers must be > 0 when generations > 0")
         if self.mscale == "keep" and not self.short:
             raise ValueError("mscale: keep applies to a short search (--short); use auto or a number")
+        if self.short and (self.mscale == "search" or self.critical_dim is not None):
+            raise ValueError("a short-context search has its own space and attention-factor fit; drop mscale: search "
+                             "and critical_dim (method longrope2 sets them) for --short")
         return self
+
+    @property
+    def sweep(self) -> list[int]:
+        """The critical dimensions of an outer sweep (a list of several), else empty."""
+        return self.critical_dim if isinstance(self.critical_dim, list) and len(self.critical_dim) > 1 else []
 
 
 class OutputSection(Section):

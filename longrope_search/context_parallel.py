@@ -96,8 +96,10 @@ def _cpu_flash_ring(ring_attention: Callable[..., Any], op_call: Any, args: tupl
 # --- scoring ----------------------------------------------------------------------------------------------
 
 
-def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = fitness.CHUNK_SIZE, *, mesh: Any) -> float:
-    """fitness.sequence_nll of one sequence (L,) whose positions are split over the ranks of `mesh` (a CP group).
+def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = fitness.CHUNK_SIZE,
+                 scored: torch.Tensor | None = None, *, mesh: Any) -> float:
+    """fitness.sequence_nll of one sequence (L,) whose positions are split over the ranks of `mesh` (a CP group);
+    `scored` (L-1,): the targets to score (IGNORE elsewhere), None: every next token.
 
     Every rank of the group passes the same sequence and returns the same value. The positions are padded to a
     multiple of 2 * size: torch's head-tail load balancing cuts the sequence into 2 * size equal chunks (rank r holds
@@ -113,7 +115,8 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = fitness.
     with torch.inference_mode():
         # next-token targets, built before the split so that each rank's targets travel with its positions
         targets = torch.full((1, padded), fitness.IGNORE, dtype=torch.long, device=device)  # (1, Lp)
-        targets[0, : length - 1] = ids[0, 1:]  # the last position (and the padding) predicts nothing
+        # the last position (and the padding) predicts nothing
+        targets[0, : length - 1] = ids[0, 1:] if scored is None else scored.to(device)
         ids = torch.nn.functional.pad(ids, (0, padded - length))  # (1, Lp)
         positions = torch.arange(padded, device=device)[None]  # (1, Lp): RoPE (n_hat included) reads these values
         buffers = [ids, positions, targets]
@@ -137,9 +140,10 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = fitness.
                              (targets != fitness.IGNORE).sum(dtype=torch.float64)])  # (2,): NLL sum, tokens
         dist.all_reduce(local, group=mesh.get_group())
     total, count = local.tolist()
-    if count != length - 1:
-        raise RuntimeError(f"context-parallel split scored {count:.0f} targets of {length - 1}")
-    return total / (length - 1)
+    expected = length - 1 if scored is None else int((scored != fitness.IGNORE).sum())
+    if count != expected:
+        raise RuntimeError(f"context-parallel split scored {count:.0f} targets of {expected}")
+    return total / max(expected, 1)
 
 
 def _require_sdpa(model: Any) -> None:
@@ -170,19 +174,22 @@ class ContextParallelEvaluator(fitness.Evaluator):
     switched to sdpa (the ring runs PyTorch's flash kernel).
     """
 
-    def __init__(self, model: Any, samples: torch.Tensor, cp: CPGroup, chunk_size: int = fitness.CHUNK_SIZE) -> None:
+    def __init__(self, model: Any, samples: torch.Tensor, cp: CPGroup, chunk_size: int = fitness.CHUNK_SIZE,
+                 targets: torch.Tensor | None = None) -> None:
         _require_sdpa(model)
-        super().__init__(model, samples, chunk_size)  # checks the head on each rank, whole (no collective)
+        super().__init__(model, samples, chunk_size, targets=targets)  # checks the head on each rank (no collective)
         _ring()
         self.cp = cp
         self.mesh = DeviceMesh.from_group(cp.group, model.get_input_embeddings().weight.device.type)
-        self.fitness = functools.partial(fitness.perplexity, nll=functools.partial(sequence_nll, mesh=self.mesh))
+        self.fitness = functools.partial(fitness.perplexity, nll=functools.partial(sequence_nll, mesh=self.mesh),
+                                         targets=targets)
 
 
 def make_evaluator(
-    model: Any, samples: torch.Tensor, ctx: Context, chunk_size: int = fitness.CHUNK_SIZE
+    model: Any, samples: torch.Tensor, ctx: Context, chunk_size: int = fitness.CHUNK_SIZE,
+    targets: torch.Tensor | None = None,
 ) -> fitness.Evaluator:
     """The evaluator `ctx` calls for: fitness.Evaluator as before when `ctx.cp` is None, else its CP group's."""
     if ctx.cp is None:
-        return fitness.Evaluator(model, samples, chunk_size=chunk_size)
-    return ContextParallelEvaluator(model, samples, ctx.cp, chunk_size)
+        return fitness.Evaluator(model, samples, chunk_size=chunk_size, targets=targets)
+    return ContextParallelEvaluator(model, samples, ctx.cp, chunk_size, targets)

@@ -18,22 +18,27 @@ from longrope_search.errors import SearchError
 TRIES_PER_CANDIDATE = 100
 
 EXHAUSTED_FIX = "raise the mutation probability, widen max_factor or use a finer step"
+MSCALE_REACH = 5  # a mutated attention factor moves at most this many grid steps
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Factors on the grid `min_factor + step * g`, g = 0 … num_levels-1, plus a choice of n_hat.
+    """Factors on the grid `min_factor + step * g`, g = 0 … num_levels-1, plus a choice of n_hat and,
+    when `mscale_choices` is given, of the attention factor (LongRoPE2 searches it as one more gene).
 
     The top grid value is the largest one not above `max_factor` (equal to it when the range is a
     whole number of steps). `n_hat_choices` is stored sorted, so neighbouring choices are adjacent.
     """
 
-    num_factors: int  # rotary_dim // 2, one factor per rotary pair
+    num_factors: int  # the searched rotary pairs (all of them, or those from the critical dimension on)
     max_factor: float
     min_factor: float = 1.0
     step: float = 0.01
     monotonic: bool = True  # factors non-decreasing with the pair index (the paper's constraint)
     n_hat_choices: tuple[int, ...] = (0,)
+    strict: bool = False  # factors strictly increasing (LongRoPE2); implies monotonic
+    mscale_choices: tuple[float, ...] = ()  # ascending; empty: the attention factor is not searched
+    mscale_start: int = 0  # index of the seeds' attention factor in mscale_choices
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_factors) or self.num_factors < 1:
@@ -72,8 +77,18 @@ class SearchSpace:
             )
         if len(set(choices)) != len(choices):
             raise SearchError(f"n_hat_choices repeats values {list(choices)}; list each value once.")
+        if self.strict and self.num_levels() < self.num_factors:
+            raise SearchError(
+                f"{self.num_factors} strictly increasing factors need at least as many grid values, but "
+                f"[{self.min_factor}, {self.max_factor}] holds {self.num_levels()}; {EXHAUSTED_FIX}."
+            )
+        if self.mscale_choices and not 0 <= self.mscale_start < len(self.mscale_choices):
+            raise SearchError(f"mscale_start {self.mscale_start} is not an index of the {len(self.mscale_choices)} "
+                              "attention-factor choices.")
         object.__setattr__(self, "num_factors", int(self.num_factors))
         object.__setattr__(self, "n_hat_choices", tuple(sorted(int(n) for n in choices)))
+        object.__setattr__(self, "monotonic", self.monotonic or self.strict)
+        object.__setattr__(self, "mscale_choices", tuple(float(m) for m in self.mscale_choices))
 
     def num_levels(self) -> int:
         span = (self.max_factor - self.min_factor) / self.step
@@ -102,44 +117,63 @@ class SearchSpace:
     def is_valid(self, cand: Candidate) -> bool:
         if len(cand.genes) != self.num_factors or cand.n_hat not in self.n_hat_choices:
             return False
+        if (cand.mscale is None) != (not self.mscale_choices) or (
+                cand.mscale is not None and not 0 <= cand.mscale < len(self.mscale_choices)):
+            return False
         genes = np.asarray(cand.genes, dtype=np.int64)  # (num_factors,)
         if genes.min() < 0 or genes.max() >= self.num_levels():
             return False
+        if self.strict:
+            return bool(np.all(np.diff(genes) > 0))
         return not self.monotonic or bool(np.all(np.diff(genes) >= 0))
+
+    def mscale(self, cand: Candidate) -> float | None:
+        """The candidate's attention factor when it is searched, else None (the search's fixed one applies)."""
+        return None if cand.mscale is None else self.mscale_choices[cand.mscale]
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the search: integer grid indices (exact equality and hashing) and n_hat."""
+    """One point of the search: integer grid indices (exact equality and hashing), n_hat, and the index of
+    its attention factor when that is searched."""
 
     genes: tuple[int, ...]
     n_hat: int = 0
+    mscale: int | None = None  # index into SearchSpace.mscale_choices; None: not searched
 
     def __post_init__(self) -> None:
         # numpy integers would leak into JSON and keys; plain ints keep both exact and portable.
         object.__setattr__(self, "genes", tuple(int(g) for g in self.genes))
         object.__setattr__(self, "n_hat", int(self.n_hat))
+        if self.mscale is not None:
+            object.__setattr__(self, "mscale", int(self.mscale))
 
     @property
     def key(self) -> str:
-        """Stable text identity, e.g. "n_hat=8|0,3,3,17", for result caches, `seen` sets and logs."""
-        return f"n_hat={self.n_hat}|" + ",".join(str(g) for g in self.genes)
+        """Stable text identity, e.g. "n_hat=8|0,3,3,17" (with "|m=5" after n_hat when the attention factor is
+        searched), for result caches, `seen` sets and logs."""
+        mscale = "" if self.mscale is None else f"|m={self.mscale}"
+        return f"n_hat={self.n_hat}{mscale}|" + ",".join(str(g) for g in self.genes)
 
     def to_json(self) -> dict:
-        return {"genes": list(self.genes), "n_hat": self.n_hat}
+        doc = {"genes": list(self.genes), "n_hat": self.n_hat}
+        if self.mscale is not None:
+            doc["mscale"] = self.mscale
+        return doc
 
     @classmethod
     def from_json(cls, d: dict) -> Candidate:
         """Inverse of `to_json`. Raises ValueError on a malformed dict; the caller names the file."""
         if not isinstance(d, dict) or "genes" not in d or "n_hat" not in d:
             raise ValueError(f"a candidate must be a mapping with 'genes' and 'n_hat', got {d!r}")
-        genes, n_hat = d["genes"], d["n_hat"]
-        if not isinstance(genes, list) or not all(_is_int(g) for g in genes) or not _is_int(n_hat):
+        genes, n_hat, mscale = d["genes"], d["n_hat"], d.get("mscale")
+        if (not isinstance(genes, list) or not all(_is_int(g) for g in genes) or not _is_int(n_hat)
+                or not (mscale is None or _is_int(mscale))):
             raise ValueError(
-                "a candidate's 'genes' must be a list of integers and 'n_hat' an "
+                "a candidate's 'genes' must be a list of integers and 'n_hat' (and 'mscale', when present) an "
                 f"integer, got {d!r}"
             )
-        return cls(tuple(genes), n_hat)
+        return cls(tuple(genes), n_hat, mscale)
 
 
 def _is_int(x: object) -> bool:
@@ -174,10 +208,26 @@ def seed_candidates(space: SearchSpace, seeds: dict[str, np.ndarray]) -> dict[st
         if not np.all(np.isfinite(vec)):
             raise SearchError(f"seed {name!r} contains NaN or inf; fix or drop that factor vector.")
         genes = space.to_genes(vec)  # (num_factors,)
-        if space.monotonic:
+        if space.strict:
+            genes = _strictly_increasing(genes, space.num_levels() - 1)
+        elif space.monotonic:
             genes = np.maximum.accumulate(genes)
-        out[name] = Candidate(tuple(genes), space.n_hat_choices[0])
+        mscale = space.mscale_start if space.mscale_choices else None
+        out[name] = Candidate(tuple(genes), space.n_hat_choices[0], mscale)
     return out
+
+
+def _strictly_increasing(genes: np.ndarray, top: int) -> np.ndarray:
+    """The smallest raise that makes genes strictly increasing, then lowered from the top where that overflows.
+
+    The space holds at least as many levels as genes, so the result is valid.
+    """
+    genes = genes.copy()  # (n,)
+    for i in range(1, len(genes)):
+        genes[i] = max(genes[i], genes[i - 1] + 1)
+    for i in range(len(genes) - 1, -1, -1):
+        genes[i] = min(genes[i], top if i == len(genes) - 1 else genes[i + 1] - 1)
+    return genes
 
 
 def initial_population(space: SearchSpace, seeds: dict[str, np.ndarray], size: int,
@@ -227,11 +277,12 @@ def mutate(cand: Candidate, space: SearchSpace, rng: np.random.Generator, p: flo
     """Each gene with probability p is resampled uniformly on the grid; n_hat moves with probability p.
 
     Monotonic space: a gene is drawn within its neighbours' corridor [genes[i-1], genes[i+1]]
-    (the reference code's move), so the child stays valid. Genes are visited in one direction and
+    (the reference code's move; strictly inside it in a strict space), so the child stays valid. Genes are visited in one direction and
     each sees its already-moved neighbour, so a run of equal factors (the PI seed) can open up from
     its end; the direction is drawn at random so runs spread up and down alike. Otherwise a gene
     is drawn from the whole grid. n_hat steps to a neighbouring choice in sorted order (a local
-    move, like the genes'; either side with equal chance, the only side at an end).
+    move, like the genes'; either side with equal chance, the only side at an end). A searched
+    attention factor moves with probability p to a uniform choice within MSCALE_REACH steps.
     May return `cand` unchanged (no gene drawn, or a collapsed corridor); callers deduplicate.
     """
     _check_probability(p)
@@ -242,11 +293,12 @@ def mutate(cand: Candidate, space: SearchSpace, rng: np.random.Generator, p: flo
     genes = np.array(cand.genes, dtype=np.int64)  # (n,)
     hit = rng.random(n) < p  # (n,) genes to resample
     if space.monotonic:
+        gap = 1 if space.strict else 0  # a strict space keeps neighbours apart
         order = range(n) if rng.random() < 0.5 else range(n - 1, -1, -1)
         for i in order:
             if hit[i]:
-                lo = genes[i - 1] if i > 0 else 0
-                hi = genes[i + 1] if i < n - 1 else top
+                lo = genes[i - 1] + gap if i > 0 else 0
+                hi = genes[i + 1] - gap if i < n - 1 else top
                 genes[i] = rng.integers(lo, hi + 1)
     else:
         genes[hit] = rng.integers(0, top + 1, size=int(hit.sum()))
@@ -261,7 +313,11 @@ def mutate(cand: Candidate, space: SearchSpace, rng: np.random.Generator, p: flo
         else:
             j += 1 if rng.random() < 0.5 else -1
         n_hat = choices[j]
-    return Candidate(tuple(genes), n_hat)
+    mscale = cand.mscale
+    if mscale is not None and rng.random() < p:
+        lo, hi = max(mscale - MSCALE_REACH, 0), min(mscale + MSCALE_REACH, len(space.mscale_choices) - 1)
+        mscale = int(rng.integers(lo, hi + 1))
+    return Candidate(tuple(genes), n_hat, mscale)
 
 
 def crossover(a: Candidate, b: Candidate, space: SearchSpace, rng: np.random.Generator,
@@ -277,7 +333,10 @@ def crossover(a: Candidate, b: Candidate, space: SearchSpace, rng: np.random.Gen
     take_b = rng.random(space.num_factors) < p  # (num_factors,)
     genes = np.where(take_b, np.asarray(b.genes), np.asarray(a.genes))  # (num_factors,)
     n_hat = b.n_hat if rng.random() < 0.5 else a.n_hat
-    child = Candidate(tuple(genes), n_hat)
+    mscale = a.mscale
+    if mscale is not None and rng.random() < 0.5:
+        mscale = b.mscale
+    child = Candidate(tuple(genes), n_hat, mscale)
     return child if space.is_valid(child) else None
 
 

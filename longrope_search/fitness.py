@@ -6,6 +6,7 @@ positions, so L x vocab logits never exist. `Evaluator` installs candidates and 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -81,8 +82,10 @@ def nll_sum(model: Any, hidden: torch.Tensor, targets: torch.Tensor, chunk_size:
     return total
 
 
-def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SIZE) -> float:
-    """Mean NLL over the L-1 predicted tokens of one sequence (1, L) or (L,), log-softmax in fp32 per chunk."""
+def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SIZE,
+                 targets: torch.Tensor | None = None) -> float:
+    """Mean NLL of one sequence (1, L) or (L,): over its L-1 next tokens, or over the `targets` (L-1,) that are not
+    IGNORE (position i predicts targets[i]); the head and log-softmax run only at scored positions, in fp32 chunks."""
     ids = input_ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, L)
     length = ids.shape[1]
     if length < 2:
@@ -90,31 +93,42 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SI
     with torch.inference_mode():
         # use_cache=False: a KV cache would only hold every layer's keys and values until the end
         hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H), final norm applied
-        total = nll_sum(model, hidden[: length - 1], ids[0, 1:], chunk_size)  # position i predicts token i+1
-    return total.item() / (length - 1)
+        if targets is None:
+            total = nll_sum(model, hidden[: length - 1], ids[0, 1:], chunk_size)  # position i predicts token i+1
+            return total.item() / (length - 1)
+        scored = (targets != IGNORE).nonzero().squeeze(1).to(hidden.device)  # (k,): a few rows, not L x vocab
+        total = nll_sum(model, hidden[scored], targets.to(hidden.device)[scored], chunk_size)
+    return total.item() / max(scored.numel(), 1)
+
+
+def scored_tokens(samples: torch.Tensor, targets: torch.Tensor | None) -> int:
+    """Predictions a fitness pass scores: every next token, or the targets that are not IGNORE."""
+    return samples.shape[0] * (samples.shape[1] - 1) if targets is None else int((targets != IGNORE).sum())
 
 
 def perplexity(
     model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE,
-    nll: Callable[[Any, torch.Tensor, int], float] = sequence_nll,
+    nll: Callable[..., float] = sequence_nll, targets: torch.Tensor | None = None,
 ) -> FitnessResult:
     """exp(mean over samples (n, L) of each sample's mean NLL); a non-finite loss gives ppl inf, not a raise.
 
-    `nll(model, row, chunk_size)` scores one sample: `sequence_nll` here, a context-parallel one for a CP group.
+    `nll(model, row, chunk_size, row_targets)` scores one sample: `sequence_nll` here, a context-parallel one for a
+    CP group. `targets` (n, L-1): what each position predicts, IGNORE where nothing is scored (the needle fitness
+    scores only the answer); None: every next token.
     """
     began = time.perf_counter()
     nlls: list[float] = []
     for i, row in enumerate(samples):
-        value = nll(model, row, chunk_size)
+        value = nll(model, row, chunk_size, None if targets is None else targets[i])
         nlls.append(value)
         if not math.isfinite(value):  # the candidate is broken: the other samples cannot redeem it
             return FitnessResult(
-                math.inf, nlls, len(nlls) * (samples.shape[1] - 1), time.perf_counter() - began,
-                error=f"loss is {value} on sample {i}",
+                math.inf, nlls, scored_tokens(samples[: i + 1], None if targets is None else targets[: i + 1]),
+                time.perf_counter() - began, error=f"loss is {value} on sample {i}",
             )
     mean = sum(nlls) / len(nlls)
     ppl = math.exp(mean) if mean < 709.0 else math.inf  # 709: largest exponent a float holds
-    return FitnessResult(ppl, nlls, samples.shape[0] * (samples.shape[1] - 1), time.perf_counter() - began)
+    return FitnessResult(ppl, nlls, scored_tokens(samples, targets), time.perf_counter() - began)
 
 
 FITNESS: dict[str, Callable[..., FitnessResult]] = {"ppl": perplexity}
@@ -136,15 +150,18 @@ def check_head(model: Any, input_ids: torch.Tensor) -> None:
 
 
 class Evaluator:
-    """Scores RoPE candidates on fixed samples (n, L); each distinct key is evaluated once."""
+    """Scores RoPE candidates on fixed samples (n, L); each distinct key is evaluated once. `targets` (n, L-1):
+    score only these predictions (IGNORE elsewhere), e.g. a needle's answer; None: every next token."""
 
-    def __init__(self, model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE, kind: str = "ppl") -> None:
+    def __init__(self, model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE, kind: str = "ppl",
+                 targets: torch.Tensor | None = None) -> None:
         if kind not in FITNESS:
             raise ConfigError(f"unknown fitness {kind!r}; use one of: {', '.join(FITNESS)}.")
         self.model = model
         self.samples = samples  # (n, L)
+        self.targets = targets  # (n, L-1) or None
         self.chunk_size = chunk_size
-        self.fitness = FITNESS[kind]
+        self.fitness = functools.partial(FITNESS[kind], targets=targets)
         self.results: dict[str, FitnessResult] = {}
         self.evaluations = 0
         check_head(model, samples[0, :64])

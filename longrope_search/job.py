@@ -1,4 +1,5 @@
-"""One `longrope search` command: a new search, a resume, or a config with stages (new or resumed).
+"""One `longrope search` command: a new search, a resume, a config with stages, or a sweep of the critical
+dimension (each new or resumed).
 
 `prepare` decides which from the arguments and the files (on rank 0 under torchrun) and refuses combinations
 that do not apply, before anything runs; `run` runs it. The run directory is known before the run starts, so
@@ -16,17 +17,18 @@ from longrope_search.config import Config, has_stages, load_config
 from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile
 from longrope_search.progress import SILENT, Reporter
-from longrope_search.rundir import PIPELINE_FILE, default_run_dir, is_pipeline
+from longrope_search.rundir import PIPELINE_FILE, default_run_dir, is_pipeline, is_sweep
 from longrope_search.search import run_search
 from longrope_search.stages import StageResult, run_stages
+from longrope_search.sweep import SweepResult, run_sweep
 
 
 @dataclass(frozen=True)
 class Job:
-    kind: Literal["search", "resume", "stages"]
+    kind: Literal["search", "resume", "stages", "sweep"]
     run_dir: Path | None  # the run (or stages folder); None for stages that go to their config's output.dir
     overrides: list[str]
-    config: Config | None = None  # a new single search
+    config: Config | None = None  # a new single search or sweep
     stages_file: Path | None = None  # stages: the config, or the folder's stages.yaml on resume
 
     @property
@@ -37,9 +39,10 @@ class Job:
 
 @dataclass
 class JobResult:
-    final: FactorsFile  # the last stage's for stages
+    final: FactorsFile  # the last stage's for stages, the best search's for a sweep
     run_dir: Path  # the run to export
-    stages: list[StageResult] = field(default_factory=list)  # empty for a single search
+    stages: list[StageResult] = field(default_factory=list)  # stages, or a sweep's searches; empty for one search
+    sweep: SweepResult | None = None
 
 
 def prepare(config_path: Path | None, resume: Path | None, out: Path | None, overrides: list[str],
@@ -58,15 +61,19 @@ def prepare(config_path: Path | None, resume: Path | None, out: Path | None, ove
         return Job("stages", resume or out, overrides,
                    stages_file=resume / PIPELINE_FILE if resume is not None else config_path)
     if resume is not None:
-        return Job("resume", resume, overrides)
+        return Job("sweep" if distributed.run_on_main(lambda: is_sweep(resume), ctx) else "resume", resume, overrides)
     config = distributed.run_on_main(lambda: load_config(config_path, overrides), ctx)
-    return Job("search", out or Path(config.output.dir or default_run_dir(config)), overrides, config=config)
+    kind = "sweep" if config.search.sweep else "search"
+    return Job(kind, out or Path(config.output.dir or default_run_dir(config)), overrides, config=config)
 
 
 def run(job: Job, reporter: Reporter = SILENT, ctx: distributed.Context = distributed.SINGLE_PROCESS) -> JobResult:
     if job.kind == "stages":
         results, _ = run_stages(job.stages_file, job.overrides, job.run_dir, reporter, ctx)
         return JobResult(results[-1].final, results[-1].stage.run_dir, results)
+    if job.kind == "sweep":
+        sweep = run_sweep(job.config, job.run_dir, job.overrides, reporter, ctx)
+        return JobResult(sweep.best.final, sweep.best.stage.run_dir, sweep.results, sweep)
     if job.kind == "resume":
         final, run_dir = run_search(None, job.run_dir, resume=True, overrides=job.overrides, reporter=reporter, ctx=ctx)
     else:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from longrope_search.errors import ConfigError, DataError
+from longrope_search.fitness import IGNORE
 from longrope_search.model import greedy_continuation
 
 # Words of the constant names (two of them, upper case, joined by "_"): ordinary identifiers of Python code.
@@ -172,3 +173,25 @@ def greedy_answer(model: Any, tokenizer: Any, sample: NeedleSample) -> str:
 def is_retrieved(sample: NeedleSample, text: str) -> bool:
     """Exact match of the whole number: the continuation starts with the asked value and no further digit."""
     return leading_number(text) == sample.value
+
+
+def needle_samples(tokenizer: Any, windows: torch.Tensor, rng: np.random.Generator) -> list[NeedleSample]:
+    """One needle sample per window: window i's document with one needle at depth i / (n - 1) (spread evenly over
+    the samples; 0.5 for a single one), its question and answer at the end, the same length as the window.
+
+    windows: (n, L) [bos] + a document's first tokens (data.build_samples); the needles come from `rng`, in order.
+    """
+    n, length = windows.shape
+    skip = 1 if tokenizer.bos_token_id is not None else 0
+    return [build_sample(tokenizer, windows[i, skip:].tolist(), length, draw_needles(rng, 1),
+                         [i / (n - 1) if n > 1 else 0.5]) for i in range(n)]
+
+
+def scored_answers(samples: Sequence[NeedleSample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The needle fitness's input: the samples' ids (n, L) and targets (n, L-1) that score only the answer tokens
+    (IGNORE everywhere else). All samples have one length."""
+    ids = torch.stack([s.ids for s in samples])  # (n, L)
+    targets = torch.full((len(samples), ids.shape[1] - 1), IGNORE, dtype=torch.long)  # (n, L-1)
+    for i, sample in enumerate(samples):
+        targets[i, sample.predicting] = sample.answer
+    return ids, targets

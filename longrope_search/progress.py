@@ -71,11 +71,16 @@ class RichReporter:
         s = setup.config.search
         total = s.population + s.generations * (s.mutations + s.crossovers)
         done = len(state.history) if state is not None else 0
+        space = setup.space
+        searched = (f"{space.num_factors} factors from pair {setup.critical_dim} on (critical dimension; the "
+                    f"{setup.critical_dim} below follow an NTK curve)" if setup.critical_dim is not None
+                    else f"{space.num_factors} factors")
+        mscale = (f"mscale searched in [{space.mscale_choices[0]:g}, {space.mscale_choices[-1]:g}]"
+                  if space.mscale_choices else f"mscale {setup.mscale:.4f}")
         self.console.print(
-            f"searching {setup.spec.num_factors} factors for {setup.target_length} tokens "
-            f"({setup.scale:g}x the {setup.spec.original_length}-token window), mscale {setup.mscale:.4f}, "
-            f"n_hat in {list(setup.space.n_hat_choices)}"
-            + (f"; resuming after generation {state.generation}" if state is not None else ""),
+            f"searching {searched} for {setup.target_length} tokens ({setup.scale:g}x the "
+            f"{setup.spec.original_length}-token window), {mscale}, n_hat in {list(space.n_hat_choices)}, fitness "
+            f"{setup.config.search.fitness}" + (f"; resuming after generation {state.generation}" if state is not None else ""),
             markup=False,
         )
         self.progress = Progress(

@@ -43,6 +43,21 @@ def scaled_inv_freq(spec: RopeSpec, factors: torch.Tensor) -> torch.Tensor:
     return 1.0 / (factors * spec.base**exponents)
 
 
+def critical_pair(spec: RopeSpec) -> int:
+    """LongRoPE2's theoretical critical dimension, in rotary pairs: the first pair whose period 2 pi base^(2i/d)
+    exceeds the original window, ceil((d/2) log_base(L / 2 pi)). Pairs from it on never completed a rotation in
+    training. Llama-2-7B: 46 of 64; Llama-3-8B: 35 of 64; Phi-3-mini: 34 of 48."""
+    pairs = spec.num_factors * math.log(spec.original_length / (2 * math.pi)) / math.log(spec.base)
+    return min(max(math.ceil(pairs), 0), spec.num_factors)
+
+
+def critical_prefix(num_pairs: int, scale: float) -> torch.Tensor:
+    """The factors of the pairs below a critical dimension cd: an NTK-style curve that reaches `scale` at cd,
+    lambda_i = scale^(i / cd) (LongRoPE2).  # (cd,)"""
+    i = torch.arange(num_pairs, dtype=torch.float64)
+    return float(scale) ** (i / num_pairs) if num_pairs else i
+
+
 def longrope_mscale(scale: float, original_length: int) -> float:
     """LongRoPE's attention temperature sqrt(1 + ln s / ln L); transformers' default `attention_factor`."""
     if scale <= 1.0:

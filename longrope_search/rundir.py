@@ -7,6 +7,7 @@ and `longrope plot`, eval.json and plots/; a folder of stages holds stages.yaml 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,8 @@ FACTORS_FILE = "factors.json"  # the best factors so far
 EVAL_FILE = "eval.json"  # `longrope eval` results
 PLOTS_DIR = "plots"  # `longrope plot` figures
 PIPELINE_FILE = "stages.yaml"  # in a stages folder: the config the stages came from, so --resume can rerun them
+SWEEP_FILE = "sweep.yaml"  # in a critical-dimension sweep's folder: the config it came from
+SWEEP_RESULT = "sweep.json"  # ... and which of its searches won
 EXPORT_FACTORS_FILE = "longrope.json"  # in an exported model directory: the factors file it was made from
 
 # A start that failed before any evaluation (model or corpus refused) leaves only this file behind.
@@ -60,8 +63,18 @@ def is_pipeline(path: Path) -> bool:
     return (path / PIPELINE_FILE).is_file()
 
 
+def is_sweep(path: Path) -> bool:
+    return (path / SWEEP_FILE).is_file()
+
+
 def not_a_run(path: Path) -> str | None:
-    """For commands that take one run: the message when `path` is a stages folder instead, else None."""
+    """For commands that take one run: the message when `path` is a stages or sweep folder instead, else None."""
+    if is_sweep(path):
+        try:
+            best = str(json.loads((path / SWEEP_RESULT).read_text())["run"])
+            return f"{path} holds a critical-dimension sweep; pass one search's folder, e.g. {best} (the best)."
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{path} holds a critical-dimension sweep (not finished); pass one search's folder, e.g. {path}/cd-N."
     if not is_pipeline(path):
         return None
     try:

@@ -50,7 +50,7 @@ def logged_scorer(
     """The search's score function: candidates -> PPLs under the setup's composition and attention factor."""
 
     def score(candidates: Sequence[Candidate]) -> list[float]:
-        jobs = [(c.key, setup.factors(c.genes), c.n_hat, setup.mscale) for c in candidates]
+        jobs = [(c.key, setup.factors(c.genes), c.n_hat, setup.mscale_of(c)) for c in candidates]
         return score_logged(evaluator, jobs, log_path, reporter, ctx)
 
     return score

@@ -17,7 +17,7 @@ import numpy as np
 from longrope_search import rope
 from longrope_search.config import Config, parse_length
 from longrope_search.errors import ConfigError
-from longrope_search.evolution import SearchSpace
+from longrope_search.evolution import Candidate, SearchSpace
 from longrope_search.factors import AttentionFit, PriorRecord, check_geometry, load_factors
 from longrope_search.model import carried_factors
 from longrope_search.rope import RopeSpec
@@ -51,6 +51,7 @@ class SearchSetup:
     prior: Prior | None = None
     short: bool = False
     attention_fit: AttentionFit | None = None  # a short search: how the shared mscale was lowered
+    critical_dim: int | None = None  # pairs below it follow rope.critical_prefix; the space holds the rest
 
     @property
     def scale(self) -> float:
@@ -66,12 +67,27 @@ class SearchSetup:
         """The same setup scoring under the fitted attention factor."""
         return dataclasses.replace(self, mscale=fit.mscale, attention_fit=fit)
 
+    @property
+    def stage_scale(self) -> float:
+        """How far this search extends what the model already runs: target over the prior's target, or the window."""
+        if self.prior is not None and not self.short:
+            return self.target_length / self.prior.target_length
+        return self.scale
+
     def factors(self, genes: Sequence[int]) -> np.ndarray:
-        """What the model runs with for a candidate: stage factors composed with the prior's (long mode)."""
-        stage = self.space.factors(genes)  # (d/2,)
+        """What the model runs with for a candidate: stage factors (below a critical dimension the fixed NTK-style
+        prefix, the searched genes from it on) composed with the prior's (long mode)."""
+        stage = self.space.factors(genes)  # (searched pairs,)
+        if self.critical_dim is not None:
+            stage = np.concatenate([rope.critical_prefix(self.critical_dim, self.stage_scale).numpy(), stage])  # (d/2,)
         if self.prior is not None and not self.short:
             return stage * self.prior.factors  # lambda_total = lambda_stage2 * lambda_stage1
         return stage
+
+    def mscale_of(self, candidate: Candidate) -> float:
+        """The attention factor a candidate runs with: its own gene when searched, else the search's."""
+        searched = self.space.mscale(candidate)
+        return self.mscale if searched is None else searched
 
     def comparisons(self) -> dict[str, tuple[np.ndarray, float]]:
         """Reference methods scored beside the winner: name -> (factors, mscale)."""
@@ -156,13 +172,35 @@ def make_setup(config: Config, spec: RopeSpec, prior: Prior | None = None) -> Se
         spec = RopeSpec(spec.base, spec.rotary_dim, config.model.original_length)
     if s.short:
         target, space, mscale = _short_space(config, spec, prior)
+        critical = None
     else:
-        target, space, mscale = _long_space(config, spec, prior)
-    setup = SearchSetup(config, spec, target, space, mscale, {}, prior, short=s.short)
+        critical = _critical_dim(config, spec)
+        target, space, mscale = _long_space(config, spec, prior, critical)
+    setup = SearchSetup(config, spec, target, space, mscale, {}, prior, short=s.short, critical_dim=critical)
     return dataclasses.replace(setup, seeds=seed_vectors(setup))  # a bad init_factors file fails here
 
 
-def _long_space(config: Config, spec: RopeSpec, prior: Prior | None) -> tuple[int, SearchSpace, float]:
+def _critical_dim(config: Config, spec: RopeSpec) -> int | None:
+    value = config.search.critical_dim
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if len(value) > 1:
+            raise ConfigError(f"search.critical_dim {value} is a sweep (one search per value); run it with "
+                              "`longrope search --config`, which runs the sweep.")
+        value = value[0]
+    critical = rope.critical_pair(spec) if value == "auto" else int(value)
+    if critical >= spec.num_factors:
+        raise ConfigError(
+            f"search.critical_dim {value} leaves no pair to search: the model has {spec.num_factors} rotary pairs "
+            f"(rotary_dim {spec.rotary_dim}){'; auto gives ' + str(critical) if value == 'auto' else ''}; use a "
+            f"value below {spec.num_factors}."
+        )
+    return critical
+
+
+def _long_space(config: Config, spec: RopeSpec, prior: Prior | None, critical: int | None
+                ) -> tuple[int, SearchSpace, float]:
     s = config.search
     target = parse_length(s.target_or_default, spec.original_length)
     floor = prior.target_length if prior is not None else spec.original_length
@@ -172,15 +210,35 @@ def _long_space(config: Config, spec: RopeSpec, prior: Prior | None) -> tuple[in
             f"target {s.target_or_default} ({target} tokens) is not longer than {what}; set search.target above it, "
             f"e.g. {floor * 8}."
         )
+    stage_scale = target / floor
+    scale = target / spec.original_length
+    mscale = rope.longrope_mscale(scale, spec.original_length) if s.mscale in ("auto", "search") else float(s.mscale)
     # n_hat positions keep the original rotation; values at or beyond the window would mean "no scaling".
     n_hat = tuple(v for v in s.n_hat if v < spec.original_length) or (0,)
-    space = SearchSpace(
-        num_factors=spec.num_factors, max_factor=s.max_factor or 1.25 * target / floor, step=s.step,
-        monotonic=s.monotonic, n_hat_choices=n_hat,
-    )
-    scale = target / spec.original_length
-    mscale = rope.longrope_mscale(scale, spec.original_length) if s.mscale == "auto" else float(s.mscale)
+    choices, start = _mscale_choices(mscale) if s.mscale == "search" else ((), 0)
+    if critical is None:
+        space = SearchSpace(
+            num_factors=spec.num_factors, max_factor=s.max_factor or 1.25 * stage_scale, step=s.step,
+            monotonic=s.monotonic, n_hat_choices=n_hat, mscale_choices=choices, mscale_start=start,
+        )
+    else:  # LongRoPE2: the pairs from the critical dimension on, at least the scale, strictly increasing
+        space = SearchSpace(
+            num_factors=spec.num_factors - critical, min_factor=stage_scale,
+            max_factor=s.max_factor or 2.0 * stage_scale, step=s.step, strict=True, n_hat_choices=n_hat,
+            mscale_choices=choices, mscale_start=start,
+        )
     return target, space, mscale
+
+
+MSCALE_SEARCH_STEP = 0.01  # the attention-factor gene's grid
+MSCALE_SEARCH_SPAN = 0.5  # from 1.0 to this much above the default
+
+
+def _mscale_choices(default: float) -> tuple[tuple[float, ...], int]:
+    """The attention-factor gene's values (1.0 up to default + MSCALE_SEARCH_SPAN) and the index nearest the default."""
+    count = int(round((default - 1.0 + MSCALE_SEARCH_SPAN) / MSCALE_SEARCH_STEP)) + 1
+    choices = tuple(round(1.0 + i * MSCALE_SEARCH_STEP, 6) for i in range(count))
+    return choices, min(range(count), key=lambda i: abs(choices[i] - default))
 
 
 def _short_space(config: Config, spec: RopeSpec, prior: Prior) -> tuple[int, SearchSpace, float]:
@@ -203,8 +261,13 @@ def _short_space(config: Config, spec: RopeSpec, prior: Prior) -> tuple[int, Sea
     return target, space, mscale
 
 
+# LongRoPE2 seeds its population with NTK-style vectors at several scales at and above the target's.
+CRITICAL_SEED_SCALES = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5)
+
+
 def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
-    """Named seed vectors of the initial population, in the space's terms (a later stage's own factors)."""
+    """Named seed vectors of the initial population, in the space's terms: a later stage's own factors, and with a
+    critical dimension only the pairs from it on."""
     if setup.prior is not None and not setup.short:
         # a later stage starts from the previous stage's window, extending it by target / previous target
         spec = RopeSpec(setup.spec.base, setup.spec.rotary_dim, setup.prior.target_length)
@@ -227,7 +290,13 @@ def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
             seeds["init"] = np.asarray(init.factors, dtype=np.float64) / setup.prior.factors
         else:
             seeds["init"] = np.asarray(init.factors, dtype=np.float64)
-    return seeds
+    if setup.critical_dim is None:
+        return seeds
+    critical, pairs = setup.critical_dim, np.arange(spec.num_factors)
+    for m in CRITICAL_SEED_SCALES:  # t^(i / cd): the prefix's curve continued past the critical dimension
+        t = scale * m
+        seeds[f"ntk@{m:g}"] = t ** (pairs / critical) if critical else np.full(spec.num_factors, t)
+    return {name: vector[critical:] for name, vector in seeds.items()}
 
 
 # --- identity -------------------------------------------------------------------------------------------
@@ -242,7 +311,16 @@ def model_identity(name: str, model_config: Any) -> str:
 def identity(setup: SearchSetup, model_id: str, data_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
     """What a resume must match: the model, the data, the tokenizer and everything that decides a score."""
     space = setup.space
-    return {
+    extra: dict[str, Any] = {}  # only when set, so runs of earlier versions keep their identity
+    if setup.critical_dim is not None:
+        extra["critical_dim"] = setup.critical_dim
+    if space.strict:
+        extra["strict"] = True
+    if space.mscale_choices:
+        extra["mscale_search"] = [space.mscale_choices[0], space.mscale_choices[-1], space.mscale_start]
+    if setup.config.search.fitness != "ppl":
+        extra["fitness"] = setup.config.search.fitness
+    return extra | {
         "model": model_id,
         "target_length": setup.target_length,
         "original_length": setup.spec.original_length,

@@ -25,7 +25,7 @@ from longrope_search.model import load_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
     CONFIG_FILE, FACTORS_FILE, FAILED_START, PIPELINE_FILE, absolute_paths, absolute_raw_paths, default_stages_dir,
-    is_pipeline, resume_change,
+    resume_change,
 )
 from longrope_search.search import run_search
 
@@ -192,7 +192,7 @@ def run_stages(
     def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]]]:
         root_dir, stages = plan_stages(path, overrides, root)
         check_root(root_dir)
-        what = [_status_and_changes(stage) for stage in stages]
+        what = [status_and_changes(stage) for stage in stages]
         check_settings(stages, what, ctx.world_size)
         check_chain(stages, what)
         # only once every check passed
@@ -203,6 +203,13 @@ def run_stages(
         return root_dir, stages, what
 
     root, stages, what = distributed.run_on_main(prepare, ctx)
+    return run_planned(stages, what, reporter, ctx), root
+
+
+def run_planned(stages: list[Stage], what: list[tuple[str, list[str]]], reporter: Reporter = SILENT,
+                ctx: distributed.Context = distributed.SINGLE_PROCESS) -> list[StageResult]:
+    """Each stage in order: kept when finished and unchanged, searched when new, resumed (with its budget changes)
+    otherwise. An error names the stage and the finished stages it leaves in place."""
     results: list[StageResult] = []
     for stage, (state, changes) in zip(stages, what):
         try:
@@ -224,10 +231,11 @@ def run_stages(
         if kind == "kept":
             reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
         results.append(StageResult(stage, final, kind))
-    return results, root
+    return results
 
 
-def _status_and_changes(stage: Stage) -> tuple[str, list[str]]:
+def status_and_changes(stage: Stage) -> tuple[str, list[str]]:
+    """The stage's state on disk (new, unfinished, finished) and the budget changes a resume of it applies."""
     state = status(stage)
     return state, ([] if state == "new" else budget_changes(stage, state))
 
@@ -237,10 +245,10 @@ def _announce(reporter: Reporter, stage: Stage, verb: str) -> Reporter:
     return reporter
 
 
-def check_root(root: Path) -> None:
-    """The pipeline folder holds stage folders and stages.yaml only; anything else is not ours to write into."""
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not is_pipeline(root))):
-        raise CheckpointError(f"{root} exists and is not a stages folder; choose another --out or output.dir.")
+def check_root(root: Path, marker: str = PIPELINE_FILE, what: str = "a stages folder") -> None:
+    """The folder holds run folders and its marker file (stages.yaml) only; anything else is not ours to write into."""
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / marker).is_file())):
+        raise CheckpointError(f"{root} exists and is not {what}; choose another --out or output.dir.")
 
 
 def write_pipeline(root: Path, path: Path, overrides: list[str]) -> None:

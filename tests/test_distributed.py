@@ -149,6 +149,12 @@ def test_cli_under_torchrun_equals_single_process(tmp_path):
     cp = json.loads((tmp_path / "cp" / "factors.json").read_text())
     assert (cp["factors"], cp["n_hat"], cp["search"]["best_key"]) == (ref["factors"], ref["n_hat"], ref["search"]["best_key"])
     assert cp["search"]["settings"]["context_parallel"] == 2
-    assert cp["ppl"] == pytest.approx(ref["ppl"], rel=1e-5)
+    # greedy needle retrieval needs a whole sample on one rank: a context-parallel run leaves that column out
+    assert "needle" in ref["ppl"] and "needle" not in cp["ppl"]
+
+    def scores(row: dict) -> dict:
+        return {k: v for k, v in row.items() if k != "needle"}
+
+    assert cp["ppl"] == pytest.approx(scores(ref["ppl"]), rel=1e-5)
     for name, row in ref["baselines"].items():
-        assert cp["baselines"][name] == pytest.approx(row, rel=1e-5)
+        assert cp["baselines"][name] == pytest.approx(scores(row), rel=1e-5)

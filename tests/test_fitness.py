@@ -120,8 +120,8 @@ def test_preloaded_scores_are_reused_without_evaluation():
 
 
 def test_unknown_fitness_kind_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown fitness 'needle'; use one of: ppl"):
-        Evaluator(tiny(), random_ids(1, 32), kind="needle")
+    with pytest.raises(ConfigError, match="unknown fitness 'bleu'; use one of: ppl"):
+        Evaluator(tiny(), random_ids(1, 32), kind="bleu")
 
 
 def test_a_head_transform_we_do_not_know_is_refused():
