@@ -26,6 +26,26 @@ class FitnessResult:
     tokens: int = 0  # predicted tokens scored
     seconds: float = 0.0
     error: str | None = None
+    rejected: bool = False  # stopped early by a Race: ppl and nlls cover only the samples scored
+    forward_tokens: int = 0  # tokens the decoder ran: the work this score cost
+
+
+@dataclass(frozen=True)
+class Race:
+    """Early rejection (racing over samples). `bar`: the per-sample NLLs of the candidate a newcomer must beat to
+    become a parent (the worst current parent); `margin` in nats. A newcomer stops as soon as its mean NLL over the
+    samples scored so far exceeds the bar's mean over the same samples by more than the margin. The comparison is
+    paired: both are scored on the same documents, so the documents' own difficulty cancels."""
+
+    bar: tuple[float, ...]
+    margin: float
+
+    def lost(self, nlls: Sequence[float]) -> bool:
+        """True when the newcomer is out of the race (never after its last sample: then it is fully scored)."""
+        done = len(nlls)
+        if not 0 < done < len(self.bar):
+            return False
+        return (sum(nlls) - sum(self.bar[:done])) / done > self.margin
 
 
 def _decoder(model: Any) -> Any:
@@ -108,27 +128,35 @@ def scored_tokens(samples: torch.Tensor, targets: torch.Tensor | None) -> int:
 
 def perplexity(
     model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE,
-    nll: Callable[..., float] = sequence_nll, targets: torch.Tensor | None = None,
+    nll: Callable[..., float] = sequence_nll, targets: torch.Tensor | None = None, race: Race | None = None,
 ) -> FitnessResult:
     """exp(mean over samples (n, L) of each sample's mean NLL); a non-finite loss gives ppl inf, not a raise.
 
     `nll(model, row, chunk_size, row_targets)` scores one sample: `sequence_nll` here, a context-parallel one for a
     CP group. `targets` (n, L-1): what each position predicts, IGNORE where nothing is scored (the needle fitness
-    scores only the answer); None: every next token.
+    scores only the answer); None: every next token. `race`: stop early (rejected) once the candidate lost it.
     """
     began = time.perf_counter()
     nlls: list[float] = []
     for i, row in enumerate(samples):
         value = nll(model, row, chunk_size, None if targets is None else targets[i])
         nlls.append(value)
-        if not math.isfinite(value):  # the candidate is broken: the other samples cannot redeem it
+        broken = not math.isfinite(value)  # the candidate is broken: the other samples cannot redeem it
+        if broken or (race is not None and race.lost(nlls)):
+            done = i + 1
+            mean = sum(nlls) / done
             return FitnessResult(
-                math.inf, nlls, scored_tokens(samples[: i + 1], None if targets is None else targets[: i + 1]),
-                time.perf_counter() - began, error=f"loss is {value} on sample {i}",
+                math.inf if broken else _ppl(mean), nlls,
+                scored_tokens(samples[:done], None if targets is None else targets[:done]), time.perf_counter() - began,
+                error=f"loss is {value} on sample {i}" if broken else None, rejected=not broken,
+                forward_tokens=done * samples.shape[1],
             )
-    mean = sum(nlls) / len(nlls)
-    ppl = math.exp(mean) if mean < 709.0 else math.inf  # 709: largest exponent a float holds
-    return FitnessResult(ppl, nlls, scored_tokens(samples, targets), time.perf_counter() - began)
+    return FitnessResult(_ppl(sum(nlls) / len(nlls)), nlls, scored_tokens(samples, targets),
+                         time.perf_counter() - began, forward_tokens=samples.numel())
+
+
+def _ppl(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf  # 709: largest exponent a float holds
 
 
 FITNESS: dict[str, Callable[..., FitnessResult]] = {"ppl": perplexity}
@@ -167,12 +195,15 @@ class Evaluator:
         check_head(model, samples[0, :64])
 
     def score(
-        self, key: str, factors: Sequence[float] | torch.Tensor, n_hat: int = 0, mscale: float = 1.0
+        self, key: str, factors: Sequence[float] | torch.Tensor, n_hat: int = 0, mscale: float = 1.0,
+        race: Race | None = None,
     ) -> FitnessResult:
+        """The key's result: scored now (stopped early when it loses `race`), or the one already held, rejected or not:
+        a key is never scored twice."""
         if key not in self.results:
             install_rope(self.model, factors, n_hat, mscale)
             try:
-                self.results[key] = self.fitness(self.model, self.samples, self.chunk_size)
+                self.results[key] = self.fitness(self.model, self.samples, self.chunk_size, race=race)
             except torch.OutOfMemoryError as exc:
                 raise ModelError(
                     f"out of device memory scoring {self.samples.shape[1]}-token samples; check `longrope plan` for "

@@ -142,3 +142,34 @@ def test_ignored_targets_add_nothing_to_the_summed_nll():
     order = torch.randperm(50, generator=torch.Generator().manual_seed(0))  # any split of the positions
     parts = [nll_sum(model, hidden[order[i::3]], targets[order[i::3]], chunk_size=4) for i in range(3)]
     assert sum(p.item() for p in parts) / 49 == pytest.approx(sequence_nll(model, ids, 7), rel=1e-6)
+
+
+def test_race_stops_a_candidate_once_its_paired_gap_exceeds_the_margin():
+    from longrope_search.fitness import Race
+
+    race = Race(bar=(2.0, 3.0, 1.0, 2.5), margin=0.1)
+    assert not race.lost([])
+    assert not race.lost([2.05])  # 0.05 behind: still in the race
+    assert race.lost([2.2])  # 0.2 behind after one sample
+    assert not race.lost([2.2, 2.9])  # (0.2 - 0.1) / 2 = 0.05: back in
+    assert not race.lost([9.0, 9.0, 9.0, 9.0])  # fully scored: never "rejected" after its last sample
+
+
+def test_a_rejected_candidate_keeps_its_partial_score_and_costs_less():
+    from longrope_search.fitness import Race
+
+    model = tiny()
+    ids = random_ids(4, 48)
+    full = perplexity(model, ids, 16)
+    assert not full.rejected and full.forward_tokens == 4 * 48 and len(full.nlls) == 4
+    # a bar far better than this candidate: out after the first sample
+    stopped = perplexity(model, ids, 16, race=Race(tuple(v - 1.0 for v in full.nlls), 0.05))
+    assert stopped.rejected and stopped.nlls == full.nlls[:1] and stopped.forward_tokens == 48
+    assert stopped.ppl == pytest.approx(math.exp(full.nlls[0]))
+    # a bar it beats: scored to the end, the same result as without a race
+    kept = perplexity(model, ids, 16, race=Race(tuple(v + 1.0 for v in full.nlls), 0.05))
+    assert not kept.rejected and kept.nlls == full.nlls
+    # the evaluator never scores a key twice, rejected or not
+    evaluator = Evaluator(model, ids, 16)
+    first = evaluator.score("k", [1.0] * 8, race=Race(tuple(v - 1.0 for v in full.nlls), 0.05))
+    assert first.rejected and evaluator.score("k", [1.0] * 8) is first
