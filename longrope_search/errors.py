@@ -36,6 +36,10 @@ class SearchError(LongRopeError):
     """The search space is impossible, or exhausted before the search could continue."""
 
 
+class StorageError(LongRopeError):
+    """A file cannot be written or a folder created: disk full, no permission, a file where a folder should be."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of a library exception's message, quoted inside our one-line errors."""
     text = str(exc).strip()
