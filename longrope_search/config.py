@@ -8,6 +8,7 @@ the nearest valid key. Cross-field checks that need the model (target longer tha
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,8 @@ DEFAULT_CHUNK_SIZE = 1024
 # Positions per MLP slice: (16384, intermediate) GEMMs still run at full speed on a GPU.
 DEFAULT_MLP_CHUNK = 16384
 
+MIN_STEP = 1e-6  # the finest factor grid search.step may set
+
 # The paper's n_hat candidates (LongRoPE, section 4.1); those not below the window are dropped at search time.
 PAPER_N_HAT = [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256]
 
@@ -34,7 +37,9 @@ _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?|x)\s*$")
 
 def parse_length(text: str | int, original_length: int | None = None) -> int:
     """'256k' -> 262144 (k = 1024), '2m' -> 2097152, '8x' -> 8 * original_length, '4096' -> 4096."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise ConfigError(f"length {text} is not a positive number of tokens; write e.g. 4096, 256k or 8x.")
         return text
     match = _LENGTH.match(str(text))
     if not match:
@@ -43,8 +48,12 @@ def parse_length(text: str | int, original_length: int | None = None) -> int:
     if unit == "x":
         if original_length is None:
             raise ConfigError(f"length {text!r} is relative to the model's window, which is unknown here; give tokens.")
-        return int(round(number * original_length))
-    return int(round(number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
+        tokens = int(round(number * original_length))
+    else:
+        tokens = int(round(number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
+    if tokens < 1:
+        raise ConfigError(f"length {text!r} is {tokens} tokens; a length must be at least 1 token (e.g. 4096, 256k or 8x).")
+    return tokens
 
 
 def format_length(tokens: int) -> str:
@@ -56,9 +65,10 @@ def format_length(tokens: int) -> str:
 
 
 def check_length(text: str | int) -> str | int:
-    """Syntax check for a config field; the window, needed for '8x', is known only later."""
+    """Syntax check for a config field; the window, needed for '8x', is known only later (a window of 2^20 tokens
+    stands in for it: only a length of no tokens at all is refused here)."""
     try:
-        parse_length(text, original_length=1)
+        parse_length(text, original_length=1 << 20)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     return text
@@ -112,9 +122,11 @@ class SearchSection(Section):
     parents: int = Field(32, ge=1)  # top-k kept each generation
     mutations: int = Field(16, ge=0)  # N1
     crossovers: int = Field(16, ge=0)  # N2
-    mutation_prob: float = Field(0.3, ge=0.0, le=1.0)  # p, also the gene swap probability of crossover
-    max_factor: float | None = Field(None, gt=1.0)  # None: 1.25 * scale (the paper); 2 * scale with critical_dim
-    step: float = Field(0.01, gt=0.0)
+    mutation_prob: float = Field(0.3, ge=0.0, le=1.0, allow_inf_nan=False)  # p, also crossover's gene swap probability
+    # None: 1.25 * scale (the paper); 2 * scale with critical_dim
+    max_factor: float | None = Field(None, gt=1.0, allow_inf_nan=False)
+    # the factor grid; finer than MIN_STEP changes no factor measurably and overflows the integer genes
+    step: float = Field(0.01, ge=MIN_STEP, allow_inf_nan=False)
     monotonic: bool = True  # factors non-decreasing with the rotary pair index
     n_hat: list[int] = Field(default_factory=lambda: list(PAPER_N_HAT))
     # The attention factor. Long search, auto: sqrt(1 + ln s / ln L), transformers' default. Short search
@@ -122,7 +134,7 @@ class SearchSection(Section):
     # PPL at its target allows (long_tolerance); keep: the long set's factor unchanged. search: one more gene of
     # the search, on a 0.01 grid (LongRoPE2).
     mscale: float | Literal["auto", "keep", "search"] = "auto"
-    long_tolerance: float = Field(0.02, ge=0.0, lt=1.0)  # short search: allowed rise of the long PPL, 0.02 = 2%
+    long_tolerance: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)  # short search: allowed rise of the long PPL, 0.02 = 2%
     seeds: list[Literal["none", "pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
     init_factors: str | None = None  # a factors.json whose factors join the initial population
     # Progressive extension: a run directory (or factors.json) whose long factors the model already runs
@@ -157,8 +169,8 @@ class SearchSection(Section):
     @field_validator("mscale")
     @classmethod
     def _mscale(cls, value: float | str) -> float | str:
-        if value not in ("auto", "keep", "search") and value <= 0:
-            raise ValueError("mscale must be positive, 'auto', 'keep' or 'search'")
+        if value not in ("auto", "keep", "search") and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"mscale must be a finite positive number, 'auto', 'keep' or 'search' (got {value})")
         return value
 
     @field_validator("critical_dim")
@@ -248,10 +260,17 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass --config with a YAML file (see configs/), or "
+                          f"--resume {path} to continue a run.")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file (see configs/).")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8); pass --config with a YAML file (see configs/).") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror or exc}); check its permissions.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
