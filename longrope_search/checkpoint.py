@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 from longrope_search.errors import CheckpointError
 from longrope_search.evolution import Candidate
-from longrope_search.files import atomic_write_text
-from longrope_search.rundir import FACTORS_FILE, LOG_FILE, STATE_DIR
+from longrope_search.files import append_line, atomic_write_text, end_with_newline, json_text, make_dirs, remove_temps
+from longrope_search.rundir import CONFIG_FILE, FACTORS_FILE, LOG_FILE, STATE_DIR
 
 KEEP_STATES = 3  # older generations are deleted; more than one survives a torn newest file
 
@@ -89,7 +89,7 @@ def state_path(run_dir: Path, generation: int) -> Path:
 
 def save_state(run_dir: Path, state: SearchState) -> Path:
     path = state_path(run_dir, state.generation)
-    atomic_write_text(path, json.dumps(state_to_json(state)) + "\n")
+    atomic_write_text(path, json_text(state_to_json(state)) + "\n")
     for old in sorted(path.parent.glob("gen_*.json"))[:-KEEP_STATES]:
         old.unlink(missing_ok=True)
     return path
@@ -106,7 +106,7 @@ def load_state(run_dir: Path, missing_ok: bool = False) -> tuple[SearchState | N
     for path in sorted((run_dir / STATE_DIR).glob("gen_*.json"), reverse=True):
         try:
             return state_from_json(json.loads(path.read_text())), warnings
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             warnings.append(f"{path.name} is damaged ({type(exc).__name__}); using the generation before it")
     if missing_ok:
         return None, warnings
@@ -115,26 +115,59 @@ def load_state(run_dir: Path, missing_ok: bool = False) -> tuple[SearchState | N
     )
 
 
+# Identity fields added after runs were already on disk: a checkpoint without one is compared on the others only.
+ADDED_IDENTITY = ("weights",)
+
+
 def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Names of the identity fields that differ, with both values."""
-    return [
-        f"{key}: checkpoint has {saved.get(key)!r}, now {current.get(key)!r}"
-        for key in sorted(set(saved) | set(current))
-        if saved.get(key) != current.get(key)
-    ]
+    """Names of the identity fields that differ, with both values (for a mapping, the entries that differ)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        before, now = saved.get(key), current.get(key)
+        if before == now or (key in ADDED_IDENTITY and key not in saved):
+            continue
+        if isinstance(before, dict) and isinstance(now, dict):
+            out += [f"{key} {name}: checkpoint has {before.get(name)!r}, now {now.get(name)!r}"
+                    for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
+        else:
+            out.append(f"{key}: checkpoint has {before!r}, now {now!r}")
+    return out
 
 
-def log_records(log_path: Path) -> Iterator[dict[str, Any]]:
-    """The records of log.jsonl in order; a torn line (killed mid-write) is skipped."""
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _well_typed(record: dict[str, Any]) -> bool:
+    """A record whose fields have the types resume reads; anything else is treated like a torn line."""
+    event = record.get("event")
+    if not isinstance(event, str):
+        return False
+    if event == "eval":
+        return isinstance(record.get("key"), str) and _number(record.get("ppl"))
+    if event == "generation":
+        return isinstance(record.get("generation"), int) and not isinstance(record.get("generation"), bool)
+    if event == "start":
+        return isinstance(record.get("fingerprint"), dict)
+    if event == "attention_fit":
+        return isinstance(record.get("fit"), dict)
+    return True
+
+
+def log_records(log_path: Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The records of log.jsonl in order; a torn line (killed mid-write) or one with wrong types (edited by hand) is
+    skipped, its line number added to `skipped`."""
     if not log_path.is_file():
         return
-    for line in log_path.read_text().splitlines():
+    for number, line in enumerate(log_path.read_bytes().decode(errors="replace").splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
+            record = None
+        if isinstance(record, dict) and _well_typed(record):
             yield record
+        elif skipped is not None and line.strip():
+            skipped.append(number)
 
 
 @dataclass
@@ -144,6 +177,17 @@ class LogSummary:
     scores: dict[str, float]  # key -> PPL of every logged evaluation, also those after the last checkpoint
     newest: dict[str, dict[str, Any]]  # event -> its newest record (start, attention_fit, ...)
     phase: str | None  # the last of start / resume / done
+    generations: dict[int, dict[str, Any]] = field(default_factory=dict)  # generation -> its newest "generation" line
+    skipped: list[int] = field(default_factory=list)  # numbers of the lines that could not be read
+
+    @property
+    def warning(self) -> str | None:
+        """One line about the skipped lines, if any."""
+        if not self.skipped:
+            return None
+        shown = ", ".join(map(str, self.skipped[:5])) + (", ..." if len(self.skipped) > 5 else "")
+        return (f"{LOG_FILE}: {len(self.skipped)} unreadable line(s) skipped (line {shown}: torn by a kill or edited); "
+                "an evaluation they held is scored again if needed")
 
     @property
     def start_identity(self) -> dict[str, Any] | None:
@@ -154,14 +198,28 @@ class LogSummary:
 def read_log(log_path: Path) -> LogSummary:
     """A kill between two checkpoints loses no finished evaluation: resume reuses the logged scores."""
     summary = LogSummary({}, {}, None)
-    for record in log_records(log_path):
-        event = record.get("event")
-        if event == "eval" and "key" in record:
+    for record in log_records(log_path, summary.skipped):
+        event = record["event"]
+        if event == "eval":
             summary.scores[record["key"]] = ppl_from_json(record.get("ppl"))
-        summary.newest[str(event)] = record
+        elif event == "generation":
+            summary.generations[record["generation"]] = record
+        summary.newest[event] = record
         if event in ("start", "resume", "done"):
             summary.phase = event
     return summary
+
+
+def generation_record(state: SearchState) -> dict[str, Any]:
+    """The log line of a finished generation."""
+    best = state.best()
+    return {"event": "generation", "generation": state.generation, "evaluations": len(state.history),
+            "best_ppl": ppl_to_json(best.ppl), "best_key": best.candidate.key, "seconds": round(state.seconds, 3)}
+
+
+def same_generation(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two generation lines that say the same (the time spent aside): a replayed generation is not logged twice."""
+    return all(a.get(k) == b.get(k) for k in ("generation", "evaluations", "best_ppl", "best_key"))
 
 
 def has_state(run_dir: Path) -> bool:
@@ -174,17 +232,19 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:
-    """One JSON line, flushed: the log is an audit trail and the resume cache."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    """One JSON line, flushed: the log is an audit trail and the resume cache. Never through a symbolic link."""
+    make_dirs(log_path.parent)
+    append_line(log_path, json_text(record) + "\n")
 
 
 def ensure_log_line_end(log_path: Path) -> None:
     """A kill mid-write leaves a torn last line; start the next record on a fresh line."""
-    if log_path.is_file() and log_path.stat().st_size:
-        with log_path.open("rb+") as f:
-            f.seek(-1, 2)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
+    end_with_newline(log_path)
+
+
+def remove_stale_temps(run_dir: Path) -> list[Path]:
+    """The temp files of the search's own atomic writes that a kill left in the run folder."""
+    removed = remove_temps(run_dir, CONFIG_FILE) + remove_temps(run_dir, FACTORS_FILE)
+    if (run_dir / STATE_DIR).is_dir():
+        removed += remove_temps(run_dir / STATE_DIR, "gen_*.json")
+    return removed

@@ -14,11 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from longrope_search.errors import ExportError, GeometryError
-from longrope_search.files import atomic_write_text
+from longrope_search.files import atomic_write_text, json_text
 from longrope_search.rope import RopeSpec
 from longrope_search.rundir import FACTORS_FILE, not_a_run
 
 FORMAT = "longrope-factors/1"
+
+
+def number(value: Any) -> float:
+    """A float written by `files.json_text`: null stands for a non-finite value (a PPL whose loss overflowed)."""
+    return math.inf if value is None else float(value)
+
+
+def numbers(doc: Any) -> dict[str, Any]:
+    """A mapping of PPLs (nested one level for baselines), null read back as inf."""
+    return {str(k): numbers(v) if isinstance(v, dict) else number(v) for k, v in dict(doc).items()}
 
 
 @dataclass(frozen=True)
@@ -60,9 +70,12 @@ class AttentionFit:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "AttentionFit":
         heldout = doc.get("heldout")
+        def pair(values: dict[str, Any]) -> PplPair:
+            return PplPair(number(values["long_mscale"]), number(values["mscale"]))
+
         return cls(float(doc["mscale"]), float(doc["long_mscale"]), int(doc["length"]), float(doc["tolerance"]),
-                   PplPair(**doc["search"]), {str(k): float(v) for k, v in doc["checked"].items()},
-                   None if heldout is None else PplPair(**heldout))
+                   pair(doc["search"]), {str(k): number(v) for k, v in doc["checked"].items()},
+                   None if heldout is None else pair(heldout))
 
     def describe(self) -> str:
         before, after = self.search.long_mscale, self.search.mscale
@@ -150,10 +163,10 @@ class FactorsFile:
                 factors=[float(x) for x in doc["factors"]], n_hat=int(doc.get("n_hat", 0)),
                 mscale=float(doc.get("mscale", 1.0)),
                 short_factors=None if doc.get("short_factors") is None else [float(x) for x in doc["short_factors"]],
-                ppl=dict(doc.get("ppl", {})), baselines=dict(doc.get("baselines", {})),
+                ppl=numbers(doc.get("ppl", {})), baselines=numbers(doc.get("baselines", {})),
                 search=SearchRecord.from_json(dict(doc.get("search", {}))), versions=dict(doc.get("versions", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ExportError(f"{source} is missing or has a malformed field ({exc}); re-run the search or fix it.") from exc
         out.validate(source)
         return out
@@ -174,7 +187,7 @@ class FactorsFile:
             raise ExportError(f"{source}: n_hat must be >= 0 and mscale finite and positive.")
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(Path(path), json_text(self.to_json(), indent=2) + "\n")  # inf as null, read back as inf
 
 
 def check_geometry(rope: RopeSpec, spec: RopeSpec, what: str, model: str, fix: str) -> None:
@@ -205,6 +218,6 @@ def load_factors(path: str | Path) -> FactorsFile:
         raise ExportError(f"{path} does not exist; pass a run directory or the factors.json a search wrote.")
     try:
         doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ExportError(f"{path} is not valid JSON ({exc.__class__.__name__}); the file is damaged.") from exc
     return FactorsFile.from_json(doc, source=str(path))
