@@ -17,7 +17,7 @@ from longrope_search.config import Config, has_stages, load_config
 from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile
 from longrope_search.progress import SILENT, Reporter
-from longrope_search.rundir import PIPELINE_FILE, default_run_dir, is_pipeline, is_sweep
+from longrope_search.rundir import CONFIG_FILE, PIPELINE_FILE, default_run_dir, is_pipeline, is_sweep
 from longrope_search.search import run_search
 from longrope_search.stages import StageResult, run_stages
 from longrope_search.sweep import SweepResult, run_sweep
@@ -32,9 +32,16 @@ class Job:
     stages_file: Path | None = None  # stages: the config, or the folder's stages.yaml on resume
 
     @property
+    def resumable(self) -> bool:
+        """The folder holds a run (or stages, or a sweep) that `--resume` continues."""
+        folder = self.run_dir
+        return folder is not None and (is_pipeline(folder) or is_sweep(folder) or (folder / CONFIG_FILE).is_file())
+
+    @property
     def continue_command(self) -> str:
-        """How to continue after an interruption."""
-        return f"`longrope search --resume {self.run_dir}`" if self.run_dir is not None else "the same command"
+        """How to continue after an interruption: a resume where a run exists, else the command again (a start
+        interrupted before it wrote anything)."""
+        return f"`longrope search --resume {self.run_dir}`" if self.resumable else "the same command"
 
 
 @dataclass

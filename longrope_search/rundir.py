@@ -7,14 +7,16 @@ and `longrope plot`, eval.json and plots/; a folder of stages holds stages.yaml 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from longrope_search.config import Config, apply_overrides, from_dict, read_yaml
 from longrope_search.errors import CheckpointError, ConfigError
-from longrope_search.files import atomic_write_text
+from longrope_search.files import LOCK_FILE, TEMP_SUFFIX, atomic_write_bytes, atomic_write_text, folder_lock, make_dirs
 
 CONFIG_FILE = "config.resolved.yaml"  # exactly what ran, written before the model loads
 STATE_DIR = "state"  # gen_NNNNN.json: the search state after each generation
@@ -27,7 +29,8 @@ SWEEP_FILE = "sweep.yaml"  # in a critical-dimension sweep's folder: the config 
 SWEEP_RESULT = "sweep.json"  # ... and which of its searches won
 EXPORT_FACTORS_FILE = "longrope.json"  # in an exported model directory: the factors file it was made from
 
-# A start that failed before any evaluation (model or corpus refused) leaves only this file behind.
+# A start that fails removes what it wrote; one killed before it logged its start (kill -9 while the model loads)
+# leaves only this file behind, and a new start may reuse the folder.
 FAILED_START = {CONFIG_FILE}
 
 
@@ -48,12 +51,87 @@ def default_stages_dir(config: Config) -> Path:
     return Path("runs") / f"{model_slug(config)}-stages"
 
 
+def entries(folder: Path) -> set[str]:
+    """The names in a folder, less the lock file and the temp files a kill left behind: what a user put there, or a
+    run's own files."""
+    return {p.name for p in folder.iterdir()
+            if p.name != LOCK_FILE and not (p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX))}
+
+
+def check_folder_path(path: Path) -> None:
+    """A folder can be made at `path`: it is not a file, nor under one."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a folder; choose another --out (or output.dir).")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{path} cannot be created: {parent} is a file, not a folder; choose another --out.")
+            return
+
+
 def check_new_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and (not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - FAILED_START):
+    check_folder_path(run_dir)
+    if run_dir.is_dir() and entries(run_dir) - FAILED_START:
         raise CheckpointError(
             f"{run_dir} already exists and is not empty; resume it with `longrope search --resume {run_dir}` "
             "or choose another --out."
         )
+
+
+@dataclass
+class Claim:
+    """What a command adds to a run folder before the run exists (the folder itself, config.resolved.yaml). Undone
+    when the command fails before `keep`, so a failed start leaves the disk as it was."""
+
+    folder: Path
+    created: list[Path] = field(default_factory=list)  # folders made for the run, outermost first
+    previous: dict[str, bytes | None] = field(default_factory=dict)  # file name -> its bytes before (None: absent)
+    kept: bool = False
+
+    def write_text(self, name: str, text: str) -> None:
+        path = self.folder / name
+        if name not in self.previous:
+            self.previous[name] = path.read_bytes() if path.is_file() and not path.is_symlink() else None
+        atomic_write_text(path, text)
+
+    def keep(self) -> None:
+        """The run exists now (its start or resume is logged): a later failure leaves it to be resumed."""
+        self.kept = True
+
+    def undo_files(self) -> None:
+        for name, before in self.previous.items():
+            with contextlib.suppress(OSError, CheckpointError):
+                if before is None:
+                    (self.folder / name).unlink(missing_ok=True)
+                else:
+                    atomic_write_bytes(self.folder / name, before)
+
+    def undo_folders(self) -> None:
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: never anything the command did not make
+
+
+@contextlib.contextmanager
+def claimed(folder: Path, create: bool) -> Iterator[Claim]:
+    """Hold `folder` for one command (`files.folder_lock`), making it first when `create`; on an error before
+    `Claim.keep`, what the command wrote there is undone and the folders it made are removed."""
+    claim = Claim(folder)
+    if create:
+        check_folder_path(folder)
+        claim.created = make_dirs(folder)
+    try:
+        with folder_lock(folder):
+            try:
+                yield claim
+            except Exception:
+                if not claim.kept:
+                    claim.undo_files()
+                raise
+    except Exception:
+        if not claim.kept:
+            claim.undo_folders()
+        raise
 
 
 # --- stages folders -------------------------------------------------------------------------------------
@@ -138,8 +216,11 @@ def config_for_resume(run_dir: Path, overrides: list[str], generation_zero_done:
     return from_dict(updated, source=str(run_dir / CONFIG_FILE)), notes
 
 
-def write_resolved_config(run_dir: Path, config: Config) -> None:
-    atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
+def write_resolved_config(run_dir: Path, config: Config, claim: Claim | None = None) -> None:
+    if claim is not None:
+        claim.write_text(CONFIG_FILE, config.to_yaml())
+    else:
+        atomic_write_text(run_dir / CONFIG_FILE, config.to_yaml())
 
 
 # --- absolute paths -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ result as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import platform
@@ -32,12 +33,12 @@ from longrope_search.model import load_config, load_model, rope_spec
 from longrope_search.needle import NeedleSample, needle_samples, scored_answers
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
-    FACTORS_FILE, LOG_FILE, absolute_paths, check_new_run_dir, config_for_resume, default_run_dir,
-    write_resolved_config,
+    CONFIG_FILE, FACTORS_FILE, LOG_FILE, STATE_DIR, Claim, absolute_paths, check_new_run_dir, claimed,
+    config_for_resume, default_run_dir, write_resolved_config,
 )
 from longrope_search.scoring import ScoreFn, logged_scorer
 from longrope_search.search_setup import (
-    SearchSetup, carried_mismatch, identity, make_setup, model_identity, resolve_prior,
+    SearchSetup, carried_mismatch, identity, make_setup, model_identity, resolve_prior, weights_identity,
 )
 
 
@@ -57,7 +58,7 @@ class Search:
 
     def __init__(
         self, setup: SearchSetup, run_dir: Path, score: ScoreFn, identity: dict[str, Any],
-        reporter: Reporter = SILENT, writes: bool = True,
+        reporter: Reporter = SILENT, writes: bool = True, logged: dict[int, dict[str, Any]] | None = None,
     ):
         self.setup = setup
         self.run_dir = run_dir
@@ -66,6 +67,7 @@ class Search:
         self.reporter = reporter
         self.writes = writes
         self.log_path = run_dir / LOG_FILE
+        self.logged = dict(logged or {})  # generation -> its line already in log.jsonl (a resume replays it unlogged)
 
     # one place that evaluates: logs every score as soon as it exists (the resume cache)
     def _evaluate(self, state: SearchState, batch: list[tuple[evolution.Candidate, str]], generation: int) -> list[float]:
@@ -77,11 +79,11 @@ class Search:
         return scores
 
     def _log_generation(self, state: SearchState) -> None:
-        best = state.best()
-        checkpoint.append_log(self.log_path, {
-            "event": "generation", "generation": state.generation, "evaluations": len(state.history),
-            "best_ppl": checkpoint.ppl_to_json(best.ppl), "best_key": best.candidate.key, "seconds": round(state.seconds, 3),
-        })
+        record = checkpoint.generation_record(state)
+        logged = self.logged.get(state.generation)
+        if logged is None or not checkpoint.same_generation(logged, record):
+            checkpoint.append_log(self.log_path, record)
+            self.logged[state.generation] = record
 
     def initial(self) -> SearchState:
         s = self.setup.config.search
@@ -179,6 +181,8 @@ class OpenedRun:
     logged: dict[str, float] = field(default_factory=dict)  # every score in log.jsonl
     identity: dict[str, Any] | None = None  # what a resume must match (state, or the log's start record)
     attention_fit: AttentionFit | None = None  # a short search's fitted mscale, logged once it was found
+    generations: dict[int, dict[str, Any]] = field(default_factory=dict)  # the "generation" lines in log.jsonl
+    claim: Claim | None = None  # rank 0: what this command added to the folder, undone if it fails before the start
 
 
 @dataclass
@@ -194,31 +198,53 @@ class Loaded:
     heldout_needles: list[NeedleSample]  # one needle in each held-out window (other needles than the search's)
 
 
-def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: list[str] | None) -> OpenedRun:
-    """Phase 1 (rank 0): a new run's folder checked, or a resumed run's config, state and logged scores read."""
+def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: list[str] | None,
+             stack: contextlib.ExitStack | None = None) -> OpenedRun:
+    """Phase 1 (rank 0): a new run's folder checked, or a resumed run's config, state and logged scores read. With
+    `stack`, the folder is locked for as long as the stack is open (a new one made first, removed if the start
+    fails)."""
     if not resume:
         if config is None:
             raise ConfigError("pass --config with a YAML file (see configs/) or --resume with a run directory.")
         run_dir = run_dir or Path(config.output.dir or default_run_dir(config))
+        # the lock first: a command already working there is named, and none can start there while this one checks
+        claim = stack.enter_context(claimed(run_dir, create=True)) if stack is not None else None
         check_new_run_dir(run_dir)
-        return OpenedRun(absolute_paths(config), run_dir)
+        return OpenedRun(absolute_paths(config), run_dir, claim=claim)
     if run_dir is None:
         raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
+    claim = None
+    if stack is not None and (run_dir / CONFIG_FILE).is_file():  # not a run: config_for_resume says so
+        claim = stack.enter_context(claimed(run_dir, create=False))
     generation_zero_done = checkpoint.has_state(run_dir)
     config, notes = config_for_resume(run_dir, overrides or [], generation_zero_done)
     # scores logged after the last checkpoint too: resume reuses them instead of recomputing
     log = checkpoint.read_log(run_dir / LOG_FILE)
-    fit_doc = log.newest.get("attention_fit", {}).get("fit")
-    fit = None if fit_doc is None else AttentionFit.from_json(fit_doc)
-    state, warnings = (None, []) if not generation_zero_done else checkpoint.load_state(run_dir, missing_ok=True)
+    warnings = [log.warning] if log.warning else []
+    fit = None
+    if "attention_fit" in log.newest:
+        try:
+            fit = AttentionFit.from_json(log.newest["attention_fit"]["fit"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            warnings.append(f"the attention_fit record in {LOG_FILE} is unreadable; the attention factor is fitted "
+                            "again (from the logged scores)")
+    state, damaged = (None, []) if not generation_zero_done else checkpoint.load_state(run_dir, missing_ok=True)
+    warnings = [*damaged, *warnings]
     if state is None:
         # stopped during generation 0 (or inside the first checkpoint write), or every checkpoint is damaged: the
         # search replays from generation 0; every logged evaluation is reused, so it scores only what is missing
-        warning = (f"no generation had finished; generation 0 starts again with {len(log.scores)} logged evaluations"
-                   if not generation_zero_done else f"no checkpoint is readable; the search replays from generation 0 "
-                   f"with {len(log.scores)} logged evaluations")
-        return OpenedRun(config, run_dir, True, None, [*warnings, warning], notes, log.scores, log.start_identity, fit)
-    return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, state.fingerprint, fit)
+        warnings.append(f"no generation had finished; generation 0 starts again with {len(log.scores)} logged "
+                        "evaluations" if not generation_zero_done else f"no checkpoint is readable; the search "
+                        f"replays from generation 0 with {len(log.scores)} logged evaluations")
+        return OpenedRun(config, run_dir, True, None, warnings, notes, log.scores, log.start_identity, fit,
+                         log.generations, claim)
+    newest = max(log.generations, default=-1)
+    if newest > state.generation and not checkpoint.state_path(run_dir, newest).exists():
+        warnings.append(f"{STATE_DIR}/{checkpoint.state_path(run_dir, newest).name} is missing although {LOG_FILE} "
+                        f"records generation {newest}; resuming from generation {state.generation} (later "
+                        "generations run again from the logged scores)")
+    return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, state.fingerprint, fit,
+                     log.generations, claim)
 
 
 def set_up(config: Config) -> tuple[Any, SearchSetup]:
@@ -235,7 +261,7 @@ def announce(opened: OpenedRun, setup: SearchSetup, model_config: Any, reporter:
     if mismatch:
         reporter.warn(mismatch)
     if ctx.is_main and not opened.resumed:
-        write_resolved_config(opened.run_dir, opened.config)
+        write_resolved_config(opened.run_dir, opened.config, opened.claim)
     for warning in opened.warnings:
         reporter.warn(warning)
 
@@ -260,7 +286,7 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context) -> Loa
     except ConfigError:  # windows too short for a needle prompt (a short search of a tiny window): no such column
         heldout_needles = []
     ident = identity(setup, model_identity(config.model.name, model_config), fingerprint,
-                     data.tokenizer_fingerprint(tokenizer))
+                     data.tokenizer_fingerprint(tokenizer), weights_identity(config.model.name))
     long_samples = None
     if setup.fits_mscale:  # the long set's own length, for the attention-factor fit
         try:
@@ -294,20 +320,31 @@ def check_identity(opened: OpenedRun, ident: dict[str, Any], ctx: distributed.Co
 
 
 def record_start(opened: OpenedRun, loaded: Loaded, ctx: distributed.Context) -> None:
-    """Phase 6: a resume's budget changes and logged scores taken in; the start or resume logged."""
+    """Phase 6: a resume's budget changes and logged scores taken in; the start or resume logged. From here on the run
+    exists: a later failure leaves it to be resumed."""
     log_path = opened.run_dir / LOG_FILE
+    if ctx.is_main:
+        checkpoint.remove_stale_temps(opened.run_dir)  # what a kill left half-written
     if opened.resumed:
         if ctx.is_main and opened.notes:  # budget changes, recorded once the resume is known to be valid
-            write_resolved_config(opened.run_dir, opened.config)
+            write_resolved_config(opened.run_dir, opened.config, opened.claim)
         loaded.evaluator.preload(opened.logged)
         if opened.state is not None:
             opened.state.notes.extend(opened.notes)
         if ctx.is_main:
             checkpoint.ensure_log_line_end(log_path)
-            generation = opened.state.generation if opened.state is not None else None
+            state = opened.state
+            if state is not None and state.generation not in opened.generations:
+                # killed between the checkpoint and its log line: the line an uninterrupted run has there
+                record = checkpoint.generation_record(state)
+                checkpoint.append_log(log_path, record)
+                opened.generations[state.generation] = record
+            generation = state.generation if state is not None else None
             checkpoint.append_log(log_path, {"event": "resume", "generation": generation, "changes": opened.notes})
-    if opened.state is None and ctx.is_main:
+    if opened.state is None and opened.identity is None and ctx.is_main:  # a replay of generation 0 has one already
         checkpoint.append_log(log_path, {"event": "start", "fingerprint": loaded.identity})
+    if opened.claim is not None:
+        opened.claim.keep()
 
 
 def fit(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporter,
@@ -372,18 +409,20 @@ def run_search(
     its share of each batch; rank 0 alone reads and writes the run directory and reports progress.
     """
     reporter = reporter if reporter is not None and ctx.is_main else SILENT
-    # rank 0's files only: the other nodes may not share its filesystem
-    opened = distributed.run_on_main(functools.partial(open_run, config, run_dir, resume, overrides), ctx)
-    model_config, setup = distributed.run_everywhere(functools.partial(set_up, opened.config), ctx)
-    # ranks split into groups that score one sample together (size 1: ctx unchanged); same on every rank
-    ctx = distributed.cp_groups(ctx, opened.config.search.context_parallel)
-    announce(opened, setup, model_config, reporter, ctx)
-    loaded = distributed.run_everywhere(functools.partial(load, setup, model_config, ctx), ctx)
-    check_identity(opened, loaded.identity, ctx)
-    record_start(opened, loaded, ctx)
-    scored = fit(setup, opened, loaded, reporter, ctx)  # a new setup; the identity keeps the configured one
-    reporter.start(scored, opened.state)
-    scorer = logged_scorer(loaded.evaluator, scored, opened.run_dir / LOG_FILE, reporter, ctx)
-    search = Search(scored, opened.run_dir, scorer, loaded.identity, reporter, writes=ctx.is_main)
-    state = search.run(opened.state)
-    return compare(search, state, loaded, ctx), opened.run_dir
+    with contextlib.ExitStack() as stack:  # rank 0 holds the run folder's lock until the search ends
+        # rank 0's files only: the other nodes may not share its filesystem
+        opened = distributed.run_on_main(functools.partial(open_run, config, run_dir, resume, overrides, stack), ctx)
+        model_config, setup = distributed.run_everywhere(functools.partial(set_up, opened.config), ctx)
+        # ranks split into groups that score one sample together (size 1: ctx unchanged); same on every rank
+        ctx = distributed.cp_groups(ctx, opened.config.search.context_parallel)
+        announce(opened, setup, model_config, reporter, ctx)
+        loaded = distributed.run_everywhere(functools.partial(load, setup, model_config, ctx), ctx)
+        check_identity(opened, loaded.identity, ctx)
+        record_start(opened, loaded, ctx)
+        scored = fit(setup, opened, loaded, reporter, ctx)  # a new setup; the identity keeps the configured one
+        reporter.start(scored, opened.state)
+        scorer = logged_scorer(loaded.evaluator, scored, opened.run_dir / LOG_FILE, reporter, ctx)
+        search = Search(scored, opened.run_dir, scorer, loaded.identity, reporter, writes=ctx.is_main,
+                        logged=opened.generations)
+        state = search.run(opened.state)
+        return compare(search, state, loaded, ctx), opened.run_dir

@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from longrope_search import rope
 from longrope_search.config import Config, parse_length
-from longrope_search.errors import ConfigError
+from longrope_search.errors import ConfigError, LongRopeError
 from longrope_search.evolution import Candidate, SearchSpace
 from longrope_search.factors import AttentionFit, PriorRecord, check_geometry, load_factors
-from longrope_search.model import carried_factors
+from longrope_search.model import carried_factors, resolve_model_path
 from longrope_search.rope import RopeSpec
 
 
@@ -308,10 +309,64 @@ def model_identity(name: str, model_config: Any) -> str:
     return f"{name}@{digest}"
 
 
-def identity(setup: SearchSetup, model_id: str, data_fingerprint: str, tokenizer_fingerprint: str) -> dict[str, Any]:
-    """What a resume must match: the model, the data, the tokenizer and everything that decides a score."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # the files transformers loads weights from
+SAMPLE_BYTES = 64 * 1024  # one read of a weight file's fingerprint
+SAMPLES_PER_FILE = 64  # evenly spread, first and last bytes included: 4 MiB read per file, whatever its size
+
+
+def file_fingerprint(path: Path) -> str:
+    """"SIZE:HASH" of a file from a strided sample of its bytes (all of them up to 4 MiB): new weights written over
+    old ones change every tensor, so any sample catches them, at the cost of a few reads instead of the whole file."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        if size <= SAMPLE_BYTES * SAMPLES_PER_FILE:
+            digest.update(f.read())
+        else:
+            last = size - SAMPLE_BYTES
+            for i in range(SAMPLES_PER_FILE):
+                f.seek(last * i // (SAMPLES_PER_FILE - 1))
+                digest.update(f.read(SAMPLE_BYTES))
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def _weights_folder(name: str) -> Path | None:
+    """Where the model's weight files are: its local directory, or the hub cache's snapshot of a hub id."""
+    try:
+        local = Path(resolve_model_path(name))
+    except LongRopeError:  # no folder, no weights identity: the config hash still applies
+        return None
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache (or not a hub id)
+        return None
+
+
+def weights_identity(name: str) -> dict[str, str] | None:
+    """Weight file name -> "SIZE:HASH" (`file_fingerprint`), so weights replaced at the same path are noticed; None
+    when the files cannot be found (the model's config hash is then the only check)."""
+    folder = _weights_folder(name)
+    if folder is None:
+        return None
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.is_file())
+    try:
+        return {p.name: file_fingerprint(p) for p in files} or None
+    except OSError:
+        return None
+
+
+def identity(setup: SearchSetup, model_id: str, data_fingerprint: str, tokenizer_fingerprint: str,
+             weights: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a resume must match: the model (its config and, when found, its weight files), the data, the tokenizer
+    and everything that decides a score."""
     space = setup.space
     extra: dict[str, Any] = {}  # only when set, so runs of earlier versions keep their identity
+    if weights is not None:
+        extra["weights"] = weights  # checkpoint.ADDED_IDENTITY: a run from before it resumes without the check
     if setup.critical_dim is not None:
         extra["critical_dim"] = setup.critical_dim
     if space.strict:

@@ -390,7 +390,10 @@ def test_a_start_that_failed_before_scoring_can_be_retried_in_place(setup, tmp_p
     bad = from_dict(search_config(model, corpus, target="64x"))  # too long for the corpus: fails after the config is written
     with pytest.raises(Exception, match="documents"):
         run_search(bad, tmp_path / "run")
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.resolved.yaml"]
+    assert not (tmp_path / "run").exists()  # a failed start removes what it wrote (issue 18): the disk as it was
+    # a start killed before scoring (no clean-up possible) leaves its config.resolved.yaml: the folder is reused
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.resolved.yaml").write_text(bad.to_yaml())
     run_search(from_dict(search_config(model, corpus, generations=0)), tmp_path / "run")
     assert (tmp_path / "run" / "factors.json").is_file()
     assert oct((tmp_path / "run" / "factors.json").stat().st_mode & 0o777) != oct(0o600)  # readable by a server
