@@ -11,6 +11,7 @@ once it exists.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,8 @@ from longrope_search.files import atomic_write_text
 from longrope_search.model import load_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
-    CONFIG_FILE, FACTORS_FILE, FAILED_START, PIPELINE_FILE, absolute_paths, absolute_raw_paths, default_stages_dir,
-    resume_change,
+    CONFIG_FILE, FACTORS_FILE, FAILED_START, PIPELINE_FILE, Claim, absolute_paths, absolute_raw_paths, claimed,
+    default_stages_dir, entries, resume_change,
 )
 from longrope_search.search import run_search
 
@@ -70,7 +71,7 @@ def _explicit_init_from(path: Path) -> list[bool]:
 
 def status(stage: Stage) -> str:
     run_dir = stage.run_dir
-    if not run_dir.exists() or not ({p.name for p in run_dir.iterdir()} - FAILED_START):
+    if not run_dir.is_dir() or not (entries(run_dir) - FAILED_START):
         return "new"
     return "finished" if checkpoint.is_finished(run_dir) else "unfinished"
 
@@ -189,21 +190,28 @@ def run_stages(
     differ), so a conflicting change fails before anything is written or searched.
     """
 
-    def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]]]:
-        root_dir, stages = plan_stages(path, overrides, root)
-        check_root(root_dir)
-        what = [status_and_changes(stage) for stage in stages]
-        check_settings(stages, what, ctx.world_size)
-        check_chain(stages, what)
-        # only once every check passed
-        for stage, (state, changes) in zip(stages, what):
-            if state == "unfinished" or changes:
-                relocate(stage)
-        write_pipeline(root_dir, path, overrides)
-        return root_dir, stages, what
+    with contextlib.ExitStack() as stack:  # rank 0 holds the folder's lock until the last stage ends
 
-    root, stages, what = distributed.run_on_main(prepare, ctx)
-    return run_planned(stages, what, reporter, ctx), root
+        def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]], Claim]:
+            root_dir, stages = plan_stages(path, overrides, root)
+            check_root(root_dir)
+            what = [status_and_changes(stage) for stage in stages]
+            check_settings(stages, what, ctx.world_size)
+            check_chain(stages, what)
+            # only once every check passed
+            claim = stack.enter_context(claimed(root_dir, create=True))
+            for stage, (state, changes) in zip(stages, what):
+                if state == "unfinished" or changes:
+                    relocate(stage)
+            write_pipeline(root_dir, path, overrides, claim)
+            return root_dir, stages, what, claim
+
+        root, stages, what, claim = distributed.run_on_main(prepare, ctx)
+        try:
+            return run_planned(stages, what, reporter, ctx), root
+        finally:
+            if ctx.is_main and any(stage.run_dir.is_dir() for stage in stages):
+                claim.keep()  # a stage ran: the folder is the stages' now; a failed first start leaves none
 
 
 def run_planned(stages: list[Stage], what: list[tuple[str, list[str]]], reporter: Reporter = SILENT,
@@ -247,11 +255,11 @@ def _announce(reporter: Reporter, stage: Stage, verb: str) -> Reporter:
 
 def check_root(root: Path, marker: str = PIPELINE_FILE, what: str = "a stages folder") -> None:
     """The folder holds run folders and its marker file (stages.yaml) only; anything else is not ours to write into."""
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / marker).is_file())):
+    if root.exists() and (not root.is_dir() or (entries(root) and not (root / marker).is_file())):
         raise CheckpointError(f"{root} exists and is not {what}; choose another --out or output.dir.")
 
 
-def write_pipeline(root: Path, path: Path, overrides: list[str]) -> None:
+def write_pipeline(root: Path, path: Path, overrides: list[str], claim: Claim | None = None) -> None:
     """stages.yaml: the config with --set applied, which `longrope search --resume ROOT` runs again."""
     raw = stages_with_overrides(read_yaml(path), overrides)
     raw.setdefault("output", {})["dir"] = str(root)
@@ -260,5 +268,7 @@ def write_pipeline(root: Path, path: Path, overrides: list[str]) -> None:
     pipeline = root / PIPELINE_FILE
     if pipeline.is_file() and read_yaml(pipeline) == raw:
         return
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(pipeline, yaml.safe_dump(raw, sort_keys=False))
+    if claim is not None:
+        claim.write_text(PIPELINE_FILE, yaml.safe_dump(raw, sort_keys=False))
+    else:
+        atomic_write_text(pipeline, yaml.safe_dump(raw, sort_keys=False))

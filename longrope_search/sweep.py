@@ -6,7 +6,7 @@ interrupted one; only budget settings may change between runs, as for stages.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +14,9 @@ from pathlib import Path
 from longrope_search import distributed
 from longrope_search.config import Config, apply_overrides, from_dict, read_yaml
 from longrope_search.errors import ConfigError
-from longrope_search.files import atomic_write_text
+from longrope_search.files import atomic_write_text, json_text
 from longrope_search.progress import SILENT, Reporter
-from longrope_search.rundir import SWEEP_FILE, SWEEP_RESULT, absolute_paths, default_run_dir
+from longrope_search.rundir import SWEEP_FILE, SWEEP_RESULT, Claim, absolute_paths, claimed, default_run_dir
 from longrope_search.stages import Stage, StageResult, check_root, check_settings, relocate, run_planned, status_and_changes
 
 
@@ -66,30 +66,36 @@ def run_sweep(
     """Run, resume or keep the search of every critical dimension, then pick the best. `config` None: continue the
     sweep in `root` (`--resume`), with `overrides` limited to budget settings."""
 
-    def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]]]:
-        if config is None and root is None:
-            raise ConfigError("--resume needs the sweep's folder, e.g. --resume runs/tiny-8x.")
-        base = config if config is not None else sweep_config(root)
-        folder = (root or Path(base.output.dir or default_run_dir(base))).absolute()
-        check_root(folder, SWEEP_FILE, "a critical-dimension sweep")
-        # a new command's overrides are in `config` already; a resume's apply to the saved one
-        wanted = absolute_paths(base if config is not None else _with(base, overrides))
-        stages = plan_sweep(wanted, folder)
-        what = [status_and_changes(stage) for stage in stages]  # refuses all but budget changes to a search on disk
-        check_settings(stages, what, ctx.world_size)
-        for stage, (state, changes) in zip(stages, what):
-            if state == "unfinished" or changes:
-                relocate(stage)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / SWEEP_FILE, wanted.to_yaml())  # what a resume runs again
-        return folder, stages, what
+    with contextlib.ExitStack() as stack:  # rank 0 holds the folder's lock until the last search ends
 
-    folder, stages, what = distributed.run_on_main(prepare, ctx)
-    results = run_planned(stages, what, reporter, ctx)
-    result = SweepResult(folder, results, min(results, key=lambda r: (_fitness(r), r.stage.name)))
-    if ctx.is_main:
-        atomic_write_text(folder / SWEEP_RESULT, json.dumps(result.to_json(), indent=2) + "\n")
-    return result
+        def prepare() -> tuple[Path, list[Stage], list[tuple[str, list[str]]], Claim]:
+            if config is None and root is None:
+                raise ConfigError("--resume needs the sweep's folder, e.g. --resume runs/tiny-8x.")
+            base = config if config is not None else sweep_config(root)
+            folder = (root or Path(base.output.dir or default_run_dir(base))).absolute()
+            check_root(folder, SWEEP_FILE, "a critical-dimension sweep")
+            # a new command's overrides are in `config` already; a resume's apply to the saved one
+            wanted = absolute_paths(base if config is not None else _with(base, overrides))
+            stages = plan_sweep(wanted, folder)
+            what = [status_and_changes(stage) for stage in stages]  # refuses all but budget changes to a search on disk
+            check_settings(stages, what, ctx.world_size)
+            claim = stack.enter_context(claimed(folder, create=True))
+            for stage, (state, changes) in zip(stages, what):
+                if state == "unfinished" or changes:
+                    relocate(stage)
+            claim.write_text(SWEEP_FILE, wanted.to_yaml())  # what a resume runs again
+            return folder, stages, what, claim
+
+        folder, stages, what, claim = distributed.run_on_main(prepare, ctx)
+        try:
+            results = run_planned(stages, what, reporter, ctx)
+        finally:
+            if ctx.is_main and any(stage.run_dir.is_dir() for stage in stages):
+                claim.keep()  # a search ran: the folder is the sweep's now; a failed first start leaves none
+        result = SweepResult(folder, results, min(results, key=lambda r: (_fitness(r), r.stage.name)))
+        if ctx.is_main:
+            atomic_write_text(folder / SWEEP_RESULT, json_text(result.to_json(), indent=2) + "\n")
+        return result
 
 
 def _with(config: Config, overrides: list[str]) -> Config:
