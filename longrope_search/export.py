@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from longrope_search.config import load_config as load_run_config
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import ExportError
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
-from longrope_search.files import atomic_write_text
+from longrope_search.files import atomic_copy, atomic_write_text, make_dirs, storage_error
 from longrope_search.fitness import perplexity
 from longrope_search.memory import chunk_mlp
 from longrope_search.model import install_rope, load_config, resolve_model_path, rope_spec
@@ -145,28 +143,30 @@ def _is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)  # follows symlinks (HF cache snapshots link into blobs)
-    os.replace(tmp, dst)
+def _placed(src: Path) -> list[Path]:
+    """SRC's top-level files that export places in DST (copied, or weights linked)."""
+    return [path for path in sorted(src.iterdir())
+            if not (path.name.startswith(".") or path.name in ("config.json", EXPORT_FACTORS_FILE) or path.is_dir()
+                    or path.name.endswith(FOREIGN_WEIGHT_SUFFIXES))]
 
 
 def _place_files(src: Path, out: Path, copy_weights: bool) -> list[str]:
     """Copy SRC's small top-level files, link or copy its weights; returns notes on what was skipped."""
-    skipped = []
-    for path in sorted(src.iterdir()):
-        if path.name.startswith(".") or path.name in ("config.json", EXPORT_FACTORS_FILE):
-            continue
-        if path.is_dir() or path.name.endswith(FOREIGN_WEIGHT_SUFFIXES):
-            skipped.append(path.name + ("/" if path.is_dir() else ""))
-            continue
+    placed = _placed(src)
+    skipped = [path.name + ("/" if path.is_dir() else "") for path in sorted(src.iterdir())
+               if path not in placed and not path.name.startswith(".") and path.name not in ("config.json",
+                                                                                              EXPORT_FACTORS_FILE)]
+    for path in placed:
         target = out / path.name
-        if target.is_symlink() or target.exists():
-            target.unlink()
         if _is_weight(path) and not copy_weights:
-            target.symlink_to(path.absolute())
+            try:
+                if target.is_symlink() or target.exists():
+                    target.unlink()  # a file or a link itself, never what a link points to
+                target.symlink_to(path.absolute())
+            except OSError as exc:
+                raise storage_error(exc, target) from None
         else:
-            _copy_atomic(path, target)
+            atomic_copy(path, target)  # replaces a link at target instead of writing through it
     notes = []
     if skipped:
         notes.append(f"not copied (transformers does not load them): {', '.join(skipped)}")
@@ -226,8 +226,18 @@ def _check_destination(out: Path, src: Path, force: bool) -> None:
         raise ExportError(f"--out {out} overlaps the source model {src}; choose a directory outside it.")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; choose a directory path.")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"--out {out} cannot be created: {parent} is a file; choose a directory path.")
+            break
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} exists and is not empty; choose a new directory or pass --force to overwrite.")
+    if out.is_dir():
+        for name in ["config.json", EXPORT_FACTORS_FILE, *(p.name for p in _placed(src))]:
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                raise ExportError(f"--out {out} holds a folder {name}/ where export writes the file {name}; move it "
+                                  "aside or choose another --out.")
 
 
 # --- verification -----------------------------------------------------------------------------------------
@@ -316,6 +326,9 @@ def export(
     source: a run directory or factors.json; model: the model to export onto (default: the one searched).
     Every refusal happens before anything is written. A failed verification leaves `out` in place.
     """
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ExportError(f"--tolerance {tolerance} is not a finite number >= 0; the default 1e-4 suits float32 "
+                          "(bfloat16 needs about 1e-1).")
     if dtype not in VERIFY_DTYPES:
         raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(VERIFY_DTYPES)}; float32 checks exactly, "
                           "bfloat16 halves the memory of the check.")
@@ -357,7 +370,7 @@ def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type:
     config_doc = json.loads((src / "config.json").read_text())
     model_type = str(config_doc.get("model_type", model_type))
     config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     if force:
         _remove_stale_weights(out)
     notes = _place_files(src, out, copy_weights)

@@ -4,6 +4,7 @@ results by length. Reads factors.json, state/ and eval.json; writes PNGs with ma
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -15,9 +16,10 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from longrope_search import rope
 from longrope_search.checkpoint import SearchState, load_state
 from longrope_search.config import format_length
-from longrope_search.errors import CheckpointError
+from longrope_search.errors import CheckpointError, StorageError
 from longrope_search.eval_result import EvalResult, read_eval
 from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.files import atomic_write_bytes, make_dirs
 from longrope_search.rundir import EVAL_FILE, PLOTS_DIR
 
 SEARCHED = "longrope"
@@ -69,17 +71,20 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def save_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
+    """Each figure rendered in memory, then written atomically: a link planted at a figure's name is replaced,
+    never written through."""
     paths = []
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(out_dir)
         for name, figure in figures.items():
             path = out_dir / name
-            figure.savefig(path, dpi=DPI)
+            png = io.BytesIO()
+            figure.savefig(png, dpi=DPI, format="png")
+            atomic_write_bytes(path, png.getvalue())
             paths.append(path)
-    except OSError as exc:
-        raise CheckpointError(
-            f"cannot write plots to {out_dir} ({exc.strerror or exc}); pass a writable --out folder."
-        ) from exc
+    except (OSError, StorageError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).rstrip(".")
+        raise CheckpointError(f"cannot write plots to {out_dir} ({reason}); pass a writable --out folder.") from None
     return paths
 
 
