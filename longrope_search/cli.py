@@ -4,18 +4,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
 
 from longrope_search.config import DEFAULT_TARGET  # light: stdlib, yaml, pydantic
-from longrope_search.errors import ConfigError, LongRopeError
+from longrope_search.errors import ConfigError, LongRopeError, StorageError
 
 app = typer.Typer(
     help="Search LongRoPE's per-dimension RoPE rescale factors to extend a Hugging Face causal LM's context window.",
@@ -27,7 +29,35 @@ console = Console(soft_wrap=True)  # long lines stay whole: logs and grep read t
 err_console = Console(stderr=True)
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what schedulers (Slurm, Kubernetes) send before they kill
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the work in flight is dropped, what is finished stays saved."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` for the block (in the main thread; elsewhere signals are not ours to take)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM during the clean-up ends the process
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_exit(exc: KeyboardInterrupt) -> typer.Exit:
+    return typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
 
 
 def fail(message: str) -> None:
@@ -37,17 +67,22 @@ def fail(message: str) -> None:
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """User mistakes -> one line and exit 2; Ctrl-C -> a resume hint and exit 130."""
+    """User mistakes -> one line and exit 2; Ctrl-C -> exit 130, SIGTERM -> exit 143 (search prints how to resume);
+    an operating-system error no library call turned into a typed one -> one line naming the file, exit 2."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except LongRopeError as exc:
             fail(str(exc))
-        except KeyboardInterrupt:
-            err_console.print("interrupted.", markup=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}; check the path, its permissions and the free disk space.")
+        except KeyboardInterrupt as exc:
+            err_console.print("terminated." if isinstance(exc, Terminated) else "interrupted.", markup=False)
+            raise interrupted_exit(exc) from None
 
     return wrapper
 
@@ -120,13 +155,18 @@ def search(
     try:
         planned = job.prepare(config, resume, out, overrides, target is not None or init_from is not None or short, ctx)
         result = job.run(planned, reporter, ctx)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if reporter is not None:
             reporter.stop()
         if ctx.is_main and planned is not None:
-            err_console.print(f"interrupted: finished generations and evaluations are saved; continue with "
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            err_console.print(f"{what}: finished generations and evaluations are saved; continue with "
                               f"{planned.continue_command}", markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise interrupted_exit(exc) from None
+    except StorageError as exc:  # disk full, say: what was finished is saved, the run continues once fixed
+        if planned is None or not planned.resumable:
+            raise
+        raise StorageError(f"{str(exc).rstrip('.')}; then continue with {planned.continue_command}.") from None
     finally:
         if reporter is not None:
             reporter.stop()
@@ -312,8 +352,9 @@ def plan(
             console.print(f"note: {planned.note}", markup=False)
         result = plan_mod.estimate(
             planned.shape, planned.length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes,
-            samples=samples or planned.samples, budget=planned.budget, flash=not eager,
-            tflops=tflops or plan_mod.DEFAULT_TFLOPS, mlp_chunk=mlp_chunk or planned.mlp_chunk,
+            samples=planned.samples if samples is None else samples, budget=planned.budget, flash=not eager,
+            tflops=plan_mod.DEFAULT_TFLOPS if tflops is None else tflops,
+            mlp_chunk=planned.mlp_chunk if mlp_chunk is None else mlp_chunk,
             loss_chunk=planned.loss_chunk,
         )
         show_plan(planned.title, planned.shape, planned.length, gpus, gpu_mem, result)
@@ -350,6 +391,9 @@ def info(
 
     spec = rope_spec(load_config(model))
     length = parse_length(target, spec.original_length)
+    if length <= spec.original_length:
+        raise ConfigError(f"--target {target} ({length} tokens) is not longer than {model}'s original window "
+                          f"({spec.original_length} tokens); give a longer target, e.g. 8x.")
     scale = spec.scale(length)
     console.print(f"{model}: rope_theta {spec.base:g}, rotary_dim {spec.rotary_dim} ({spec.num_factors} factors), "
                   f"original window {spec.original_length}; target {length} = {scale:g}x, "
