@@ -15,7 +15,7 @@ from rich.text import Text
 
 from longrope_search.config import format_length
 from longrope_search.errors import CheckpointError
-from longrope_search.files import atomic_write_text
+from longrope_search.files import atomic_write_text, json_text
 
 
 NEEDLE_VARIANTS = {"single": "one needle", "multikey": "several keys, one asked"}
@@ -70,7 +70,7 @@ class EvalResult:
                    needle_trials=int(doc.get("needle_trials", 0)))
 
     def save(self, path: Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(path, json_text(self.to_json(), indent=2) + "\n")
 
     def merged_into(self, path: Path) -> "EvalResult":
         """This result on top of an earlier eval.json of the same samples: a quick run never erases a long one."""
