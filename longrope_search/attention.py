@@ -48,7 +48,7 @@ def fit_attention(
 
     def ppls(indices: Sequence[int]) -> list[float]:
         jobs = [(attention_key(grid[i]), prior.factors, prior.n_hat, grid[i]) for i in indices]
-        return score_logged(evaluator, jobs, log_path, reporter, ctx)
+        return [result.ppl for result in score_logged(evaluator, jobs, log_path, reporter, ctx)]
 
     reference, at_one = ppls([len(grid) - 1, 0])
     limit = reference * (1.0 + tolerance)

@@ -23,9 +23,16 @@ KEEP_STATES = 3  # older generations are deleted; more than one survives a torn 
 @dataclass
 class Evaluation:
     candidate: Candidate
-    ppl: float  # inf when the loss was not finite
+    ppl: float  # inf when the loss was not finite; a rejected candidate's partial score
     generation: int
     origin: str  # pi | ntk | yarn | init | mutation | crossover
+    rejected: bool = False  # stopped early (search.race_margin): never a parent, never the winner
+    tokens: int = 0  # forward tokens its score cost (0 when it was scored before, e.g. in an earlier stage)
+
+    @property
+    def selection_score(self) -> float:
+        """What selection compares: the PPL, or inf for a rejected candidate."""
+        return math.inf if self.rejected else self.ppl
 
 
 @dataclass
@@ -38,8 +45,14 @@ class SearchState:
     seconds: float = 0.0  # search time spent so far (excluding model load)
     notes: list[str] = field(default_factory=list)  # budget changes and other events, for the record
 
+    @property
+    def forward_tokens(self) -> int:
+        """The tokens every evaluation so far ran through the model: the search's work."""
+        return sum(e.tokens for e in self.history)
+
     def best(self) -> Evaluation:
-        return min(self.history, key=lambda e: (not math.isfinite(e.ppl), e.ppl, e.candidate.key))
+        return min(self.history, key=lambda e: (not math.isfinite(e.selection_score), e.selection_score,
+                                                e.candidate.key))
 
     def seen(self) -> set[str]:
         return {e.candidate.key for e in self.history}
@@ -58,7 +71,8 @@ def state_to_json(state: SearchState) -> dict[str, Any]:
         "generation": state.generation,
         "population": [{**c.to_json(), "ppl": ppl_to_json(p)} for c, p in state.population],
         "history": [
-            {**e.candidate.to_json(), "ppl": ppl_to_json(e.ppl), "generation": e.generation, "origin": e.origin}
+            {**e.candidate.to_json(), "ppl": ppl_to_json(e.ppl), "generation": e.generation, "origin": e.origin,
+             "tokens": e.tokens, **({"rejected": True} if e.rejected else {})}
             for e in state.history
         ],
         "rng_state": state.rng_state,
@@ -73,7 +87,8 @@ def state_from_json(doc: dict[str, Any]) -> SearchState:
         generation=int(doc["generation"]),
         population=[(Candidate.from_json(m), ppl_from_json(m["ppl"])) for m in doc["population"]],
         history=[
-            Evaluation(Candidate.from_json(e), ppl_from_json(e["ppl"]), int(e["generation"]), str(e["origin"]))
+            Evaluation(Candidate.from_json(e), ppl_from_json(e["ppl"]), int(e["generation"]), str(e["origin"]),
+                       bool(e.get("rejected", False)), int(e.get("tokens", 0)))
             for e in doc["history"]
         ],
         rng_state=dict(doc["rng_state"]),
@@ -144,7 +159,10 @@ def _well_typed(record: dict[str, Any]) -> bool:
     if not isinstance(event, str):
         return False
     if event == "eval":
-        return isinstance(record.get("key"), str) and _number(record.get("ppl"))
+        nlls = record.get("nlls", [])
+        return (isinstance(record.get("key"), str) and _number(record.get("ppl"))
+                and isinstance(nlls, list) and all(_number(v) for v in nlls)
+                and isinstance(record.get("rejected", False), bool) and isinstance(record.get("tokens", 0), int))
     if event == "generation":
         return isinstance(record.get("generation"), int) and not isinstance(record.get("generation"), bool)
     if event == "start":
@@ -179,6 +197,7 @@ class LogSummary:
     phase: str | None  # the last of start / resume / done
     generations: dict[int, dict[str, Any]] = field(default_factory=dict)  # generation -> its newest "generation" line
     skipped: list[int] = field(default_factory=list)  # numbers of the lines that could not be read
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> its eval line (nlls, rejected, tokens)
 
     @property
     def warning(self) -> str | None:
@@ -202,6 +221,7 @@ def read_log(log_path: Path) -> LogSummary:
         event = record["event"]
         if event == "eval":
             summary.scores[record["key"]] = ppl_from_json(record.get("ppl"))
+            summary.details[record["key"]] = record
         elif event == "generation":
             summary.generations[record["generation"]] = record
         summary.newest[event] = record
@@ -214,7 +234,8 @@ def generation_record(state: SearchState) -> dict[str, Any]:
     """The log line of a finished generation."""
     best = state.best()
     return {"event": "generation", "generation": state.generation, "evaluations": len(state.history),
-            "best_ppl": ppl_to_json(best.ppl), "best_key": best.candidate.key, "seconds": round(state.seconds, 3)}
+            "best_ppl": ppl_to_json(best.ppl), "best_key": best.candidate.key, "seconds": round(state.seconds, 3),
+            "forward_tokens": state.forward_tokens, "rejected": sum(e.rejected for e in state.history)}
 
 
 def same_generation(a: dict[str, Any], b: dict[str, Any]) -> bool:

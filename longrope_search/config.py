@@ -29,6 +29,9 @@ DEFAULT_MLP_CHUNK = 16384
 
 MIN_STEP = 1e-6  # the finest factor grid search.step may set
 
+# Early rejection's margin in nats per sample (see search.race_margin); measured in README ("Search efficiency").
+DEFAULT_RACE_MARGIN = 0.05
+
 # The paper's n_hat candidates (LongRoPE, section 4.1); those not below the window are dropped at search time.
 PAPER_N_HAT = [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256]
 
@@ -123,6 +126,9 @@ class SearchSection(Section):
     mutations: int = Field(16, ge=0)  # N1
     crossovers: int = Field(16, ge=0)  # N2
     mutation_prob: float = Field(0.3, ge=0.0, le=1.0, allow_inf_nan=False)  # p, also crossover's gene swap probability
+    # Early rejection: a new candidate is scored sample by sample and stops once its mean NLL is this many nats above
+    # the worst parent's on the same samples (it could not become a parent). 0: every candidate scored in full.
+    race_margin: float = Field(DEFAULT_RACE_MARGIN, ge=0.0, allow_inf_nan=False)
     # None: 1.25 * scale (the paper); 2 * scale with critical_dim
     max_factor: float | None = Field(None, gt=1.0, allow_inf_nan=False)
     # the factor grid; finer than MIN_STEP changes no factor measurably and overflows the integer genes

@@ -97,6 +97,9 @@ class SearchRecord:
     best_generation: int = 0
     scored_length: int | None = None  # the length candidates were scored at (the short window for --short)
     mode: str = "long"  # long | short
+    forward_tokens: int = 0  # tokens every evaluation ran through the model: the search's work
+    seconds: float = 0.0  # time spent scoring (wall clock; a resumed run adds its runs' times)
+    rejected: int = 0  # candidates stopped early by search.race_margin
     prior: PriorRecord | None = None
     attention_fit: AttentionFit | None = None
 

@@ -212,7 +212,13 @@ class Evaluator:
             self.evaluations += 1
         return self.results[key]
 
-    def preload(self, scores: Mapping[str, float]) -> None:
-        """Reuse scores from a resumed search; a key already scored here keeps its full result."""
+    def preload(self, scores: Mapping[str, float], details: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """Reuse scores from a resumed search (with their per-sample NLLs and rejection from `details`, log lines);
+        a key already scored here keeps its full result. forward_tokens is what the evaluation cost when it ran, so a
+        resumed search counts the same work as an uninterrupted one."""
+        details = details or {}
         for key, ppl in scores.items():
-            self.results.setdefault(key, FitnessResult(float(ppl)))
+            line = details.get(key, {})
+            nlls = [math.inf if v is None else float(v) for v in line.get("nlls", [])]
+            self.results.setdefault(key, FitnessResult(float(ppl), nlls, rejected=bool(line.get("rejected", False)),
+                                                       forward_tokens=int(line.get("tokens", 0))))

@@ -97,8 +97,10 @@ class RichReporter:
     def generation(self, state: SearchState) -> None:
         best = state.best()
         per_eval = state.seconds / max(len(state.history), 1)  # scoring time only, resumed runs included
-        line = (f"generation {state.generation}: best ppl {best.ppl:.4f} ({best.origin}), "
-                f"{len(state.history)} evaluations, {per_eval:.2f} s/eval")
+        rejected = sum(e.rejected for e in state.history)
+        line = (f"generation {state.generation}: best {best.ppl:.4f} ({best.origin}), {len(state.history)} evaluations"
+                + (f" ({rejected} stopped early)" if rejected else "")
+                + f", {state.forward_tokens / 1e6:.2f}M forward tokens, {per_eval:.2f} s/eval")
         if self.progress is not None:
             self.progress.update(self.task, description=f"generation {state.generation}, best {best.ppl:.3f}")
             self.progress.console.print(line, markup=False)

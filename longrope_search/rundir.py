@@ -165,7 +165,8 @@ def not_a_run(path: Path) -> str | None:
 # --- what a resume may change ---------------------------------------------------------------------------
 
 MEMORY_KEYS = ("chunk_size", "mlp_chunk", "context_parallel")  # change memory use and speed, not scores
-BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob", *MEMORY_KEYS)
+BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob", "race_margin",
+               *MEMORY_KEYS)
 POPULATION_DONE = ("search.population sizes generation 0 only, and this run has finished it; later generations are "
                    "parents + mutations + crossovers, so change those instead.")
 

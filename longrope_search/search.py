@@ -70,13 +70,15 @@ class Search:
         self.logged = dict(logged or {})  # generation -> its line already in log.jsonl (a resume replays it unlogged)
 
     # one place that evaluates: logs every score as soon as it exists (the resume cache)
-    def _evaluate(self, state: SearchState, batch: list[tuple[evolution.Candidate, str]], generation: int) -> list[float]:
+    def _evaluate(self, state: SearchState, batch: list[tuple[evolution.Candidate, str]], generation: int,
+                  bar: evolution.Candidate | None = None) -> list[float]:
+        """Scores of `batch` for selection (inf for a candidate rejected early against `bar`), recorded in history."""
         started = time.perf_counter()
-        scores = self.score_fn([c for c, _ in batch])
+        results = self.score_fn([c for c, _ in batch], bar)
         state.seconds += time.perf_counter() - started
-        for (cand, origin), ppl in zip(batch, scores):
-            state.history.append(Evaluation(cand, ppl, generation, origin))
-        return scores
+        for (cand, origin), result in zip(batch, results):
+            state.history.append(Evaluation(cand, result.ppl, generation, origin, result.rejected, result.forward_tokens))
+        return [state.history[-len(batch) + i].selection_score for i in range(len(batch))]
 
     def _log_generation(self, state: SearchState) -> None:
         record = checkpoint.generation_record(state)
@@ -109,7 +111,9 @@ class Search:
         )
         children = [c for c, _ in batch]
         generation = state.generation + 1
-        scores = self._evaluate(state, batch, generation)
+        # early rejection: a child worse than the worst parent can never become one
+        bar = parents[-1] if len(parents) == s.parents else None
+        scores = self._evaluate(state, batch, generation, bar)
         scored = dict((c.key, (c, p)) for c, p in state.population)
         state.population = [scored[p.key] for p in parents] + list(zip(children, scores))
         state.generation = generation
@@ -147,6 +151,8 @@ class Search:
             settings=setup.config.search.model_dump(mode="json"), samples=setup.config.data.samples,
             best_key=best.candidate.key, best_origin=best.origin, best_generation=best.generation,
             scored_length=setup.target_length, mode="short" if setup.short else "long",
+            forward_tokens=state.forward_tokens, seconds=round(state.seconds, 3),
+            rejected=sum(e.rejected for e in state.history),
             prior=None if setup.prior is None else setup.prior.record(), attention_fit=fit,
         )
         common = dict(model=setup.config.model.name, rope=setup.spec, mscale=mscale, ppl={"search": best.ppl},
@@ -183,6 +189,7 @@ class OpenedRun:
     attention_fit: AttentionFit | None = None  # a short search's fitted mscale, logged once it was found
     generations: dict[int, dict[str, Any]] = field(default_factory=dict)  # the "generation" lines in log.jsonl
     claim: Claim | None = None  # rank 0: what this command added to the folder, undone if it fails before the start
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> its eval line (per-sample NLLs, ...)
 
 
 @dataclass
@@ -237,14 +244,14 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
                         "evaluations" if not generation_zero_done else f"no checkpoint is readable; the search "
                         f"replays from generation 0 with {len(log.scores)} logged evaluations")
         return OpenedRun(config, run_dir, True, None, warnings, notes, log.scores, log.start_identity, fit,
-                         log.generations, claim)
+                         log.generations, claim, log.details)
     newest = max(log.generations, default=-1)
     if newest > state.generation and not checkpoint.state_path(run_dir, newest).exists():
         warnings.append(f"{STATE_DIR}/{checkpoint.state_path(run_dir, newest).name} is missing although {LOG_FILE} "
                         f"records generation {newest}; resuming from generation {state.generation} (later "
                         "generations run again from the logged scores)")
     return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, state.fingerprint, fit,
-                     log.generations, claim)
+                     log.generations, claim, log.details)
 
 
 def set_up(config: Config) -> tuple[Any, SearchSetup]:
@@ -328,7 +335,7 @@ def record_start(opened: OpenedRun, loaded: Loaded, ctx: distributed.Context) ->
     if opened.resumed:
         if ctx.is_main and opened.notes:  # budget changes, recorded once the resume is known to be valid
             write_resolved_config(opened.run_dir, opened.config, opened.claim)
-        loaded.evaluator.preload(opened.logged)
+        loaded.evaluator.preload(opened.logged, opened.details)
         if opened.state is not None:
             opened.state.notes.extend(opened.notes)
         if ctx.is_main:
@@ -357,7 +364,7 @@ def fit(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporte
     if attention is None:
         long_eval = context_parallel.make_evaluator(loaded.model, loaded.long_samples.search, ctx,
                                                     setup.config.search.chunk_size)
-        long_eval.preload(opened.logged)
+        long_eval.preload(opened.logged, opened.details)
         reporter.note(f"lowering the attention factor for short inputs: scoring the long set at "
                       f"{setup.prior.target_length} tokens for mscale values in [1, {setup.prior.mscale:.4f}]")
         attention = fit_attention(setup, long_eval, log_path, SILENT, ctx)

@@ -42,3 +42,8 @@ def search_config(model: Path, corpus: Path, **search) -> dict:
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def comparable(doc: dict) -> dict:
+    """A factors.json document without the search's wall-clock seconds: two runs of one search differ only there."""
+    return {**doc, "search": {k: v for k, v in doc.get("search", {}).items() if k != "seconds"}}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from search_fixtures import search_config, write_config, write_corpus, write_model
+from search_fixtures import comparable, search_config, write_config, write_corpus, write_model
 from typer.testing import CliRunner
 
 from longrope_search import checkpoint
@@ -83,7 +83,8 @@ def temp_files(run_dir: Path) -> list[str]:
 
 def assert_same_as(reference: Path, run_dir: Path) -> None:
     """Resumed == uninterrupted: factors.json, every evaluation, the log; nothing half-written or locked left."""
-    assert json.loads((run_dir / "factors.json").read_text()) == json.loads((reference / "factors.json").read_text())
+    assert comparable(json.loads((run_dir / "factors.json").read_text())) == comparable(
+        json.loads((reference / "factors.json").read_text()))
     assert history(run_dir) == history(reference)
     assert canonical_log(run_dir) == canonical_log(reference)
     assert temp_files(run_dir) == [] and not (run_dir / LOCK_FILE).exists()
