@@ -44,6 +44,7 @@ class SearchState:
     fingerprint: dict[str, Any]  # run identity; a resume with another identity is refused
     seconds: float = 0.0  # search time spent so far (excluding model load)
     notes: list[str] = field(default_factory=list)  # budget changes and other events, for the record
+    validation: list[tuple[int, str, float]] = field(default_factory=list)  # (generation, best-so-far key, its PPL)
 
     @property
     def forward_tokens(self) -> int:
@@ -79,6 +80,7 @@ def state_to_json(state: SearchState) -> dict[str, Any]:
         "fingerprint": state.fingerprint,
         "seconds": state.seconds,
         "notes": state.notes,
+        "validation": [[g, key, ppl_to_json(ppl)] for g, key, ppl in state.validation],
     }
 
 
@@ -95,6 +97,7 @@ def state_from_json(doc: dict[str, Any]) -> SearchState:
         fingerprint=dict(doc["fingerprint"]),
         seconds=float(doc.get("seconds", 0.0)),
         notes=list(doc.get("notes", [])),
+        validation=[(int(g), str(key), ppl_from_json(ppl)) for g, key, ppl in doc.get("validation", [])],
     )
 
 

@@ -202,8 +202,8 @@ def show_result(final: Any, run_dir: Path) -> None:
     fitness = "needle perplexity (loss on the hidden number's answer)" if needle else "perplexity"
     table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
                         f"{fitness}, lower is better; needles found, higher is better")
-    columns = {"search": "search samples", "heldout": "held-out samples", "heldout_ppl": "held-out perplexity",
-               "needle": "held-out needles found"}
+    columns = {"search": "search samples", "validation": "validation samples", "heldout": "held-out samples",
+               "heldout_ppl": "held-out perplexity", "needle": "held-out needles found"}
     rows = {"longrope (searched)": final.ppl, **final.baselines}
     shown = [c for c in columns if any(c in row for row in rows.values())]
     table.add_column("method")
@@ -212,6 +212,14 @@ def show_result(final: Any, run_dir: Path) -> None:
     for name, row in rows.items():
         table.add_row(name, *(f"{row.get(c, float('nan')):{'.0%' if c == 'needle' else '.4f'}}" for c in shown))
     console.print(table)
+    record = final.search
+    if record.selected_by == "validation":
+        console.print(f"the winner is the validation best of the {record.settings.get('select_top')} best candidates by "
+                      f"search score (generation {record.best_generation}, {record.best_origin})", markup=False)
+    if record.stopped_early is not None:
+        console.print(f"stopped early after generation {record.stopped_early}: validation had not improved for "
+                      f"{record.settings.get('patience')} generations; {record.saved_evaluations} evaluations saved",
+                      markup=False)
     fit = final.search.attention_fit
     if fit is not None:
         console.print(fit.describe(), markup=False)

@@ -98,7 +98,9 @@ class DataSection(Section):
     text_field: str = "text"
     concatenate: bool = False  # join short documents with EOS to reach the length
     samples: int = Field(5, ge=1)  # the paper: 5 PG19 books (3 for >= 512k)
-    heldout_samples: int = Field(8, ge=0)  # disjoint documents that validate the winner
+    heldout_samples: int = Field(8, ge=0)  # disjoint documents the final numbers are reported on (the test set)
+    # further documents that choose the winner among the best candidates and stop a search that stopped generalising
+    validation_samples: int = Field(4, ge=0)
     seed: int = 0
     cache_dir: str | None = None  # tokenised samples; default $LONGROPE_CACHE or ~/.cache/longrope
 
@@ -129,6 +131,13 @@ class SearchSection(Section):
     # Early rejection: a new candidate is scored sample by sample and stops once its mean NLL is this many nats above
     # the worst parent's on the same samples (it could not become a parent). 0: every candidate scored in full.
     race_margin: float = Field(DEFAULT_RACE_MARGIN, ge=0.0, allow_inf_nan=False)
+    # Generalisation (data.validation_samples): score the best-so-far on the validation samples every this many
+    # generations (0: only at the end), pick the winner as the validation best among the select_top best candidates
+    # by search score (1: the search's best), and stop once validation has not improved for `patience` validations
+    # (0: run every generation).
+    validate_every: int = Field(1, ge=0)
+    select_top: int = Field(4, ge=1)
+    patience: int = Field(0, ge=0)
     # None: 1.25 * scale (the paper); 2 * scale with critical_dim
     max_factor: float | None = Field(None, gt=1.0, allow_inf_nan=False)
     # the factor grid; finer than MIN_STEP changes no factor measurably and overflows the integer genes
@@ -225,6 +234,15 @@ class Config(Section):
     search: SearchSection = SearchSection()
     output: OutputSection = OutputSection()
 
+    @model_validator(mode="after")
+    def _validation_set(self) -> "Config":
+        s = self.search
+        if self.data.validation_samples == 0 and (s.select_top > 1 or s.patience > 0):
+            raise ValueError(f"search.select_top {s.select_top} and search.patience {s.patience} choose with the "
+                             "validation samples, but data.validation_samples is 0; set it above 0, or set "
+                             "search.select_top: 1 and search.patience: 0")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -253,7 +271,9 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ").rstrip(".")
     if error["type"] in ("model_type", "dict_type"):
         message = "must be a mapping of keys"
-    return f"{where}: {message} (got {error.get('input')!r})" if error["type"] != "value_error" else f"{where}: {message}"
+    if error["type"] == "value_error":
+        return f"{where}: {message}" if loc else message  # a check across sections names its keys itself
+    return f"{where}: {message} (got {error.get('input')!r})"
 
 
 def from_dict(raw: dict[str, Any], source: str = "config") -> Config:

@@ -43,7 +43,8 @@ class RunSampling:
     samples: int  # data.samples
     heldout_samples: int  # data.heldout_samples (part of the sample cache key)
     seed: int  # data.seed
-    fingerprint: str | None = None  # the search ids' hash from the run's state; catches a changed corpus
+    fingerprint: str | None = None  # the search windows' hash from the run's state; catches a changed corpus
+    validation_samples: int = 0  # data.validation_samples: drawn after the held-out documents, also excluded
 
 
 def heldout_windows(
@@ -55,14 +56,15 @@ def heldout_windows(
     cache_dir: str | Path | None = None,
     exclude: RunSampling | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """n windows of `length` tokens (n, length) and the corpus rows they come from, none of them a search document.
+    """n windows of `length` tokens (n, length) and the corpus rows they come from, none of them a document the run
+    searched or validated on.
 
     Why the run's own `.heldout` at another length is not enough: which documents are long enough depends on the
     length, so at a shorter length a short document can join the search set and push one of the run's search
     documents into the held-out set. Instead the run's search documents are re-derived at its target length (the
     sample cache usually holds them) and excluded by row, with the run's seed:
-    - separate documents: draw `samples + n` windows at this length and keep the first n from other documents.
-      At most `samples` of them are excluded, so n always remain;
+    - separate documents: draw `samples + n + validation_samples` windows at this length and keep the first n from
+      other documents. At most `samples + validation_samples` of them are excluded, so n always remain;
     - concatenated documents (one stream per set): grow the search stream at this length until it holds at least as
       many tokens as the run's did; it then covers every document the run searched on (same order), and the
       held-out stream starts on a later document.
@@ -73,9 +75,8 @@ def heldout_windows(
     if exclude is None:
         drawn = build_samples(tokenizer, corpus, length, n, 0, seed, cache_dir)
         return drawn.search, drawn.search_docs
-    run = build_samples(
-        tokenizer, corpus, exclude.target_length, exclude.samples, exclude.heldout_samples, exclude.seed, cache_dir
-    )
+    run = build_samples(tokenizer, corpus, exclude.target_length, exclude.samples,
+                        exclude.heldout_samples + exclude.validation_samples, exclude.seed, cache_dir)
     if exclude.fingerprint is not None and run.fingerprint != exclude.fingerprint:
         raise DataError(
             f"the corpus {corpus.source!r} or tokenizer changed since the search (its search windows differ), so "
@@ -86,11 +87,13 @@ def heldout_windows(
         streams = math.ceil(exclude.samples * (exclude.target_length - bos) / (length - bos))
         drawn = build_samples(tokenizer, corpus, length, streams, n, exclude.seed, cache_dir)
         return drawn.heldout, drawn.heldout_docs
-    drawn = build_samples(tokenizer, corpus, length, exclude.samples, n, exclude.seed, cache_dir)
+    # the documents the run decided with: its search documents and its validation documents (after the held-out ones)
+    used = set(run.search_docs) | set(run.heldout_docs[exclude.heldout_samples:])
+    drawn = build_samples(tokenizer, corpus, length, exclude.samples, n + exclude.validation_samples, exclude.seed,
+                          cache_dir)
     rows = drawn.search_docs + drawn.heldout_docs
-    windows = torch.cat([drawn.search, drawn.heldout])  # (samples + n, length)
-    searched = set(run.search_docs)
-    keep = [i for i, row in enumerate(rows) if row not in searched][:n]
+    windows = torch.cat([drawn.search, drawn.heldout])  # (samples + n + validation, length)
+    keep = [i for i, row in enumerate(rows) if row not in used][:n]
     return windows[keep], [rows[i] for i in keep]
 
 
@@ -163,7 +166,7 @@ def run_inputs(run_dir: Path, model: str | None, samples: int | None, device: st
     return EvalInputs(
         model=model or config.model.name, factors=ff, factors_file=factors_path(run_dir), corpus=CorpusSpec.of(d),
         samples=(d.heldout_samples or DEFAULT_SAMPLES) if samples is None else samples,
-        exclude=RunSampling(ff.scored_length, d.samples, d.heldout_samples, d.seed, fingerprint),
+        exclude=RunSampling(ff.scored_length, d.samples, d.heldout_samples, d.seed, fingerprint, d.validation_samples),
         device=device or (None if config.model.device == "auto" else config.model.device),
         dtype=dtype or config.model.dtype, cache_dir=d.cache_dir, chunk_size=config.search.chunk_size,
         mlp_chunk=config.search.mlp_chunk,

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
+from longrope_search import __version__
 from longrope_search.errors import ExportError, GeometryError
 from longrope_search.files import atomic_write_text, json_text
 from longrope_search.rope import RopeSpec
@@ -100,6 +105,10 @@ class SearchRecord:
     forward_tokens: int = 0  # tokens every evaluation ran through the model: the search's work
     seconds: float = 0.0  # time spent scoring (wall clock; a resumed run adds its runs' times)
     rejected: int = 0  # candidates stopped early by search.race_margin
+    validation: list[list[Any]] = field(default_factory=list)  # [generation, best-so-far key, validation PPL]
+    selected_by: str = "search"  # search: the best search score; validation: the best of the top on validation
+    stopped_early: int | None = None  # the generation the search stopped at when validation stopped improving
+    saved_evaluations: int = 0  # evaluations of the budget that early stopping left out
     prior: PriorRecord | None = None
     attention_fit: AttentionFit | None = None
 
@@ -191,6 +200,12 @@ class FactorsFile:
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json_text(self.to_json(), indent=2) + "\n")  # inf as null, read back as inf
+
+
+def software_versions() -> dict[str, str]:
+    """What produced a factors file: longrope, torch, transformers and Python versions."""
+    return {"longrope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
 
 
 def check_geometry(rope: RopeSpec, spec: RopeSpec, what: str, model: str, fix: str) -> None:

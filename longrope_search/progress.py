@@ -98,8 +98,10 @@ class RichReporter:
         best = state.best()
         per_eval = state.seconds / max(len(state.history), 1)  # scoring time only, resumed runs included
         rejected = sum(e.rejected for e in state.history)
-        line = (f"generation {state.generation}: best {best.ppl:.4f} ({best.origin}), {len(state.history)} evaluations"
-                + (f" ({rejected} stopped early)" if rejected else "")
+        validated = state.validation[-1] if state.validation and state.validation[-1][0] == state.generation else None
+        line = (f"generation {state.generation}: best {best.ppl:.4f} ({best.origin})"
+                + (f", validation {validated[2]:.4f}" if validated else "")
+                + f", {len(state.history)} evaluations" + (f" ({rejected} stopped early)" if rejected else "")
                 + f", {state.forward_tokens / 1e6:.2f}M forward tokens, {per_eval:.2f} s/eval")
         if self.progress is not None:
             self.progress.update(self.task, description=f"generation {state.generation}, best {best.ppl:.3f}")

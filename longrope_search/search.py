@@ -11,41 +11,53 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import transformers
 
-from longrope_search import __version__, checkpoint, context_parallel, data, distributed, evolution
+from longrope_search import checkpoint, context_parallel, data, distributed, evolution
 from longrope_search.attention import fit_attention, long_heldout
 from longrope_search.checkpoint import Evaluation, SearchState
 from longrope_search.comparison import Comparison, NeedleCheck, compare_methods
 from longrope_search.config import Config
 from longrope_search.errors import CheckpointError, ConfigError, DataError
-from longrope_search.factors import AttentionFit, FactorsFile, SearchRecord
+from longrope_search.factors import (
+    AttentionFit,
+    FactorsFile,
+    SearchRecord,
+    software_versions,
+)
 from longrope_search.fitness import Evaluator
 from longrope_search.model import load_config, load_model, rope_spec
-from longrope_search.needle import NeedleSample, needle_samples, scored_answers
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
-    CONFIG_FILE, FACTORS_FILE, LOG_FILE, STATE_DIR, Claim, absolute_paths, check_new_run_dir, claimed,
-    config_for_resume, default_run_dir, write_resolved_config,
+    CONFIG_FILE,
+    FACTORS_FILE,
+    LOG_FILE,
+    STATE_DIR,
+    Claim,
+    absolute_paths,
+    check_new_run_dir,
+    claimed,
+    config_for_resume,
+    default_run_dir,
+    write_resolved_config,
 )
+from longrope_search.sample_sets import SampleSets, sample_sets
 from longrope_search.scoring import ScoreFn, logged_scorer
 from longrope_search.search_setup import (
-    SearchSetup, carried_mismatch, identity, make_setup, model_identity, resolve_prior, weights_identity,
+    SearchSetup,
+    carried_mismatch,
+    identity,
+    make_setup,
+    model_identity,
+    resolve_prior,
+    weights_identity,
 )
-
-
-def versions() -> dict[str, str]:
-    return {"longrope": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
+from longrope_search.validation import Validator, stalled
 
 # --- the loop -----------------------------------------------------------------------------------------
 
@@ -59,8 +71,10 @@ class Search:
     def __init__(
         self, setup: SearchSetup, run_dir: Path, score: ScoreFn, identity: dict[str, Any],
         reporter: Reporter = SILENT, writes: bool = True, logged: dict[int, dict[str, Any]] | None = None,
+        validator: Validator | None = None,
     ):
         self.setup = setup
+        self.validator = validator  # None: no validation samples
         self.run_dir = run_dir
         self.score_fn = score
         self.identity = identity
@@ -123,24 +137,30 @@ class Search:
         return state
 
     def run(self, state: SearchState | None) -> SearchState:
+        s = self.setup.config.search
         if state is None:
             state = self.initial()
             self._checkpoint(state)
-        while state.generation < self.setup.config.search.generations:
+        while state.generation < s.generations and not stalled(state, s.patience):
             state = self.step(state)
             self._checkpoint(state)
         return state
 
     def _checkpoint(self, state: SearchState) -> None:
+        if self.validator is not None:  # part of the state: a resume after this generation knows its validation
+            self.validator.after_generation(state)
         if self.writes:
             checkpoint.save_state(self.run_dir, state)
             self._log_generation(state)
             self.write_factors(state)
         self.reporter.generation(state)
 
-    def write_factors(self, state: SearchState, comparison: Comparison | None = None) -> FactorsFile:
-        best = state.best()
+    def write_factors(self, state: SearchState, comparison: Comparison | None = None,
+                      winner: Evaluation | None = None) -> FactorsFile:
+        """factors.json: the winner (`winner`, default the best search score so far) with the run's record."""
+        best = winner or state.best()
         setup = self.setup
+        s = setup.config.search
         searched = [round(float(x), 10) for x in setup.factors(best.candidate.genes)]
         fit = setup.attention_fit
         mscale = setup.mscale_of(best.candidate)
@@ -153,10 +173,14 @@ class Search:
             scored_length=setup.target_length, mode="short" if setup.short else "long",
             forward_tokens=state.forward_tokens, seconds=round(state.seconds, 3),
             rejected=sum(e.rejected for e in state.history),
+            validation=[[g, key, ppl] for g, key, ppl in state.validation],
+            selected_by="validation" if winner is not None and self.validator is not None else "search",
+            stopped_early=state.generation if state.generation < s.generations else None,
+            saved_evaluations=(s.generations - state.generation) * (s.mutations + s.crossovers),
             prior=None if setup.prior is None else setup.prior.record(), attention_fit=fit,
         )
         common = dict(model=setup.config.model.name, rope=setup.spec, mscale=mscale, ppl={"search": best.ppl},
-                      search=record, versions=versions())
+                      search=record, versions=software_versions())
         if setup.short:  # the long set stays; the searched set becomes the short one
             ff = FactorsFile(target_length=setup.prior.target_length, factors=[float(x) for x in setup.prior.factors],
                              n_hat=setup.prior.n_hat, short_factors=searched, **common)
@@ -198,11 +222,10 @@ class Loaded:
 
     model: Any
     tokenizer: Any
-    samples: data.Samples  # the windows the search and held-out sets are made of
+    sets: SampleSets  # search, validation and held-out samples
     long_samples: data.Samples | None  # a short search's long-set samples, for the attention fit
     identity: dict[str, Any]
     evaluator: Evaluator  # the search samples, scored by the search's fitness
-    heldout_needles: list[NeedleSample]  # one needle in each held-out window (other needles than the search's)
 
 
 def open_run(config: Config | None, run_dir: Path | None, resume: bool, overrides: list[str] | None,
@@ -282,18 +305,11 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context) -> Loa
     model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype,
                                   mlp_chunk=config.search.mlp_chunk)
     d = config.data
-    corpus = data.CorpusSpec.of(d)
-    samples = data.build_samples(tokenizer, corpus, setup.target_length, d.samples, d.heldout_samples, d.seed, d.cache_dir)
-    search_ids, targets, fingerprint = samples.search, None, samples.fingerprint
-    if config.search.fitness == "needle":  # a needle in each search window; loss on its answer only
-        search_ids, targets = scored_answers(needle_samples(tokenizer, samples.search, np.random.default_rng([d.seed, 1])))
-        fingerprint = data.ids_fingerprint(search_ids)
-    try:  # the comparison's retrieval column: other needles than the search's
-        heldout_needles = needle_samples(tokenizer, samples.heldout, np.random.default_rng([d.seed, 2]))
-    except ConfigError:  # windows too short for a needle prompt (a short search of a tiny window): no such column
-        heldout_needles = []
-    ident = identity(setup, model_identity(config.model.name, model_config), fingerprint,
+    sets = sample_sets(tokenizer, config, setup.target_length)
+    ident = identity(setup, model_identity(config.model.name, model_config), sets.identity["data"],
                      data.tokenizer_fingerprint(tokenizer), weights_identity(config.model.name))
+    ident.update({k: v for k, v in sets.identity.items() if k != "data"})  # needles, validation: when there are any
+    corpus = data.CorpusSpec.of(d)
     long_samples = None
     if setup.fits_mscale:  # the long set's own length, for the attention-factor fit
         try:
@@ -303,8 +319,9 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context) -> Loa
             raise DataError(f"{exc} (the short search checks the long set at {setup.prior.target_length} tokens "
                             "before lowering its attention factor; or set search.mscale: keep)") from None
         ident["long_data"] = long_samples.fingerprint
-    evaluator = context_parallel.make_evaluator(model, search_ids, ctx, config.search.chunk_size, targets)
-    return Loaded(model, tokenizer, samples, long_samples, ident, evaluator, heldout_needles)
+    evaluator = context_parallel.make_evaluator(model, sets.search.ids, ctx, config.search.chunk_size,
+                                                sets.search.targets)
+    return Loaded(model, tokenizer, sets, long_samples, ident, evaluator)
 
 
 def check_identity(opened: OpenedRun, ident: dict[str, Any], ctx: distributed.Context) -> None:
@@ -374,28 +391,42 @@ def fit(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporte
     return setup.with_attention_fit(attention)
 
 
+def validator(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporter,
+              ctx: distributed.Context) -> Validator | None:
+    """Phase 8: what scores the validation samples (None without any); a resume reuses the logged scores."""
+    if loaded.sets.validation is None:
+        return None
+    sets = loaded.sets
+    evaluator = context_parallel.make_evaluator(loaded.model, sets.validation.ids, ctx, setup.config.search.chunk_size,
+                                                sets.validation.targets)
+    evaluator.preload(opened.logged, opened.details)
+    return Validator(setup, evaluator, opened.run_dir / LOG_FILE, ctx, reporter)
+
+
 def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed.Context) -> FactorsFile:
     """Phase 9: the winner against the reference methods on search and held-out samples (fitness, plain PPL, needle
     retrieval); the final factors.json."""
     setup, chunk = search.setup, search.setup.config.search.chunk_size
     evaluators = {"search": loaded.evaluator}
     needles = None
-    if loaded.heldout_needles:
-        def evaluator(ids: Any, targets: Any = None) -> Evaluator:
-            return context_parallel.make_evaluator(loaded.model, ids, ctx, chunk, targets)
-
-        if setup.config.search.fitness == "needle":
-            evaluators["heldout"] = evaluator(*scored_answers(loaded.heldout_needles))
-            evaluators["heldout_ppl"] = evaluator(loaded.samples.heldout)
-        else:
-            evaluators["heldout"] = evaluator(loaded.samples.heldout)
-        if ctx.cp is None:  # greedy decoding runs on one rank: not for samples a context-parallel group splits
-            needles = NeedleCheck(loaded.model, loaded.tokenizer, loaded.heldout_needles)
-    comparison = compare_methods(setup, state.best().candidate, evaluators, needles, ctx)
+    sets = loaded.sets
+    if sets.heldout.count:
+        evaluators["heldout"] = context_parallel.make_evaluator(loaded.model, sets.heldout.ids, ctx, chunk,
+                                                                sets.heldout.targets)
+        if sets.heldout.targets is not None:  # the needle fitness: the plain perplexity too
+            evaluators["heldout_ppl"] = context_parallel.make_evaluator(loaded.model, sets.heldout_plain, ctx, chunk)
+    if sets.heldout_needles and ctx.cp is None:  # greedy decoding runs on one rank: not under context parallelism
+        needles = NeedleCheck(loaded.model, loaded.tokenizer, sets.heldout_needles)
+    winner, validation = state.best(), None
+    if search.validator is not None:
+        winner, validation = search.validator.select(state)
+    comparison = compare_methods(setup, winner.candidate, evaluators, needles, ctx)
+    if validation is not None:
+        comparison.ppl["validation"] = validation
     if loaded.long_samples is not None and loaded.long_samples.heldout.shape[0] > 0:
         long_eval = context_parallel.make_evaluator(loaded.model, loaded.long_samples.heldout, ctx, chunk)
         comparison.long_heldout = long_heldout(setup.attention_fit, setup.prior, long_eval, ctx)
-    final = search.write_factors(state, comparison)
+    final = search.write_factors(state, comparison, winner)
     if ctx.is_main:
         checkpoint.append_log(search.log_path, {"event": "done", "generation": state.generation, "ppl": final.ppl})
     return final
@@ -430,6 +461,6 @@ def run_search(
         reporter.start(scored, opened.state)
         scorer = logged_scorer(loaded.evaluator, scored, opened.run_dir / LOG_FILE, reporter, ctx)
         search = Search(scored, opened.run_dir, scorer, loaded.identity, reporter, writes=ctx.is_main,
-                        logged=opened.generations)
+                        logged=opened.generations, validator=validator(scored, opened, loaded, reporter, ctx))
         state = search.run(opened.state)
         return compare(search, state, loaded, ctx), opened.run_dir

@@ -34,8 +34,9 @@ def search_config(model: Path, corpus: Path, **search) -> dict:
     settings.update(search)
     return {
         "model": {"name": str(model), "device": "cpu"},
-        "data": {"source": str(corpus / "*.txt"), "samples": 2, "heldout_samples": 2, "cache_dir": str(corpus.parent / "cache")},
-        "search": settings,
+        "data": {"source": str(corpus / "*.txt"), "samples": 2, "heldout_samples": 2, "cache_dir": str(corpus.parent / "cache"),
+                 "validation_samples": 0},  # no validation set unless a test asks for one (tests/test_validation.py)
+        "search": {"select_top": 1, **settings},
     }
 
 

@@ -1,0 +1,79 @@
+"""The sample sets of a search, drawn once from disjoint documents of the corpus: search (the fitness), validation (the
+choice of the winner, and early stopping) and held-out (the number reported, never used to decide anything), with
+a needle in each window where the fitness or the final comparison asks for one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from longrope_search import data
+from longrope_search.config import Config
+from longrope_search.errors import ConfigError
+from longrope_search.needle import NeedleSample, needle_samples, scored_answers
+
+# Needles of each set come from their own generator: (data.seed, NEEDLE_STREAMS[set]).
+NEEDLE_STREAMS = {"search": 1, "heldout": 2, "validation": 3}
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Windows as a fitness scores them: ids (n, L) and the targets (n, L-1) it scores (None: every next token)."""
+
+    ids: torch.Tensor
+    targets: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.ids.shape[0]
+
+
+@dataclass(frozen=True)
+class SampleSets:
+    windows: data.Samples  # the plain windows: search, then held-out and validation together
+    search: Scored
+    heldout: Scored  # scored like the search (needles with the needle fitness)
+    heldout_plain: torch.Tensor  # (m, L) the held-out windows without needles: plain perplexity
+    heldout_needles: list[NeedleSample]  # one needle per held-out window: the retrieval column of the comparison
+    validation: Scored | None  # None: data.validation_samples is 0
+    identity: dict[str, str]  # what a resume must find again: the windows (and needles) the scores depend on
+
+
+def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:
+    """The search's sets at `length` tokens. Validation documents are drawn after the held-out ones, so adding a
+    validation set leaves the search and held-out windows of a config as they were."""
+    d = config.data
+    windows = data.build_samples(tokenizer, data.CorpusSpec.of(d), length, d.samples,
+                                 d.heldout_samples + d.validation_samples, d.seed, d.cache_dir)
+    heldout_plain = windows.heldout[: d.heldout_samples]  # (m, L)
+    validation_plain = windows.heldout[d.heldout_samples:]  # (v, L)
+    needle = config.search.fitness == "needle"
+
+    def scored(ids: torch.Tensor, name: str) -> Scored:
+        if not needle:
+            return Scored(ids)
+        return Scored(*scored_answers(needle_samples(tokenizer, ids, _needle_rng(d.seed, name))))
+
+    search = scored(windows.search, "search")
+    identity = {"data": windows.fingerprint}
+    if needle:
+        identity["needles"] = data.ids_fingerprint(search.ids)
+    try:  # the comparison's retrieval column (with the needle fitness: the held-out samples themselves)
+        heldout_needles = needle_samples(tokenizer, heldout_plain, _needle_rng(d.seed, "heldout"))
+    except ConfigError:
+        if needle:
+            raise
+        heldout_needles = []  # windows too short for a needle prompt (a short search of a tiny window): no column
+    validation = scored(validation_plain, "validation") if d.validation_samples else None
+    if validation is not None:
+        identity["validation"] = data.ids_fingerprint(validation.ids)
+    heldout = Scored(*scored_answers(heldout_needles)) if needle and heldout_needles else Scored(heldout_plain)
+    return SampleSets(windows, search, heldout, heldout_plain, heldout_needles, validation, identity)
+
+
+def _needle_rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, NEEDLE_STREAMS[name]])
