@@ -88,6 +88,12 @@ class ModelSection(Section):
     # The context the model was trained on, when its config says otherwise (Mistral-7B-v0.1 declares
     # 32768 positions but was trained on 8192). None: original_max_position_embeddings or max_position_embeddings.
     original_length: int | None = Field(None, ge=2)
+    revision: str | None = None  # hub models: a branch, tag or commit, for config, tokenizer and weights
+    trust_remote_code: bool = False  # run model code shipped in a hub repository (only for repositories you trust)
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa; or eager, sdpa
+    # auto (or balanced, sequential): accelerate spreads the layers over the visible GPUs, for a model larger than
+    # one GPU (eval and export's check; a search keeps one model per GPU). null: the whole model on model.device.
+    device_map: str | None = None
 
 
 class DataSection(Section):

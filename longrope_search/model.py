@@ -7,6 +7,7 @@ Every current HF RoPE model computes (cos, sin) once per forward in one module
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -167,11 +168,41 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def attention_backend(device: str) -> str:
-    """flash_attention_2 where flash-attn is importable on CUDA, else PyTorch SDPA."""
+def attention_backend(device: str, requested: str = "auto") -> str:
+    """`requested` unless auto; auto: flash_attention_2 where flash-attn is importable on CUDA, else PyTorch SDPA."""
+    if requested != "auto":
+        return requested
     if device.startswith("cuda") and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How `from_pretrained` is called, as Hugging Face users set it (the config's model section): a hub revision,
+    remote code (off unless asked), the attention kernel, and a device map that shards a model over several GPUs."""
+
+    revision: str | None = None  # a hub branch, tag or commit (config, tokenizer and weights alike)
+    trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto: flash_attention_2 on CUDA when installed, else sdpa
+    device_map: str | None = None  # e.g. auto: layers spread over every visible GPU (needs accelerate)
+
+    @classmethod
+    def of(cls, section: Any) -> "LoadOptions":
+        """From a config's model section (anything with these attribute names; missing ones keep the defaults)."""
+        return cls(**{name: getattr(section, name) for name in ("revision", "trust_remote_code",
+                                                                  "attn_implementation", "device_map")
+                      if getattr(section, name, None) is not None})
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        """What every from_pretrained call (config, tokenizer, model) receives."""
+        kwargs: dict[str, Any] = {"trust_remote_code": self.trust_remote_code}
+        if self.revision is not None:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+DEFAULT_LOAD = LoadOptions()
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -198,48 +229,87 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path) if path.exists() else name_or_path
 
 
-def load_config(name_or_path: str) -> Any:
+def load_config(name_or_path: str, options: LoadOptions = DEFAULT_LOAD) -> Any:
     source = resolve_model_path(name_or_path)
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, **options.hub_kwargs())
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"cannot load model config {name_or_path!r} ({first_line(exc)}); pass a local model directory, "
-            "builtin:tiny, or a hub id reachable from this machine."
+            "builtin:tiny, or a hub id reachable from this machine"
+            + (" (model code from the hub runs only with model.trust_remote_code: true)."
+               if "trust_remote_code" in str(exc) else ".")
         ) from exc
 
 
-def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None, mlp_chunk: int = 0):
+def load_tokenizer(name_or_path: str, options: LoadOptions = DEFAULT_LOAD) -> Any:
+    """The model's tokenizer; a tokenizer this transformers cannot build is named as such (not as a missing model)."""
+    source = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(source, **options.hub_kwargs())
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        reason = first_line(exc)
+        if isinstance(exc, OSError) and not (Path(source) / "tokenizer_config.json").is_file() \
+                and not (Path(source) / "tokenizer.json").is_file() and Path(source).is_dir():
+            hint = "the directory has no tokenizer files; copy the base model's tokenizer into it."
+        else:
+            import transformers
+
+            hint = (f"transformers {transformers.__version__} cannot build its tokenizer (check tokenizer_class in "
+                    "tokenizer_config.json: PreTrainedTokenizerFast loads in 4.x and 5.x; TokenizersBackend needs "
+                    "transformers 5).")
+        raise ModelError(f"cannot load the tokenizer of {name_or_path!r} ({reason}); {hint}") from exc
+
+
+def check_device_map(device_map: str | None) -> None:
+    """A device map needs accelerate: say so before any weight loads."""
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise ModelError(f"device_map {device_map!r} needs the accelerate package; pip install accelerate "
+                         "(or pip install longrope[gpu]), or load onto one device with --device.")
+
+
+def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None, mlp_chunk: int = 0,
+               options: LoadOptions = DEFAULT_LOAD):
     """(model, tokenizer) in eval mode without gradients; the RoPE check runs before weights load.
 
     mlp_chunk > 0 runs each MLP over that many positions at a time: the same numbers, far less memory
     at long lengths (the L x intermediate activation dominates after the chunked loss).
+    options.device_map (e.g. auto) lets accelerate place the layers over the visible GPUs instead of moving the
+    model to `device`: a model larger than one GPU loads sharded.
     """
-    config = load_config(name_or_path)
+    config = load_config(name_or_path, options)
     rope_spec(config)  # refuse non-RoPE models before loading gigabytes
     source = resolve_model_path(name_or_path)
+    check_device_map(options.device_map)
     device = device or default_device()
+    placement = device if options.device_map is None else ("cuda" if torch.cuda.is_available() else "cpu")
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, placement), **options.hub_kwargs()}
+    if options.device_map is not None:
+        kwargs["device_map"] = options.device_map
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=resolve_dtype(dtype, device), attn_implementation=attention_backend(device)
+                source, attn_implementation=attention_backend(placement, options.attn_implementation), **kwargs
             )
         except ValueError as exc:
-            if "attn_implementation" not in str(exc) and "does not support" not in str(exc):
+            if options.attn_implementation != "auto" or (
+                    "attn_implementation" not in str(exc) and "does not support" not in str(exc)):
                 raise
             # a few architectures (Gemma 2's soft-capped attention) refuse sdpa/flash: fall back to eager
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype, device),
-                                                         attn_implementation="eager")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {name_or_path!r} ({first_line(exc)}); check the path or hub id.") from exc
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager", **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelError(f"cannot load the weights of {name_or_path!r} ({first_line(exc)}); check the path or hub "
+                         "id, model.revision, and model.attn_implementation.") from exc
+    tokenizer = load_tokenizer(name_or_path, options)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ModelError(
             f"the tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the model embeds only "
             f"{model.get_input_embeddings().num_embeddings}; use the tokenizer that belongs to the model."
         )
     try:
-        model.to(device).eval().requires_grad_(False)
+        if options.device_map is None:
+            model.to(device)
+        model.eval().requires_grad_(False)
     except (RuntimeError, AssertionError) as exc:  # no CUDA, unknown device string, device out of memory
         raise ModelError(
             f"cannot move the model to device {device!r} ({first_line(exc)}); set model.device to cpu, cuda or cuda:N."

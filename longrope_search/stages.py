@@ -22,7 +22,7 @@ from longrope_search.config import Config, load_stages, parse_length, read_yaml,
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
-from longrope_search.model import load_config, rope_spec
+from longrope_search.model import LoadOptions, load_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
     CONFIG_FILE, FACTORS_FILE, FAILED_START, PIPELINE_FILE, Claim, absolute_paths, absolute_raw_paths, claimed,
@@ -126,7 +126,7 @@ def _target_tokens(config: Config) -> int | None:
     original = config.model.original_length
     if original is None:
         try:
-            original = rope_spec(load_config(config.model.name)).original_length
+            original = rope_spec(load_config(config.model.name, LoadOptions.of(config.model))).original_length
         except LongRopeError:
             return None  # e.g. a fine-tuned model still to come: the stage checks its target when it starts
     return parse_length(target, original)

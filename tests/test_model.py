@@ -1,5 +1,7 @@
 """Installing a candidate into real transformers models: identity, no stale tables, every family."""
 
+import importlib.util
+
 import pytest
 import torch
 from tiny_models import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
@@ -120,3 +122,54 @@ def test_load_model_from_local_directory(tmp_path):
     (tmp_path / "broken").mkdir()
     with pytest.raises(ModelError, match="cannot load model config"):
         load_model(str(tmp_path / "broken"))
+
+
+def test_model_section_keys_reach_every_from_pretrained_call(tmp_path, monkeypatch):
+    """model.revision, model.trust_remote_code and model.attn_implementation (config keys) reach the config, tokenizer
+    and weights loads; model.device_map reaches the weights load, and the model is then not moved."""
+    import transformers
+
+    from longrope_search import model as model_mod
+    from longrope_search.config import from_dict
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    calls: dict[str, list[dict]] = {}
+
+    def spy(name, cls):
+        original = cls.from_pretrained
+
+        def from_pretrained(source, **kwargs):
+            calls.setdefault(name, []).append(kwargs)
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "device_map")}  # a local folder
+            return original(source, **kwargs)
+
+        monkeypatch.setattr(model_mod, name, type(name, (), {"from_pretrained": staticmethod(from_pretrained)}))
+
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        spy(name, getattr(transformers, name))
+    config = from_dict({"model": {"name": str(tmp_path / "m"), "revision": "v1.0", "trust_remote_code": True,
+                                  "attn_implementation": "eager"}})
+    options = model_mod.LoadOptions.of(config.model)
+    loaded, _ = model_mod.load_model(config.model.name, device="cpu", options=options)
+    for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        assert calls[name] and all(c["revision"] == "v1.0" and c["trust_remote_code"] is True for c in calls[name])
+    assert calls["AutoModelForCausalLM"][-1]["attn_implementation"] == "eager"
+    assert loaded.config._attn_implementation == "eager"
+    # defaults: no revision, no remote code, today's attention choice (sdpa on CPU), no device map
+    calls.clear()
+    model_mod.load_model(str(tmp_path / "m"), device="cpu", options=model_mod.LoadOptions.of(from_dict({}).model))
+    weights = calls["AutoModelForCausalLM"][-1]
+    assert weights["trust_remote_code"] is False and "revision" not in weights and "device_map" not in weights
+    assert weights["attn_implementation"] == "sdpa"
+
+    sharded = model_mod.LoadOptions(device_map="auto")
+    if importlib.util.find_spec("accelerate") is None:  # said in one line before anything loads
+        with pytest.raises(ModelError, match="pip install accelerate"):
+            model_mod.load_model(str(tmp_path / "m"), options=sharded)
+    monkeypatch.setattr(model_mod, "check_device_map", lambda device_map: None)
+    moved = []
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
+    calls.clear()
+    model_mod.load_model(str(tmp_path / "m"), device="cuda:3", options=sharded)
+    assert calls["AutoModelForCausalLM"][-1]["device_map"] == "auto" and not moved  # accelerate placed it
