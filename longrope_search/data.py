@@ -165,6 +165,19 @@ def load_texts(spec: CorpusSpec) -> Any:
 # --- cache identity -----------------------------------------------------------------------------------
 
 
+def same_documents(a: CorpusSpec, b: CorpusSpec) -> bool:
+    """Both sources name the same corpus: the same builtin or hub dataset, or the same local files in the same order
+    (a folder and a glob that match the same files count as one). Config, split and revision are not compared:
+    a command-line source carries none of them."""
+    hub_like = ("hub:", "builtin:")
+    if a.source.startswith(hub_like) or b.source.startswith(hub_like):
+        return a.source == b.source
+    try:
+        return [p.resolve() for p in local_files(a.source)] == [p.resolve() for p in local_files(b.source)]
+    except (DataError, OSError):
+        return False
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of everything that decides token ids: the serialised fast tokenizer (or vocab) and bos/eos."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

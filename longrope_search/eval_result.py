@@ -27,8 +27,11 @@ class EvalResult:
     """Scores per method per length. JSON schema (read by the plotter, keep it stable):
     {"lengths": [int], "ppl": {method: {"<length>": float | null}}, "passkey": {method: {"<length>": float}},
      "samples": int, "model": str, "factors": str | null,
-     "needle": {variant: {method: {"<length>": {"<depth>": float}}}}, "needle_trials": int};
+     "needle": {variant: {method: {"<length>": {"<depth>": float}}}}, "needle_trials": int,
+     "heldout": bool, "not_heldout": str};
     null ppl = not finite, empty passkey = not measured; "needle" and "needle_trials" only once measured.
+    "heldout": the documents exclude every one the search scored or validated on (missing in older files: true);
+    "not_heldout" says why not, when false.
     """
 
     lengths: list[int]
@@ -39,13 +42,17 @@ class EvalResult:
     passkey: dict[str, dict[int, float]] = field(default_factory=dict)
     needle: Accuracy = field(default_factory=dict)
     needle_trials: int = 0  # prompts per (length, depth) cell
+    heldout: bool = True  # no document the search decided with (see evaluate.flag_inputs)
+    not_heldout: str | None = None  # why the documents are not held out from the search
 
     def to_json(self) -> dict[str, Any]:
         def table(scores: dict[str, dict[int, float]]) -> dict[str, dict[str, float | None]]:
             return {m: {str(n): (v if math.isfinite(v) else None) for n, v in row.items()} for m, row in scores.items()}
 
         doc = {"lengths": list(self.lengths), "ppl": table(self.ppl), "passkey": table(self.passkey),
-               "samples": self.samples, "model": self.model, "factors": self.factors}
+               "samples": self.samples, "model": self.model, "factors": self.factors, "heldout": self.heldout}
+        if self.not_heldout is not None:
+            doc["not_heldout"] = self.not_heldout
         if self.needle:
             doc["needle"] = {variant: {m: {str(n): {f"{d:g}": a for d, a in cells.items()} for n, cells in rows.items()}
                                        for m, rows in methods.items()} for variant, methods in self.needle.items()}
@@ -67,7 +74,8 @@ class EvalResult:
         lengths = doc.get("lengths") or sorted({n for t in (ppl, passkey) for row in t.values() for n in row})
         return cls(lengths=[int(n) for n in lengths], ppl=ppl, samples=int(doc.get("samples", 0)),
                    model=str(doc.get("model", "")), factors=doc.get("factors"), passkey=passkey, needle=needle,
-                   needle_trials=int(doc.get("needle_trials", 0)))
+                   needle_trials=int(doc.get("needle_trials", 0)), heldout=bool(doc.get("heldout", True)),
+                   not_heldout=doc.get("not_heldout"))
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json_text(self.to_json(), indent=2) + "\n")
@@ -78,7 +86,8 @@ class EvalResult:
             old = read_eval(path)
         except CheckpointError:
             old = None
-        if old is None or (old.samples, old.model, old.factors) != (self.samples, self.model, self.factors):
+        if old is None or ((old.samples, old.model, old.factors, old.heldout)
+                           != (self.samples, self.model, self.factors, self.heldout)):
             return self  # none yet, unreadable or not comparable: replaced by this complete result
         merged = {name: _merged(getattr(old, name), getattr(self, name)) for name in ("ppl", "passkey")}
         needle, trials = self.needle, self.needle_trials
@@ -86,7 +95,7 @@ class EvalResult:
             needle = {v: _merged(old.needle.get(v, {}), self.needle.get(v, {})) for v in {*old.needle, *self.needle}}
             trials = trials or old.needle_trials
         return EvalResult(sorted(set(old.lengths) | set(self.lengths)), merged["ppl"], self.samples, self.model,
-                          self.factors, merged["passkey"], needle, trials)
+                          self.factors, merged["passkey"], needle, trials, self.heldout, self.not_heldout)
 
 
 def _merged(old: dict[str, dict[int, Any]], new: dict[str, dict[int, Any]]) -> dict[str, dict[int, Any]]:
@@ -123,7 +132,9 @@ def render_tables(result: EvalResult, original_length: int | None = None) -> lis
             table.add_row(method, *cells)
         return table
 
-    tables = [build(f"perplexity on {result.samples} held-out samples, lower is better", result.ppl, min, ",.3f")]
+    which = (f"{result.samples} held-out samples" if result.heldout else
+             f"{result.samples} samples NOT held out from the search ({result.not_heldout or 'documents unknown'})")
+    tables = [build(f"perplexity on {which}, lower is better", result.ppl, min, ",.3f")]
     if result.passkey:
         tables.append(build("passkey retrieval accuracy, higher is better", result.passkey, max, ".2f"))
     for variant, methods in result.needle.items():

@@ -6,6 +6,7 @@ Each method runs as a served model would run it: see `methods.methods_for` for w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +16,17 @@ import torch
 
 from longrope_search import checkpoint
 from longrope_search.config import DEFAULT_CHUNK_SIZE, DEFAULT_MLP_CHUNK, parse_length
-from longrope_search.data import CorpusSpec, build_samples
+from longrope_search.data import CorpusSpec, build_samples, same_documents
 from longrope_search.errors import ConfigError, DataError
 from longrope_search.eval_result import EvalResult
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.fitness import Evaluator
 from longrope_search.methods import methods_for, unique_lengths
-from longrope_search.model import load_config, load_model, rope_spec
+from longrope_search.model import DEFAULT_LOAD, LoadOptions, load_config, load_model, rope_spec
 from longrope_search.passkey import passkey, passkey_prompt
 from longrope_search.retrieval import NeedleSettings, cell_samples, draw_trials, needle_accuracy
 from longrope_search.rope import RopeSpec
-from longrope_search.rundir import EVAL_FILE, STATE_DIR, config_for_resume
+from longrope_search.rundir import CONFIG_FILE, EVAL_FILE, FACTORS_FILE, STATE_DIR, config_for_resume
 
 DEFAULT_SAMPLES = 8  # held-out windows per length when the run kept none
 
@@ -121,12 +122,14 @@ def eval_ppl(
     """
     lengths = unique_lengths(lengths)
     ppl: dict[str, dict[int, float]] = {}
-    for length in lengths:
+    for i, length in enumerate(lengths, 1):
+        if progress is not None:
+            progress(f"length {i} of {len(lengths)}: reading and tokenising {samples} windows of {length} tokens")
         ids, _ = heldout_windows(tokenizer, corpus, length, samples, seed, cache_dir, exclude)  # (samples, length)
         evaluator = Evaluator(model, ids, chunk_size=chunk_size)
         for method in methods_for(spec, length, ff):
             if progress is not None:
-                progress(f"perplexity: {method.name} at {length} tokens")
+                progress(f"length {i} of {len(lengths)}: perplexity of {method.name} at {length} tokens")
             ppl.setdefault(method.name, {})[length] = evaluator.score(
                 method.key, method.factors, method.n_hat, method.mscale
             ).ppl
@@ -152,11 +155,14 @@ class EvalInputs:
     cache_dir: str | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     mlp_chunk: int = DEFAULT_MLP_CHUNK
+    options: LoadOptions = DEFAULT_LOAD  # how from_pretrained is called (revision, remote code, attention, device map)
+    # why the documents may include ones the search decided with (None: they are held out, `exclude` says from what)
+    not_heldout: str | None = None
 
 
-def run_inputs(run_dir: Path, model: str | None, samples: int | None, device: str | None, dtype: str | None
-               ) -> EvalInputs:
-    """The run's model, factors and corpus; its search documents excluded."""
+def run_inputs(run_dir: Path, model: str | None, samples: int | None, device: str | None, dtype: str | None,
+               device_map: str | None = None) -> EvalInputs:
+    """The run's model, factors and corpus; its search and validation documents excluded."""
     config, _ = config_for_resume(run_dir, [])
     ff = load_factors(run_dir)
     d = config.data
@@ -170,18 +176,40 @@ def run_inputs(run_dir: Path, model: str | None, samples: int | None, device: st
         device=device or (None if config.model.device == "auto" else config.model.device),
         dtype=dtype or config.model.dtype, cache_dir=d.cache_dir, chunk_size=config.search.chunk_size,
         mlp_chunk=config.search.mlp_chunk,
+        options=dataclasses.replace(LoadOptions.of(config.model), **({"device_map": device_map} if device_map else {})),
     )
 
 
+def factors_run(factors: str | Path) -> Path | None:
+    """The run directory a factors file belongs to (a run directory, or the factors.json inside one), else None."""
+    path = Path(factors)
+    folder = path if path.is_dir() else path.parent if path.name == FACTORS_FILE else None
+    return folder if folder is not None and (folder / CONFIG_FILE).is_file() else None
+
+
 def flag_inputs(model: str | None, factors: str | Path | None, data: str | None, samples: int | None,
-                device: str | None, dtype: str | None) -> EvalInputs:
+                device: str | None, dtype: str | None, device_map: str | None = None) -> EvalInputs:
+    """--model, --factors and --data. When the factors come from a run and --data is that run's corpus, the run's
+    search and validation documents are excluded exactly as `longrope eval RUN` does; otherwise the documents are
+    not held out from the search, and the result says so."""
     if model is None or factors is None:
         raise ConfigError("pass a run directory, or --model with --factors (a run directory or factors.json).")
     if data is None:
         raise ConfigError("pass --data with the corpus to measure perplexity on: builtin:NAME, hub:NAME or a path.")
+    options = LoadOptions(device_map=device_map)
+    run = factors_run(factors)
+    if run is not None:
+        inputs = run_inputs(run, model, samples, device, dtype)
+        if same_documents(inputs.corpus, CorpusSpec(data)):
+            # the run's corpus under the run's settings; the model is --model, loaded as the flags say
+            return dataclasses.replace(inputs, device=device, dtype=dtype, options=options,
+                                       samples=DEFAULT_SAMPLES if samples is None else samples)
+        why = f"{data} is not the corpus the factors were searched on ({inputs.corpus.source})"
+    else:
+        why = f"{factors} is not inside a run directory, so its search documents are unknown"
     return EvalInputs(model=model, factors=load_factors(factors), factors_file=factors_path(factors),
                       corpus=CorpusSpec(data), samples=DEFAULT_SAMPLES if samples is None else samples, exclude=None,
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, options=options, not_heldout=why)
 
 
 def needle_fillers(tokenizer: Any, inputs: EvalInputs, longest: int, shortest: int, settings: NeedleSettings,
@@ -210,6 +238,7 @@ def evaluate(
     dtype: str | None = None,
     progress: Progress | None = None,
     needle: NeedleSettings | None = None,
+    device_map: str | None = None,
 ) -> EvalResult:
     """`longrope eval`: a run directory (model, corpus and factors from it; writes RUN/eval.json), or
     --model with --factors and --data. Input checks run before the weights load (passkey lengths, which need the
@@ -228,8 +257,8 @@ def evaluate(
             "pass --model, --factors (a run directory or factors.json) and --data."
         )
     run_dir = Path(run_dir) if run_dir is not None else None
-    inputs = (run_inputs(run_dir, model, samples, device, dtype) if run_dir is not None
-              else flag_inputs(model, factors, data, samples, device, dtype))
+    inputs = (run_inputs(run_dir, model, samples, device, dtype, device_map) if run_dir is not None
+              else flag_inputs(model, factors, data, samples, device, dtype, device_map))
     if inputs.samples < 1:
         raise ConfigError(f"cannot evaluate on {inputs.samples} samples; pass --samples 1 or more.")
     if passkey_trials < 0:
@@ -239,11 +268,16 @@ def evaluate(
 
     ff = inputs.factors
     spec = ff.rope  # carries a window override (model.original_length) the model's config does not know
-    check_geometry(ff.rope, rope_spec(load_config(inputs.model)), str(inputs.factors_file), inputs.model,
-                   "evaluate them on the searched model.")
+    if progress is not None:
+        progress(f"reading the config of {inputs.model}")
+    check_geometry(ff.rope, rope_spec(load_config(inputs.model, inputs.options)), str(inputs.factors_file),
+                   inputs.model, "evaluate them on the searched model.")
     resolved = [parse_length(n, spec.original_length) for n in lengths]
 
-    loaded, tokenizer = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype, mlp_chunk=inputs.mlp_chunk)
+    if progress is not None:
+        progress(f"loading {inputs.model} (downloads, if any, show their own progress)")
+    loaded, tokenizer = load_model(inputs.model, device=inputs.device, dtype=inputs.dtype, mlp_chunk=inputs.mlp_chunk,
+                                   options=inputs.options)
     if passkey_trials:
         passkey_prompt(tokenizer, min(resolved), "00000", 0.5)  # a too-short length fails now, not after the PPL
     fillers = needle_fillers(tokenizer, inputs, max(resolved), min(resolved), needle, seed) if needle else None
@@ -255,6 +289,7 @@ def evaluate(
         result.needle = needle_accuracy(loaded, tokenizer, spec, resolved, ff, fillers, needle, progress)
         result.needle_trials = needle.trials
     result.model, result.factors = inputs.model, str(inputs.factors_file)
+    result.heldout, result.not_heldout = inputs.not_heldout is None, inputs.not_heldout
     if run_dir is not None:
         result.merged_into(run_dir / EVAL_FILE).save(run_dir / EVAL_FILE)
     return result

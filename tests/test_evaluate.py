@@ -115,7 +115,7 @@ def test_run_table_matches_the_searched_scores_and_writes_eval_json(tiny_run):
         assert result.ppl[name][128] == pytest.approx(ff.baselines[name]["heldout"], rel=1e-6)
 
     doc = json.loads((run_dir / "eval.json").read_text())
-    assert set(doc) == {"lengths", "ppl", "passkey", "samples", "model", "factors"}
+    assert set(doc) == {"lengths", "ppl", "passkey", "samples", "model", "factors", "heldout"} and doc["heldout"]
     assert doc["lengths"] == [32, 64, 128] and doc["passkey"] == {} and doc["samples"] == 2
     assert doc["factors"] == str(run_dir / "factors.json") and doc["model"] == ff.model
     assert set(doc["ppl"]["pi"]) == {"32", "64", "128"} and doc["ppl"]["pi"]["64"] == result.ppl["pi"][64]
@@ -152,6 +152,30 @@ def test_model_mode_and_errors(tiny_run):
         ev.evaluate(["64"], run_dir=run_dir, samples=0)
     with pytest.raises(DataError, match="at least 1023 tokens"):  # no document is that long
         ev.evaluate(["32x"], run_dir=run_dir)
+
+
+def test_flags_with_a_runs_factors_and_its_corpus_exclude_the_runs_documents_else_say_not_held_out(tiny_run, tmp_path):
+    run_dir, model_dir, corpus = tiny_run
+    by_run = ev.evaluate(["2x", "4x"], run_dir=run_dir, samples=2)
+    # --factors RUN (or RUN/factors.json) and --data naming the run's corpus (a folder for its glob): the same windows
+    for factors in (run_dir, run_dir / "factors.json"):
+        by_flags = ev.evaluate(["2x", "4x"], model=str(model_dir), factors=factors, data=str(corpus), samples=2)
+        assert by_flags.heldout and by_flags.not_heldout is None
+        assert by_flags.ppl == by_run.ppl
+    # the naive draw (what flags did before) scores the run's search documents at the target
+    naive = ev.evaluate(["4x"], model=str(model_dir), factors=run_dir, data=str(corpus / "doc0*.txt"), samples=2)
+    assert not naive.heldout and "not the corpus the factors were searched on" in naive.not_heldout
+    assert naive.ppl["longrope"][128] != by_run.ppl["longrope"][128]
+    # a bare factors.json: the documents the search used are unknown
+    bare = tmp_path / "bare.json"
+    bare.write_text((run_dir / "factors.json").read_text())
+    result = ev.evaluate(["4x"], model=str(model_dir), factors=bare, data=str(corpus), samples=2)
+    assert not result.heldout and "not inside a run directory" in result.not_heldout
+    doc = result.to_json()
+    assert doc["heldout"] is False and doc["not_heldout"] == result.not_heldout
+    title = er.render_tables(result)[0].title
+    assert "NOT held out from the search" in title and "held-out samples" not in title
+    assert "2 held-out samples" in er.render_tables(by_run)[0].title
 
 
 # --- held-out windows ---------------------------------------------------------------------------------
@@ -198,7 +222,7 @@ def test_json_round_trip_keeps_infinite_ppl_as_null_and_tables_mark_the_best():
     doc = json.loads(json.dumps(result.to_json(), allow_nan=False))  # strict JSON: no Infinity
     assert doc == {"lengths": [32, 256], "ppl": {"none": {"32": 5.0, "256": None}, "pi": {"32": 5.0, "256": 9.5}},
                    "passkey": {"none": {"32": 1.0, "256": 0.0}, "pi": {"32": 0.5, "256": 0.25}},
-                   "samples": 3, "model": "m", "factors": None}
+                   "samples": 3, "model": "m", "factors": None, "heldout": True}
     assert er.EvalResult.from_json(doc) == result
 
     ppl_table, passkey_table = er.render_tables(result, original_length=32)
