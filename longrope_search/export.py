@@ -8,23 +8,36 @@ from __future__ import annotations
 
 import json
 import math
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from longrope_search import builtin, hub
 from longrope_search.config import load_config as load_run_config
 from longrope_search.data import CorpusSpec, build_samples
-from longrope_search.errors import ExportError
+from longrope_search.errors import CheckpointError, ExportError, ModelError
+from longrope_search.eval_result import read_eval
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.files import atomic_copy, atomic_write_text, make_dirs, storage_error
 from longrope_search.fitness import perplexity
 from longrope_search.memory import chunk_mlp
-from longrope_search.model import install_rope, load_config, resolve_model_path, rope_spec
+from longrope_search.model import (
+    DEFAULT_LOAD,
+    LoadOptions,
+    check_device_map,
+    install_rope,
+    load_config,
+    load_tokenizer,
+    resolve_model_path,
+    rope_spec,
+)
+from longrope_search.model_card import CARD_FILE, model_card
 from longrope_search.rope import longrope_mscale
-from longrope_search.rundir import CONFIG_FILE, EXPORT_FACTORS_FILE
+from longrope_search.rundir import CONFIG_FILE, EVAL_FILE, EXPORT_FACTORS_FILE
 
 # Files transformers loads weights from; symlinked by default because they are the only big ones.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -39,6 +52,10 @@ SHORT_VERIFY_LENGTH = 64
 LONG_VERIFY_MARGIN = 16
 
 
+# tokenizer_config.json's class as transformers 5 saves it; 4.x knows the same tokenizer as PreTrainedTokenizerFast.
+FIVE_ONLY_TOKENIZER_CLASS, PORTABLE_TOKENIZER_CLASS = "TokenizersBackend", "PreTrainedTokenizerFast"
+
+
 @dataclass
 class ExportReport:
     out: Path
@@ -47,6 +64,7 @@ class ExportReport:
     dropped_n_hat: bool
     notes: list[str] = field(default_factory=list)
     short_max_abs_diff: float | None = None  # same check inside the original window (short factors)
+    pushed: str | None = None  # the hub repository's URL after --push-to-hub
 
 
 # --- config.json ------------------------------------------------------------------------------------------
@@ -143,21 +161,56 @@ def _is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+# Written by export itself, never copied from SRC (SRC's own model card describes SRC, not the export).
+OWN_FILES = ("config.json", EXPORT_FACTORS_FILE, CARD_FILE)
+
+
 def _placed(src: Path) -> list[Path]:
     """SRC's top-level files that export places in DST (copied, or weights linked)."""
     return [path for path in sorted(src.iterdir())
-            if not (path.name.startswith(".") or path.name in ("config.json", EXPORT_FACTORS_FILE) or path.is_dir()
+            if not (path.name.startswith(".") or path.name in OWN_FILES or path.is_dir()
                     or path.name.endswith(FOREIGN_WEIGHT_SUFFIXES))]
+
+
+def must_copy_weights(src: Path) -> bool:
+    """SRC lives inside the installed package (the built-in model) or a Python environment: a `pip uninstall` or
+    upgrade would break links into it, so its weights are copied."""
+    roots = [builtin.ROOT, *(Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib"))]
+    return any(_is_within(src.resolve(), root.resolve()) for root in roots)
+
+
+def _portable_tokenizer_config(path: Path, target: Path) -> bool:
+    """Copy tokenizer_config.json, its 5.x-only tokenizer class written as the class 4.x and 5.x both load (the
+    same fast tokenizer from tokenizer.json); True when it was rewritten."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        doc = None
+    if not (isinstance(doc, dict) and doc.get("tokenizer_class") == FIVE_ONLY_TOKENIZER_CLASS
+            and (path.parent / "tokenizer.json").is_file()):
+        atomic_copy(path, target)
+        return False
+    atomic_write_text(target, json.dumps({**doc, "tokenizer_class": PORTABLE_TOKENIZER_CLASS}, indent=2) + "\n")
+    return True
 
 
 def _place_files(src: Path, out: Path, copy_weights: bool) -> list[str]:
     """Copy SRC's small top-level files, link or copy its weights; returns notes on what was skipped."""
     placed = _placed(src)
     skipped = [path.name + ("/" if path.is_dir() else "") for path in sorted(src.iterdir())
-               if path not in placed and not path.name.startswith(".") and path.name not in ("config.json",
-                                                                                              EXPORT_FACTORS_FILE)]
+               if path not in placed and not path.name.startswith(".") and path.name not in OWN_FILES]
+    notes = []
+    if not copy_weights and must_copy_weights(src):
+        copy_weights = True
+        notes.append(f"weights copied: {src} is inside the installed package or a Python environment, which an "
+                     "upgrade or uninstall would remove.")
     for path in placed:
         target = out / path.name
+        if path.name == "tokenizer_config.json":
+            if _portable_tokenizer_config(path, target):
+                notes.append(f"tokenizer_config.json: tokenizer_class {FIVE_ONLY_TOKENIZER_CLASS} (transformers 5 "
+                             f"only) written as {PORTABLE_TOKENIZER_CLASS}, which 4.x and 5.x load alike.")
+            continue
         if _is_weight(path) and not copy_weights:
             try:
                 if target.is_symlink() or target.exists():
@@ -167,11 +220,10 @@ def _place_files(src: Path, out: Path, copy_weights: bool) -> list[str]:
                 raise storage_error(exc, target) from None
         else:
             atomic_copy(path, target)  # replaces a link at target instead of writing through it
-    notes = []
     if skipped:
         notes.append(f"not copied (transformers does not load them): {', '.join(skipped)}")
     if not copy_weights:
-        notes.append(f"weights are symlinks into {src}; keep it in place, or export with copy_weights for a "
+        notes.append(f"weights are symlinks into {src}; keep it in place, or export again with --copy-weights for a "
                      "self-contained directory.")
     return notes
 
@@ -191,14 +243,15 @@ def _remove_stale_weights(out: Path) -> None:
 # --- refusals ---------------------------------------------------------------------------------------------
 
 
-def _source_model_dir(ff: FactorsFile, model: str | None) -> Path:
+def _source_model_dir(ff: FactorsFile, model: str | None, options: LoadOptions = DEFAULT_LOAD) -> Path:
+    """SRC as a local folder: a directory, builtin:NAME, or a hub id downloaded (huggingface_hub's cache)."""
     name = model or ff.model
-    src = Path(resolve_model_path(name))
+    try:
+        src = Path(resolve_model_path(name))
+    except ModelError as exc:
+        raise ExportError(str(exc)) from None
     if not src.is_dir():
-        raise ExportError(
-            f"export needs the model as a local directory but {name!r} is not one; download it first "
-            "(e.g. `huggingface-cli download ID --local-dir DIR`) and pass --model DIR."
-        )
+        src = hub.download_model(name, options.revision)
     if not (src / "config.json").is_file():
         raise ExportError(f"{src} has no config.json; pass the directory of a Hugging Face model with --model.")
     return src.resolve()
@@ -234,7 +287,7 @@ def _check_destination(out: Path, src: Path, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out} exists and is not empty; choose a new directory or pass --force to overwrite.")
     if out.is_dir():
-        for name in ["config.json", EXPORT_FACTORS_FILE, *(p.name for p in _placed(src))]:
+        for name in [*OWN_FILES, *(p.name for p in _placed(src))]:
             if (out / name).is_dir() and not (out / name).is_symlink():
                 raise ExportError(f"--out {out} holds a folder {name}/ where export writes the file {name}; move it "
                                   "aside or choose another --out.")
@@ -249,21 +302,40 @@ def _random_ids(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def _full_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids.to(model.device)).logits.float().cpu()  # (1, L, vocab)
+    return model(ids.to(model.get_input_embeddings().weight.device)).logits.float().cpu()  # (1, L, vocab)
+
+
+def loaded_rope_type(config: Any) -> str | None:
+    """The rope type transformers runs a loaded config with: 5.x's rope_parameters, 4.x's rope_scaling."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = getattr(config, key, None)
+        if isinstance(params, dict) and (params.get("rope_type") or params.get("type")):
+            return params.get("rope_type") or params.get("type")
+    return None
+
+
+def _load_for_check(path: Path, dtype: str, device: str, device_map: str | None, options: LoadOptions) -> Any:
+    """A model for the reload check: on `device`, or placed by accelerate with a device map (sharded)."""
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": options.trust_remote_code}
+    if device_map is not None:
+        return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
 
 
 def verify_export(
-    out: Path, src: Path, ff: FactorsFile, n_hat: int, length: int, device: str = "cpu", dtype: str = "float32"
+    out: Path, src: Path, ff: FactorsFile, n_hat: int, length: int, device: str = "cpu", dtype: str = "float32",
+    device_map: str | None = None, options: LoadOptions = DEFAULT_LOAD,
 ) -> tuple[float, float, Any]:
     """(long, short) max abs logit differences: DST loaded plainly vs SRC with our rotary module installed,
     and the loaded SRC model, so a later measurement need not load it again.
 
     The same dtype on both sides (fp32 by default, so the comparison measures the RoPE, not rounding; bf16
     halves the memory). The two models are loaded one after the other to keep peak memory at one copy of
-    the weights.
+    the weights; `device_map` (e.g. auto) shards each over the GPUs instead of putting it on `device`.
     """
-    dst_config = AutoConfig.from_pretrained(out)
-    rope_type = (dst_config.rope_parameters or {}).get("rope_type")
+    check_device_map(device_map)
+    dst_config = AutoConfig.from_pretrained(out, trust_remote_code=options.trust_remote_code)
+    rope_type = loaded_rope_type(dst_config)
     if rope_type != "longrope":
         raise ExportError(f"verification failed: transformers loads {out} with rope_type {rope_type!r}, not "
                           "'longrope'; report this with your transformers version.")
@@ -272,10 +344,10 @@ def verify_export(
     short_ids = _random_ids(vocab, min(SHORT_VERIFY_LENGTH, ff.rope.original_length), seed=1)
     short = ff.short_or_ones
 
-    dst = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype)).to(device).eval()
+    dst = _load_for_check(out, dtype, device, device_map, options)
     dst_long, dst_short = _full_logits(dst, long_ids), _full_logits(dst, short_ids)
     del dst
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype)).to(device).eval()
+    ref = _load_for_check(src, dtype, device, device_map, options)
     install_rope(ref, ff.factors, n_hat=n_hat, mscale=ff.mscale)
     ref_long = _full_logits(ref, long_ids)
     install_rope(ref, short, n_hat=0, mscale=ff.mscale)
@@ -293,7 +365,7 @@ def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[f
         return None
     config = load_run_config(resolved)
     d = config.data
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = load_tokenizer(str(src))
     samples = build_samples(tokenizer, CorpusSpec.of(d), ff.target_length, d.samples, d.heldout_samples, d.seed,
                             d.cache_dir)
     if config.search.mlp_chunk:
@@ -320,12 +392,24 @@ def export(
     verify_length: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    device_map: str | None = None,
+    revision: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    progress: Any = None,
 ) -> ExportReport:
-    """Write a Hugging Face model directory at `out` that runs the searched factors as rope type longrope.
+    """Write a Hugging Face model directory at `out` that runs the searched factors as rope type longrope, with a
+    model card (README.md) of its own; optionally upload it to the hub repository `push_to_hub`.
 
-    source: a run directory or factors.json; model: the model to export onto (default: the one searched).
-    Every refusal happens before anything is written. A failed verification leaves `out` in place.
+    source: a run directory or factors.json; model: the model to export onto (default: the one searched), a local
+    folder, builtin:NAME or a hub id (downloaded with huggingface_hub; `revision` pins it, default: the run's
+    model.revision). device_map (e.g. auto) shards the check's models over the GPUs. progress: called with a line
+    per phase. Every refusal happens before anything is written. A failed verification leaves `out` in place.
     """
+    def phase(line: str) -> None:
+        if progress is not None:
+            progress(line)
+
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ExportError(f"--tolerance {tolerance} is not a finite number >= 0; the default 1e-4 suits float32 "
                           "(bfloat16 needs about 1e-1).")
@@ -339,8 +423,10 @@ def export(
             f"the factors were searched with n_hat={ff.n_hat}, which no runtime (transformers, vLLM, llama.cpp) can "
             "express in a config; re-run with --drop-n-hat, or use longrope_search.runtime.apply in Python."
         )
-    src = _source_model_dir(ff, model)
-    config = load_config(str(src))
+    options = _run_options(source_file, model, revision)
+    phase(f"finding {model or ff.model} (a hub model downloads with its own progress bars)")
+    src = _source_model_dir(ff, model, options)
+    config = load_config(str(src), options)
     _check_geometry(ff, config, src)
     out = Path(out).expanduser().absolute()
     _check_destination(out.resolve(), src, force)
@@ -350,23 +436,43 @@ def export(
         raise ExportError(f"verify_length {length} must exceed the original window {original} to test the long "
                           "factors; pass a longer --verify-length.")
 
-    notes = _write(ff, source_file, src, out, config.model_type, copy_weights, force)
+    if verify:
+        check_device_map(device_map)
+
+    phase(f"writing {out}")
+    notes = _write(ff, source_file, src, out, config.model_type, copy_weights, force, push_to_hub)
     report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
-    if not verify:
-        return report
-    ref = _verified(report, src, ff, length, tolerance, device, dtype)
-    if ff.n_hat > 0:
-        cost = n_hat_cost(source_file.parent, src, ref, ff)
-        if cost is not None:
-            kept, dropped = cost
-            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from "
-                         f"{kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
+    if verify:
+        phase(f"checking {out}: reloading it with plain transformers and comparing logits with the searched model")
+        ref = _verified(report, src, ff, length, tolerance, device, dtype, device_map, options)
+        if ff.n_hat > 0:
+            cost = n_hat_cost(source_file.parent, src, ref, ff)
+            if cost is not None:
+                kept, dropped = cost
+                notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
+                             f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
+    if push_to_hub is not None:
+        phase(f"uploading {out} to {push_to_hub}")
+        report.pushed = hub.push_folder(out, push_to_hub, private)
     return report
 
 
+def _run_options(source_file: Path, model: str | None, revision: str | None) -> LoadOptions:
+    """How SRC loads: the run's model section (revision, remote code) when SRC is the searched model; --revision
+    over it."""
+    options = DEFAULT_LOAD
+    resolved = source_file.parent / CONFIG_FILE
+    if model is None and resolved.is_file():
+        options = LoadOptions.of(load_run_config(resolved).model)
+    if revision is not None:
+        options = LoadOptions(revision, options.trust_remote_code, options.attn_implementation, options.device_map)
+    return options
+
+
 def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type: str, copy_weights: bool,
-           force: bool) -> list[str]:
-    """DST's files: SRC's (weights linked or copied), config.json with the longrope keys, longrope.json; the notes."""
+           force: bool, repo: str | None = None) -> list[str]:
+    """DST's files: SRC's (weights linked or copied), config.json with the longrope keys, longrope.json, the model
+    card; the notes."""
     config_doc = json.loads((src / "config.json").read_text())
     model_type = str(config_doc.get("model_type", model_type))
     config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
@@ -376,6 +482,7 @@ def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type:
     notes = _place_files(src, out, copy_weights)
     atomic_write_text(out / "config.json", json.dumps(config_doc, indent=2) + "\n")
     atomic_write_text(out / EXPORT_FACTORS_FILE, source_file.read_text())  # provenance; runtime.apply reads it
+    atomic_write_text(out / CARD_FILE, model_card(ff, repo or str(out), _measured(source_file.parent)))
     notes += compatibility_notes(ff, model_type)
     if ff.n_hat > 0:
         notes.append(f"n_hat={ff.n_hat} dropped: DST runs the factors with n_hat=0 (the searched PPL used "
@@ -383,11 +490,20 @@ def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type:
     return notes
 
 
+def _measured(run_dir: Path) -> Any:
+    """The run's eval.json for the model card, when there is a readable one."""
+    try:
+        return read_eval(run_dir / EVAL_FILE)
+    except CheckpointError:
+        return None
+
+
 def _verified(report: ExportReport, src: Path, ff: FactorsFile, length: int, tolerance: float, device: str,
-              dtype: str) -> Any:
+              dtype: str, device_map: str | None = None, options: LoadOptions = DEFAULT_LOAD) -> Any:
     """Run the reload check into `report`; raise when DST's logits differ; the loaded SRC model for later use."""
     out = report.out
-    long_diff, short_diff, ref = verify_export(out, src, ff, n_hat=0, length=length, device=device, dtype=dtype)
+    long_diff, short_diff, ref = verify_export(out, src, ff, n_hat=0, length=length, device=device, dtype=dtype,
+                                               device_map=device_map, options=options)
     report.max_abs_diff, report.short_max_abs_diff, report.verify_length = long_diff, short_diff, length
     worst = max(long_diff, short_diff)
     if not worst <= tolerance:  # also catches NaN

@@ -14,7 +14,7 @@ from longrope_search.errors import ExportError, GeometryError
 from longrope_search.export import export, hf_rope_config
 from longrope_search.factors import FactorsFile
 from longrope_search.model import install_rope, rope_spec
-from longrope_search.rope import longrope_mscale
+from longrope_search.rope import RopeSpec, longrope_mscale
 
 ORIGINAL, SCALE = 64, 4
 
@@ -220,3 +220,99 @@ def test_drop_n_hat_reports_the_measured_ppl_cost(tmp_path):
     report = export(run, tmp_path / "dst", drop_n_hat=True)
     cost = [n for n in report.notes if n.startswith("dropping n_hat=4 changes the search-sample PPL")]
     assert len(cost) == 1 and f"from {final.ppl['search']:.4f}" in cost[0]
+
+
+def builtin_factors(tmp_path: Path) -> Path:
+    """A factors.json for the shipped model (8x, PI-like factors) in a folder that is not a run."""
+    from longrope_search.model import load_config
+
+    spec = rope_spec(load_config("builtin:tiny"))
+    run = tmp_path / "builtin-run"
+    run.mkdir()
+    FactorsFile(model="builtin:tiny", rope=spec, target_length=8 * spec.original_length,
+                factors=torch.linspace(1.0, 8.0, spec.num_factors).tolist(), mscale=longrope_mscale(8, spec.original_length),
+                ppl={"search": 16.2, "heldout": 23.0}, baselines={"yarn": {"search": 17.2, "heldout": 24.2}},
+                ).save(run / "factors.json")
+    return run
+
+
+def test_export_of_the_builtin_model_copies_weights_and_writes_a_model_card(tmp_path):
+    from longrope_search import builtin
+    from longrope_search.eval_result import EvalResult
+
+    run = builtin_factors(tmp_path)
+    EvalResult(lengths=[128, 1024], ppl={"none": {128: 15.5, 1024: 30.8}, "longrope": {128: 16.0, 1024: 23.0}},
+               samples=16, model="builtin:tiny").save(run / "eval.json")
+    out = tmp_path / "dst"
+    report = export(run, out, verify_length=136)
+
+    weights = out / "model.safetensors"
+    assert weights.is_file() and not weights.is_symlink()  # never a link into the installed package
+    assert weights.read_bytes() == (builtin.resolve_model("builtin:tiny") / "model.safetensors").read_bytes()
+    assert any("inside the installed package" in note for note in report.notes)
+    assert not any("copy_weights" in note for note in report.notes)
+    card = (out / "README.md").read_text()
+    assert card != (builtin.resolve_model("builtin:tiny") / "README.md").read_text()  # its own, not SRC's
+    assert "base_model" not in card.split("---")[1]  # builtin:tiny is no hub id
+    assert "8x" in card and "mscale" in card and "| longrope (searched) | 16.20 | 23.00 |" in card
+    assert "| yarn | 17.20 | 24.20 |" in card and "| longrope | 16.00 | 23.00 |" in card  # factors.json, eval.json
+    assert f"vllm serve {out} --max-model-len 1024" in card and "from_pretrained" in card
+    assert "original window" in card and "long factors for every token" in card
+    tokenizer_class = json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tokenizer_class == "PreTrainedTokenizerFast"  # 4.x and 5.x load it
+
+
+def test_hub_model_card_names_its_base_model(tmp_path):
+    from longrope_search.model_card import model_card
+
+    spec = RopeSpec(base=10000.0, rotary_dim=128, original_length=4096)
+    ff = FactorsFile(model="meta-llama/Llama-2-7b-hf", rope=spec, target_length=262144, factors=[2.0] * 64,
+                     mscale=longrope_mscale(64, 4096))
+    card = model_card(ff, "me/llama-2-7b-256k")
+    assert "\nbase_model: meta-llama/Llama-2-7b-hf\n" in card
+    assert 'from_pretrained("me/llama-2-7b-256k")' in card and "--max-model-len 262144" in card
+
+
+def test_export_from_a_hub_id_downloads_a_snapshot_and_pushes_with_the_hub_api(tmp_path, monkeypatch):
+    """No network: snapshot_download and HfApi are replaced; the calls they get are what a real hub sees."""
+    import huggingface_hub
+
+    src = make_source(tmp_path, "llama")
+    run = make_factors(tmp_path, src, model="org/tiny-llama")
+    downloads, api_calls = [], []
+
+    def snapshot_download(repo_id, **kwargs):
+        downloads.append((repo_id, kwargs))
+        return str(src)
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            api_calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            api_calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+            assert (Path(kwargs["folder_path"]) / "README.md").is_file()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    report = export(run, tmp_path / "dst", revision="abc123", push_to_hub="me/tiny-longrope", private=True)
+
+    assert downloads == [("org/tiny-llama", {"revision": "abc123", "allow_patterns": downloads[0][1]["allow_patterns"]})]
+    assert "*.safetensors" in downloads[0][1]["allow_patterns"]
+    assert [c[0] for c in api_calls] == ["create_repo", "upload_folder"]
+    assert api_calls[0][2]["private"] is True and api_calls[0][2]["exist_ok"] is True
+    assert api_calls[1][2]["folder_path"] == str(tmp_path / "dst") and api_calls[1][1] == "me/tiny-longrope"
+    assert report.pushed == "https://huggingface.co/me/tiny-longrope" and report.max_abs_diff <= 1e-4
+    # transformers 5 saved SRC's tokenizer class as TokenizersBackend, which 4.x cannot build: written portably
+    assert json.loads((src / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+    assert json.loads((tmp_path / "dst" / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
+    card = (tmp_path / "dst" / "README.md").read_text()
+    assert "base_model: org/tiny-llama" in card and 'from_pretrained("me/tiny-longrope")' in card
+
+    def failing(**kwargs):
+        raise OSError("401 Unauthorized")
+
+    monkeypatch.setattr(Api, "upload_folder", lambda self, **kwargs: failing())
+    with pytest.raises(ExportError, match="huggingface-cli login.*--push-to-hub me/tiny-longrope"):
+        export(run, tmp_path / "dst", force=True, verify=False, push_to_hub="me/tiny-longrope")
