@@ -18,6 +18,7 @@ from rich.console import Console
 
 from longrope_search.config import DEFAULT_TARGET  # light: stdlib, yaml, pydantic
 from longrope_search.errors import ConfigError, LongRopeError, StorageError
+from longrope_search.progress import phases  # light: rich, and the search's state and setup types
 
 app = typer.Typer(
     help="Search LongRoPE's per-dimension RoPE rescale factors to extend a Hugging Face causal LM's context window.",
@@ -88,13 +89,15 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def quiet_libraries() -> None:
-    """Our progress display replaces the per-file bars of transformers and datasets."""
+    """Our phase lines replace transformers' per-tensor "Loading weights" bars and its warnings; downloads keep
+    their bars (huggingface_hub's for models, datasets' for corpora), so a long download is never silent."""
     import datasets
+    import huggingface_hub
     import transformers
 
-    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # also switches huggingface_hub's off: on again below
     transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    huggingface_hub.utils.enable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
 
 
@@ -236,32 +239,49 @@ def show_result(final: Any, run_dir: Path) -> None:
 def export_cmd(
     source: Path = typer.Argument(..., help="Run directory (or its factors.json)."),
     out: Path = typer.Option(..., "--out", "-o", help="New Hugging Face model directory to write."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Local model directory to export onto (default: the one searched)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="Model to export onto: local directory, builtin:NAME or hub id (default: the "
+        "one searched)."),
+    revision: Optional[str] = typer.Option(
+        None, "--revision", help="Hub branch, tag or commit of the model (default: the run's model.revision)."),
     copy_weights: bool = typer.Option(False, "--copy-weights", help="Copy the weights instead of symlinking them."),
     force: bool = typer.Option(False, "--force", help="Write into an existing, non-empty --out."),
     drop_n_hat: bool = typer.Option(False, "--drop-n-hat", help="Export factors searched with n_hat > 0 without n_hat."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload --out and compare its logits with the searched model."),
-    verify_length: Optional[int] = typer.Option(None, "--verify-length", help="Tokens for the check (default: window + 16)."),
+    verify: bool = typer.Option(
+        True, "--verify/--no-verify", help="Reload --out and compare its logits with the searched model."),
+    verify_length: Optional[int] = typer.Option(
+        None, "--verify-length", help="Tokens for the check (default: window + 16)."),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest accepted max abs logit difference."),
     device: str = typer.Option("cpu", "--device", help="Device for the check (cuda for big models)."),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="auto: shard the check's models over all GPUs (needs accelerate)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (exact check) or bfloat16 (half the memory)."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", metavar="REPO", help="Upload --out to this hub model repository (org/name)."),
+    private: bool = typer.Option(False, "--private", help="Create the --push-to-hub repository as private."),
 ) -> None:
     """Write a Hugging Face model directory that runs the searched factors as rope type longrope.
 
-    transformers (4.5x and 5.x) and vLLM load it; the check reloads it and compares logits past the
-    original window with the search-time model. SRC is never written; weights are symlinked by default.
+    transformers (4.57+ and 5.x) and vLLM load it; it gets its own model card (README.md). The check reloads it
+    and compares logits past the original window with the search-time model. SRC is never written; weights are
+    symlinked (copied for the built-in model).
     """
     from longrope_search.export import export
 
     quiet_libraries()
-    report = export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat,
-                    verify=verify, tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype)
+    with phases(err_console) as phase:
+        report = export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat,
+                        verify=verify, tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype,
+                        device_map=device_map, revision=revision, push_to_hub=push_to_hub, private=private,
+                        progress=phase)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
     if report.max_abs_diff is not None:
         console.print(f"verified: max abs logit difference {report.max_abs_diff:.2e} at {report.verify_length} tokens, "
                       f"{report.short_max_abs_diff:.2e} inside the original window", markup=False)
     console.print(f"exported to {report.out}", markup=False)
+    if report.pushed is not None:
+        console.print(f"pushed to {report.pushed}", markup=False)
 
 
 @app.command("eval")
@@ -281,6 +301,9 @@ def eval_cmd(
     keys: int = typer.Option(4, "--keys", help="Needles in a multi-key prompt (one is asked)."),
     seed: int = typer.Option(0, "--seed", help="Picks the passkey and needle prompts (and the documents without RUN_DIR)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: the run's, else auto)."),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="auto: shard the model over all GPUs (needs accelerate; default: the run's "
+        "model.device_map)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
 ) -> None:
     """Perplexity (and passkey and needle retrieval) per length of no scaling, PI, NTK, YaRN and the searched
@@ -301,11 +324,11 @@ def eval_cmd(
 
     quiet_libraries()
     settings = NeedleSettings(needle_trials, parse_shares(depths), keys, seed) if needle else None
-    with err_console.status("loading") as status:
+    with phases(err_console) as phase:
         result = evaluate(
             [x.strip() for x in lengths.split(",") if x.strip()], run_dir=run_dir, model=model, factors=factors,
             data=data, samples=samples, seed=seed, passkey_trials=trials if passkey else 0, device=device,
-            progress=status.update, needle=settings,
+            progress=phase, needle=settings, device_map=device_map,
         )
     if json_out:
         typer.echo(json.dumps(result.to_json(), indent=2))
@@ -313,6 +336,9 @@ def eval_cmd(
     window = load_factors(result.factors).rope.original_length
     for table in render_tables(result, original_length=window):
         console.print(table)
+    if not result.heldout:
+        console.print(f"note: these documents were not held out from the search: {result.not_heldout}.",
+                      markup=False)
     if run_dir is not None:
         console.print(f"written to {run_dir / EVAL_FILE}", markup=False)
 

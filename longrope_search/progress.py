@@ -4,19 +4,55 @@ use and other ranks, and the rich console one of the CLI (a live bar plus one li
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-from longrope_search.checkpoint import SearchState
-from longrope_search.search_setup import SearchSetup
+if TYPE_CHECKING:  # types only: the CLI imports this module before any command, so it stays free of torch
+    from longrope_search.checkpoint import SearchState
+    from longrope_search.search_setup import SearchSetup
+
+
+# Without a terminal (a log file, a scheduler's output) the live bar is not drawn: a plain line says where the work
+# is at least this often, so a log never stays silent for a whole generation.
+PLAIN_EVERY_SECONDS = 60.0
+
+
+def clock(seconds: float) -> str:
+    """3725 -> '1:02:05', 65 -> '1:05'."""
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+@contextlib.contextmanager
+def phases(out: Console) -> Iterator[Callable[[str], None]]:
+    """A callable that shows what a command is doing: a status line with a spinner and the elapsed time on a
+    terminal (replaced by the next phase, gone at the end), one plain timestamped line per phase elsewhere."""
+    start = time.monotonic()
+    if not out.is_terminal:
+        yield lambda line: out.print(f"[{clock(time.monotonic() - start)}] {line}", markup=False, highlight=False)
+        return
+    with out.status("starting") as status:
+        yield lambda line: status.update(f"{line} [dim](started at {clock(time.monotonic() - start)})[/dim]")
 
 
 class Reporter(Protocol):
     def warn(self, message: str) -> None: ...
 
     def note(self, message: str) -> None: ...
+
+    def phase(self, message: str) -> None: ...
 
     def start(self, setup: SearchSetup, state: SearchState | None) -> None: ...
 
@@ -36,6 +72,9 @@ class NullReporter:
     def note(self, message: str) -> None:
         pass
 
+    def phase(self, message: str) -> None:
+        pass
+
     def start(self, setup: Any, state: Any) -> None:
         pass
 
@@ -53,12 +92,25 @@ SILENT = NullReporter()
 
 
 class RichReporter:
-    """Live progress of a search: a bar over evaluations plus one printed line per generation."""
+    """Live progress of a search: a status line per phase (loading, tokenising, the final comparison), a bar over
+    evaluations naming the running generation, and one printed line per generation. Without a terminal the bar
+    becomes a plain line every PLAIN_EVERY_SECONDS."""
 
-    def __init__(self, out: Console) -> None:
+    def __init__(self, out: Console, every: float = PLAIN_EVERY_SECONDS) -> None:
         self.console = out
         self.progress: Progress | None = None
         self.task: Any = None
+        self.status: Any = None
+        self.every = every
+        self.started = time.monotonic()
+        self.generations = 0  # N of "generation g of N"
+        self.running = 0  # the generation being scored
+        self.total = self.done = self.first = 0  # evaluations: the budget, finished, finished before this start
+        self.last_line = 0.0  # when the last plain progress line was printed
+
+    @property
+    def live(self) -> bool:
+        return self.console.is_terminal
 
     def warn(self, message: str) -> None:
         self.console.print(f"warning: {message}", markup=False, style="yellow")
@@ -66,11 +118,36 @@ class RichReporter:
     def note(self, message: str) -> None:
         self.console.print(message, markup=False)
 
+    def phase(self, message: str) -> None:
+        """What the search does now, until the next phase or the bar: a spinner on a terminal, else one line."""
+        elapsed = clock(time.monotonic() - self.started)
+        if not self.live:
+            self.console.print(f"[{elapsed}] {message}", markup=False, highlight=False)
+            return
+        if self.progress is not None:  # after the loop (the final comparison): the bar gives way to the status
+            self.progress.stop()
+            self.progress = None
+        if self.status is None:
+            self.status = self.console.status(message)
+            self.status.start()
+        self.status.update(f"{message} [dim](at {elapsed})[/dim]")
+
+    def _end_status(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def _description(self) -> str:
+        return f"generation {self.running} of {self.generations}"
+
     def start(self, setup: SearchSetup, state: SearchState | None) -> None:
         self.stop()  # the previous stage's bar, when stages run one after another
         s = setup.config.search
-        total = s.population + s.generations * (s.mutations + s.crossovers)
-        done = len(state.history) if state is not None else 0
+        self.total = s.population + s.generations * (s.mutations + s.crossovers)
+        self.done = self.first = len(state.history) if state is not None else 0
+        self.generations = s.generations
+        self.running = state.generation + 1 if state is not None else 0
+        self.last_line = time.monotonic()
         space = setup.space
         searched = (f"{space.num_factors} factors from pair {setup.critical_dim} on (critical dimension; the "
                     f"{setup.critical_dim} below follow an NTK curve)" if setup.critical_dim is not None
@@ -80,36 +157,53 @@ class RichReporter:
         self.console.print(
             f"searching {searched} for {setup.target_length} tokens ({setup.scale:g}x the "
             f"{setup.spec.original_length}-token window), {mscale}, n_hat in {list(space.n_hat_choices)}, fitness "
-            f"{setup.config.search.fitness}" + (f"; resuming after generation {state.generation}" if state is not None else ""),
+            f"{setup.config.search.fitness}; generation 0 is the initial population, then {s.generations} more"
+            + (f"; resuming after generation {state.generation}" if state is not None else ""),
             markup=False,
         )
+        if not self.live:
+            return
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
-            TimeRemainingColumn(), console=self.console, transient=True,
+            TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"),
+            console=self.console, transient=True,
         )
-        self.task = self.progress.add_task("generation 0", total=total, completed=done)
+        self.task = self.progress.add_task(self._description(), total=self.total, completed=self.done)
         self.progress.start()
 
     def evaluated(self, ppl: float, cached: bool) -> None:
+        self.done += 1
         if self.progress is not None:
             self.progress.advance(self.task)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.every:
+            self.last_line = now
+            elapsed = now - self.started
+            fresh = self.done - self.first
+            left = (f", about {clock(elapsed / fresh * (self.total - self.done))} left"
+                    if fresh and self.total > self.done else "")
+            self.console.print(f"{self._description()}: {self.done} of {self.total} evaluations, "
+                               f"{clock(elapsed)} elapsed{left}", markup=False, highlight=False)
 
     def generation(self, state: SearchState) -> None:
         best = state.best()
         per_eval = state.seconds / max(len(state.history), 1)  # scoring time only, resumed runs included
         rejected = sum(e.rejected for e in state.history)
         validated = state.validation[-1] if state.validation and state.validation[-1][0] == state.generation else None
-        line = (f"generation {state.generation}: best {best.ppl:.4f} ({best.origin})"
+        line = (f"generation {state.generation} of {self.generations}: best {best.ppl:.4f} ({best.origin})"
                 + (f", validation {validated[2]:.4f}" if validated else "")
                 + f", {len(state.history)} evaluations" + (f" ({rejected} stopped early)" if rejected else "")
                 + f", {state.forward_tokens / 1e6:.2f}M forward tokens, {per_eval:.2f} s/eval")
+        self.running = state.generation + 1
         if self.progress is not None:
-            self.progress.update(self.task, description=f"generation {state.generation}, best {best.ppl:.3f}")
+            self.progress.update(self.task, description=f"{self._description()}, best {best.ppl:.3f}")
             self.progress.console.print(line, markup=False)
         else:
             self.console.print(line, markup=False)
 
     def stop(self) -> None:
+        self._end_status()
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -31,7 +31,7 @@ from longrope_search.factors import (
     software_versions,
 )
 from longrope_search.fitness import Evaluator
-from longrope_search.model import load_config, load_model, rope_spec
+from longrope_search.model import LoadOptions, load_config, load_model, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
     CONFIG_FILE,
@@ -279,7 +279,7 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
 
 def set_up(config: Config) -> tuple[Any, SearchSetup]:
     """Phase 2 (every rank): the model's config and the search setup; a bad target or init file fails here."""
-    model_config = load_config(config.model.name)
+    model_config = load_config(config.model.name, LoadOptions.of(config.model))
     spec = rope_spec(model_config)
     return model_config, make_setup(config, spec, resolve_prior(config, model_config, spec))
 
@@ -296,15 +296,22 @@ def announce(opened: OpenedRun, setup: SearchSetup, model_config: Any, reporter:
         reporter.warn(warning)
 
 
-def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context) -> Loaded:
+def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context, reporter: Reporter = SILENT) -> Loaded:
     """Phase 4 (every rank): weights, samples and the run's identity."""
     config = setup.config
+    reporter.phase(f"loading {config.model.name} (a hub download shows its own progress bars)")
     device = None if config.model.device == "auto" else config.model.device
     if ctx.device is not None and (device is None or device.startswith("cuda")):
         device = ctx.device  # one GPU per rank under torchrun
+    if config.model.device_map is not None and ctx.world_size > 1:
+        raise ConfigError(f"model.device_map {config.model.device_map!r} shards one model over the GPUs, but under "
+                          "torchrun each process loads its own; drop model.device_map, or run one process.")
     model, tokenizer = load_model(config.model.name, device=device, dtype=config.model.dtype,
-                                  mlp_chunk=config.search.mlp_chunk)
+                                  mlp_chunk=config.search.mlp_chunk, options=LoadOptions.of(config.model))
     d = config.data
+    reporter.phase(f"reading {d.source} and tokenising {d.samples} search, {d.heldout_samples} held-out and "
+                   f"{d.validation_samples} validation windows of {setup.target_length} tokens (cached after the "
+                   "first time)")
     sets = sample_sets(tokenizer, config, setup.target_length)
     ident = identity(setup, model_identity(config.model.name, model_config), sets.identity["data"],
                      data.tokenizer_fingerprint(tokenizer), weights_identity(config.model.name))
@@ -403,10 +410,14 @@ def validator(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: R
     return Validator(setup, evaluator, opened.run_dir / LOG_FILE, ctx, reporter)
 
 
-def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed.Context) -> FactorsFile:
+def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed.Context,
+            reporter: Reporter = SILENT) -> FactorsFile:
     """Phase 9: the winner against the reference methods on search and held-out samples (fitness, plain PPL, needle
     retrieval); the final factors.json."""
     setup, chunk = search.setup, search.setup.config.search.chunk_size
+    reporter.phase(f"comparing the winner with {', '.join(setup.comparisons())} on the search and "
+                   f"{loaded.sets.heldout.count} held-out samples ({len(setup.comparisons()) + 1} methods, "
+                   f"{setup.target_length}-token windows)")
     evaluators = {"search": loaded.evaluator}
     needles = None
     sets = loaded.sets
@@ -450,11 +461,12 @@ def run_search(
     with contextlib.ExitStack() as stack:  # rank 0 holds the run folder's lock until the search ends
         # rank 0's files only: the other nodes may not share its filesystem
         opened = distributed.run_on_main(functools.partial(open_run, config, run_dir, resume, overrides, stack), ctx)
+        reporter.phase(f"reading the config of {opened.config.model.name}")
         model_config, setup = distributed.run_everywhere(functools.partial(set_up, opened.config), ctx)
         # ranks split into groups that score one sample together (size 1: ctx unchanged); same on every rank
         ctx = distributed.cp_groups(ctx, opened.config.search.context_parallel)
         announce(opened, setup, model_config, reporter, ctx)
-        loaded = distributed.run_everywhere(functools.partial(load, setup, model_config, ctx), ctx)
+        loaded = distributed.run_everywhere(functools.partial(load, setup, model_config, ctx, reporter), ctx)
         check_identity(opened, loaded.identity, ctx)
         record_start(opened, loaded, ctx)
         scored = fit(setup, opened, loaded, reporter, ctx)  # a new setup; the identity keeps the configured one
@@ -463,4 +475,6 @@ def run_search(
         search = Search(scored, opened.run_dir, scorer, loaded.identity, reporter, writes=ctx.is_main,
                         logged=opened.generations, validator=validator(scored, opened, loaded, reporter, ctx))
         state = search.run(opened.state)
-        return compare(search, state, loaded, ctx), opened.run_dir
+        final = compare(search, state, loaded, ctx, reporter)
+        reporter.stop()
+        return final, opened.run_dir

@@ -1,0 +1,38 @@
+"""What a user sees while a search runs without a terminal (a log file, a scheduler): every phase as a line, and a
+progress line at least every PLAIN_EVERY_SECONDS naming the generation, "of N", elapsed and remaining time."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from rich.console import Console
+from search_fixtures import search_config, write_corpus, write_model
+
+from longrope_search import progress
+from longrope_search.config import from_dict
+from longrope_search.search import run_search
+
+
+def test_a_search_without_a_terminal_prints_its_phases_and_periodic_progress(tmp_path):
+    out = io.StringIO()
+    reporter = progress.RichReporter(Console(file=out, width=200), every=0.0)  # a line after every evaluation
+    config = from_dict(search_config(write_model(tmp_path), write_corpus(tmp_path), generations=2))
+    run_search(config, tmp_path / "run", reporter=reporter)
+    text = out.getvalue()
+    for phase in ("reading the config of", "loading ", "tokenising 2 search, 2 held-out", "comparing the winner"):
+        assert re.search(rf"^\[\d+:\d\d\] .*{phase}", text, re.M), phase
+    lines = re.findall(r"^generation (\d+) of 2: (\d+) of (\d+) evaluations, \d+:\d\d elapsed", text, re.M)
+    assert lines and {g for g, _, _ in lines} == {"0", "1", "2"} and all(t == "20" for _, _, t in lines)
+    assert [int(done) for _, done, _ in lines] == sorted(int(done) for _, done, _ in lines)
+    assert "left" in text and re.search(r"^generation 2 of 2: best ", text, re.M)
+
+
+def test_phases_print_timestamped_lines_without_a_terminal():
+    out = io.StringIO()
+    with progress.phases(Console(file=out)) as phase:
+        phase("loading builtin:tiny")
+        phase("length 1 of 2: perplexity of yarn at 128 tokens")
+    assert re.fullmatch(r"\[0:00\] loading builtin:tiny\n\[0:00\] length 1 of 2: perplexity of yarn at 128 tokens\n",
+                        out.getvalue())
+    assert progress.clock(3725) == "1:02:05" and progress.clock(65) == "1:05"
