@@ -1,5 +1,5 @@
 """Figures of a run directory: searched factors against PI/NTK/YaRN, search progress, and `longrope eval`
-results by length. Reads factors.json, state/ and eval.json; writes PNGs with matplotlib's Agg renderer.
+results by length. Reads factors.json, state/ and eval.json; writes each figure as PNG and SVG with matplotlib.
 """
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ from typing import Any, Callable
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+    NullLocator,
+    ScalarFormatter,
+)
 
 from longrope_search import rope
 from longrope_search.checkpoint import SearchState, load_state
@@ -56,9 +64,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     if result is not None:
         lengths = (factors.rope.original_length, factors.target_length)
         results = _finite(result)
+        documents = (f"{result.samples} held-out documents per length" if result.heldout
+                     else f"{result.samples} documents per length, not held out from the search")
         if results["ppl"]:
             figures["ppl_by_length.png"] = by_length_figure(
-                results["ppl"], lengths, "perplexity (lower is better)", "Perplexity by context length", log_y=True)
+                results["ppl"], lengths, "perplexity (lower is better)",
+                f"Perplexity by context length ({documents})", log_y=True)
         if results["passkey"]:
             figures["passkey.png"] = by_length_figure(
                 results["passkey"], lengths, "passkey retrieval accuracy (fraction correct)", "Passkey retrieval by context length",
@@ -71,16 +82,17 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
 
 
 def save_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
-    """Each figure rendered in memory, then written atomically: a link planted at a figure's name is replaced,
-    never written through."""
+    """Each figure rendered in memory as PNG and as SVG (same name, .svg: sharp at any size, for papers and slides),
+    then written atomically: a link planted at a figure's name is replaced, never written through. The PNG paths."""
     paths = []
     try:
         make_dirs(out_dir)
         for name, figure in figures.items():
             path = out_dir / name
-            png = io.BytesIO()
-            figure.savefig(png, dpi=DPI, format="png")
-            atomic_write_bytes(path, png.getvalue())
+            for fmt, target in (("png", path), ("svg", path.with_suffix(".svg"))):
+                buffer = io.BytesIO()
+                figure.savefig(buffer, dpi=DPI, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
+                atomic_write_bytes(target, buffer.getvalue())
             paths.append(path)
     except (OSError, StorageError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).rstrip(".")
@@ -138,17 +150,24 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
         members = np.flatnonzero(generations == g)
         x[members] += np.linspace(-0.3, 0.3, members.size) if members.size > 1 else 0.0
 
-    # The seeds are the baselines snapped to the grid: their PPLs are the bar the search has to clear.
+    # The seeds are the baselines snapped to the grid: their PPLs are the bar the search has to clear. Named as in the
+    # search's table (pi, ntk, yarn); the table scores the exact formulas, so a seed may differ from its row a little.
     others = iter(EXTRA_COLORS)
+    marks: dict[str, float] = {}  # right-axis ticks: where each seed and the best end up
+    rounded = False  # some seed's PPL differs from its table row
     for origin in dict.fromkeys(origins):
         chosen = finite & np.array([o == origin for o in origins])
         if not chosen.any():
             continue
         if origin in rope.BASELINES:
             ppl = float(ppls[chosen][0])
+            marks[f"{origin} seed"] = ppl
+            exact = ff.baselines.get(origin, {}).get("search")
+            differs = exact is not None and math.isfinite(exact) and not math.isclose(exact, ppl, rel_tol=5e-5)
             ax.scatter(x[chosen], ppls[chosen], s=45, marker="D", color=METHOD_COLORS[origin], zorder=4)
+            rounded = rounded or differs
             ax.axhline(ppl, color=METHOD_COLORS[origin], linestyle="--", linewidth=1, alpha=0.8,
-                       label=f"{METHOD_LABELS[origin]} seed: {ppl:.6g}")
+                       label=f"{origin} seed: {ppl:.4f}" + (f" (table: {exact:.4f}*)" if differs else ""))
         else:
             ax.scatter(x[chosen], ppls[chosen], s=18, alpha=0.8, zorder=3,
                        color=ORIGIN_COLORS.get(origin) or next(others, None), label=f"{origin} ({chosen.sum()})")
@@ -161,13 +180,18 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
               label=f"best so far: {best_so_far[-1]:.6g}")
     if not finite.all():
         ax.plot([], [], " ", label=f"{(~finite).sum()} non-finite PPL not shown")
+    if rounded:
+        ax.plot([], [], " ", label="* the table scores the exact method; its seed is rounded to the search grid")
 
     _log_y(ax, ppls[finite].tolist())
     ax.set_xticks(range(last + 1) if last < 25 else np.linspace(0, last, 11).round().astype(int))
     ax.set_xlim(-0.6, last + 0.6)
+    if math.isfinite(best_so_far[-1]):
+        marks["best"] = best_so_far[-1]
+    _value_ticks(ax, marks)
     return _finish(fig, ax, "generation (0 = initial population)", "perplexity on the search samples (lower is better)",
                    f"Search for {ff.scored_length:,} tokens ({ff.scored_length / ff.rope.original_length:g}x): "
-                   f"{len(state.history)} evaluations over {last} generations")
+                   f"{len(state.history)} evaluations over {last} generations", legend_columns=2)
 
 
 # --- eval results ---------------------------------------------------------------------------------------
@@ -203,7 +227,7 @@ def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, i
     ax.axvline(original, color="0.5", linestyle=":", label=f"original window ({format_length(original)})")
     ax.axvline(target, color="0.5", linestyle="--", label=f"search target ({format_length(target)})")
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_length(int(round(v)))))
+    _measured_ticks(ax, sorted({n for by_length in results.values() for n in by_length}))
     if log_y:
         _log_y(ax, [v for by_length in results.values() for v in by_length.values()])
     else:
@@ -269,6 +293,16 @@ def needle_by_length_figure(needle: dict[str, dict[str, dict[int, dict[float, fl
 # --- helpers --------------------------------------------------------------------------------------------
 
 
+def _measured_ticks(ax: Any, lengths: list[int]) -> None:
+    """Ticks at the measured lengths only (with their multiple of nothing else): a reader never looks for a score
+    at a length that was not measured."""
+    if not lengths:
+        return
+    ax.xaxis.set_major_locator(FixedLocator(lengths))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_length(int(round(v)))))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, legend_columns: int = 4) -> Any:
     """Labels, title, grid and the legend under the axes: the same on every plot."""
     ax.set_xlabel(xlabel)
@@ -277,6 +311,28 @@ def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, legend_colu
     ax.grid(True, which="both", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=legend_columns, fontsize=9)
     return fig
+
+
+def _value_ticks(ax: Any, marks: dict[str, float]) -> None:
+    """A right-hand axis with one tick per mark ("best 16.24", "yarn seed 17.16"), so the values that matter are read
+    off the figure, not guessed between log ticks; marks too close to read apart share one tick and one label."""
+    finite = sorted(((v, name) for name, v in marks.items() if math.isfinite(v) and v > 0))
+    if not finite:
+        return
+    right = ax.twinx()
+    right.set_yscale(ax.get_yscale())
+    right.set_ylim(ax.get_ylim())
+    low, high = (math.log(v) for v in ax.get_ylim())
+    span = high - low if high > low else 1.0
+    groups: list[list[tuple[float, str]]] = []
+    for value, name in finite:
+        if groups and (math.log(value) - math.log(groups[-1][0][0])) / span < 0.03:
+            groups[-1].append((value, name))
+        else:
+            groups.append([(value, name)])
+    right.set_yticks([g[0][0] for g in groups], [", ".join(f"{name} {v:.2f}" for v, name in g) for g in groups],
+                     fontsize=8)
+    right.yaxis.set_minor_locator(NullLocator())
 
 
 def _log_y(ax: Any, values: list[float]) -> None:
