@@ -5,6 +5,8 @@ use and other ranks, and the rich console one of the CLI (a live bar plus one li
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
@@ -26,6 +28,9 @@ if TYPE_CHECKING:  # types only: the CLI imports this module before any command,
 # Without a terminal (a log file, a scheduler's output) the live bar is not drawn: a plain line says where the work
 # is at least this often, so a log never stays silent for a whole generation.
 PLAIN_EVERY_SECONDS = 60.0
+# ... and a phase (loading, tokenising, comparing) gets its line once it has lasted this long: a quick command, or
+# one refused for a bad input, prints nothing but its result or its one-line error.
+PLAIN_DELAY_SECONDS = 10.0
 
 
 def clock(seconds: float) -> str:
@@ -35,13 +40,58 @@ def clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+class PlainPhases:
+    """Phases as plain lines (no terminal): the current phase is printed, with the time since `start`, once it has
+    lasted `delay` seconds and then every `every` seconds while it lasts (from a daemon thread)."""
+
+    def __init__(self, out: Console, start: float, delay: float = PLAIN_DELAY_SECONDS,
+                 every: float = PLAIN_EVERY_SECONDS) -> None:
+        self.out, self.start, self.delay, self.every = out, start, delay, every
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.message: str | None = None
+        self.since = self.printed = 0.0
+        self.thread: threading.Thread | None = None
+
+    def set(self, message: str | None) -> None:
+        """The phase now running (None: none; a bar or a result takes over)."""
+        with self.lock:
+            self.message, self.since, self.printed = message, time.monotonic(), -math.inf
+        if message is not None and self.delay <= 0:
+            self._print_due()
+        elif message is not None and self.thread is None:
+            self.thread = threading.Thread(target=self._watch, name="longrope-phases", daemon=True)
+            self.thread.start()
+
+    def _print_due(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            if self.message is None or now - self.since < self.delay or now - self.printed < self.every:
+                return
+            self.printed = now
+            line = f"[{clock(now - self.start)}] {self.message}"
+        self.out.print(line, markup=False, highlight=False)
+
+    def _watch(self) -> None:
+        while not self.done.wait(0.5):
+            self._print_due()
+
+    def close(self) -> None:
+        self.done.set()
+
+
 @contextlib.contextmanager
-def phases(out: Console) -> Iterator[Callable[[str], None]]:
+def phases(out: Console, delay: float = PLAIN_DELAY_SECONDS) -> Iterator[Callable[[str], None]]:
     """A callable that shows what a command is doing: a status line with a spinner and the elapsed time on a
-    terminal (replaced by the next phase, gone at the end), one plain timestamped line per phase elsewhere."""
+    terminal (replaced by the next phase, gone at the end); elsewhere a plain timestamped line for each phase that
+    lasts `delay` seconds or more (`PlainPhases`)."""
     start = time.monotonic()
     if not out.is_terminal:
-        yield lambda line: out.print(f"[{clock(time.monotonic() - start)}] {line}", markup=False, highlight=False)
+        plain = PlainPhases(out, start, delay)
+        try:
+            yield plain.set
+        finally:
+            plain.close()
         return
     with out.status("starting") as status:
         yield lambda line: status.update(f"{line} [dim](started at {clock(time.monotonic() - start)})[/dim]")
@@ -96,13 +146,14 @@ class RichReporter:
     evaluations naming the running generation, and one printed line per generation. Without a terminal the bar
     becomes a plain line every PLAIN_EVERY_SECONDS."""
 
-    def __init__(self, out: Console, every: float = PLAIN_EVERY_SECONDS) -> None:
+    def __init__(self, out: Console, every: float = PLAIN_EVERY_SECONDS, delay: float = PLAIN_DELAY_SECONDS) -> None:
         self.console = out
         self.progress: Progress | None = None
         self.task: Any = None
         self.status: Any = None
         self.every = every
         self.started = time.monotonic()
+        self.plain = PlainPhases(out, self.started, delay, every)
         self.generations = 0  # N of "generation g of N"
         self.running = 0  # the generation being scored
         self.total = self.done = self.first = 0  # evaluations: the budget, finished, finished before this start
@@ -122,7 +173,7 @@ class RichReporter:
         """What the search does now, until the next phase or the bar: a spinner on a terminal, else one line."""
         elapsed = clock(time.monotonic() - self.started)
         if not self.live:
-            self.console.print(f"[{elapsed}] {message}", markup=False, highlight=False)
+            self.plain.set(message)
             return
         if self.progress is not None:  # after the loop (the final comparison): the bar gives way to the status
             self.progress.stop()
@@ -133,6 +184,7 @@ class RichReporter:
         self.status.update(f"{message} [dim](at {elapsed})[/dim]")
 
     def _end_status(self) -> None:
+        self.plain.set(None)
         if self.status is not None:
             self.status.stop()
             self.status = None
@@ -203,6 +255,7 @@ class RichReporter:
             self.console.print(line, markup=False)
 
     def stop(self) -> None:
+        """The bar and the status gone (a next stage's `start` brings them back)."""
         self._end_status()
         if self.progress is not None:
             self.progress.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 from rich.console import Console
 from search_fixtures import search_config, write_corpus, write_model
@@ -16,7 +17,7 @@ from longrope_search.search import run_search
 
 def test_a_search_without_a_terminal_prints_its_phases_and_periodic_progress(tmp_path):
     out = io.StringIO()
-    reporter = progress.RichReporter(Console(file=out, width=200), every=0.0)  # a line after every evaluation
+    reporter = progress.RichReporter(Console(file=out, width=200), every=0.0, delay=0.0)  # a line per evaluation
     config = from_dict(search_config(write_model(tmp_path), write_corpus(tmp_path), generations=2))
     run_search(config, tmp_path / "run", reporter=reporter)
     text = out.getvalue()
@@ -28,11 +29,20 @@ def test_a_search_without_a_terminal_prints_its_phases_and_periodic_progress(tmp
     assert "left" in text and re.search(r"^generation 2 of 2: best ", text, re.M)
 
 
-def test_phases_print_timestamped_lines_without_a_terminal():
+def test_phases_print_timestamped_lines_without_a_terminal_once_a_phase_lasts():
     out = io.StringIO()
-    with progress.phases(Console(file=out)) as phase:
+    with progress.phases(Console(file=out), delay=0.0) as phase:
         phase("loading builtin:tiny")
         phase("length 1 of 2: perplexity of yarn at 128 tokens")
     assert re.fullmatch(r"\[0:00\] loading builtin:tiny\n\[0:00\] length 1 of 2: perplexity of yarn at 128 tokens\n",
                         out.getvalue())
+    quick = io.StringIO()  # the default delay: a command that ends (or fails) quickly prints no phase at all
+    with progress.phases(Console(file=quick)) as phase:
+        phase("loading builtin:tiny")
+    assert quick.getvalue() == ""
+    slow = io.StringIO()
+    with progress.phases(Console(file=slow), delay=0.6) as phase:
+        phase("loading a large model")
+        time.sleep(1.5)
+    assert re.fullmatch(r"\[0:0[01]\] loading a large model\n", slow.getvalue())
     assert progress.clock(3725) == "1:02:05" and progress.clock(65) == "1:05"
