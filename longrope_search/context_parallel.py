@@ -146,9 +146,20 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = fitness.
     return total / max(expected, 1)
 
 
+def _windowed(model: Any) -> bool:
+    """Some layer attends to a window, not the whole prefix: transformers 5 says so itself; for 4.x the config's
+    sliding window (when in use) or its layer types tell."""
+    supports = getattr(model, "supports_context_parallel", None)
+    if supports is not None:
+        return supports is False
+    config = model.config
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    return bool(sliding) or any(t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
+
+
 def _require_sdpa(model: Any) -> None:
     """Refuse a model the ring cannot split; switch flash-attn (or another SDPA-equivalent) attention to SDPA."""
-    if getattr(model, "supports_context_parallel", True) is False:
+    if _windowed(model):
         raise ModelError(
             f"{type(model).__name__} has sliding-window, chunked or recurrent attention layers, which context "
             "parallelism cannot split (the ring computes full causal attention); set search.context_parallel to 1."
