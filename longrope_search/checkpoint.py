@@ -6,6 +6,7 @@ every evaluation so far, the RNG state after the generation, and the run's ident
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from dataclasses import dataclass, field
@@ -256,9 +257,11 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def append_log(log_path: Path, record: dict[str, Any]) -> None:
-    """One JSON line, flushed: the log is an audit trail and the resume cache. Never through a symbolic link."""
+    """One JSON line, flushed: the log is an audit trail and the resume cache. Never through a symbolic link.
+    Each line gets "time", when it was written (ISO-8601 UTC), for the audit trail only: no reader uses it."""
     make_dirs(log_path.parent)
-    append_line(log_path, json_text(record) + "\n")
+    stamped = {**record, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    append_line(log_path, json_text(stamped) + "\n")
 
 
 def ensure_log_line_end(log_path: Path) -> None:

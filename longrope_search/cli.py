@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from longrope_search.config import DEFAULT_TARGET  # light: stdlib, yaml, pydantic
-from longrope_search.errors import ConfigError, LongRopeError, StorageError
+from longrope_search.errors import ConfigError, DependencyError, LongRopeError, StorageError
 from longrope_search.progress import phases  # light: rich, and the search's state and setup types
 
 app = typer.Typer(
@@ -25,6 +25,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: paragraphs re-wrapped to the terminal's width, no type column (no <bool> on flags)
+    rich_markup_mode=None,
 )
 console = Console(soft_wrap=True)  # long lines stay whole: logs and grep read them
 err_console = Console(stderr=True)
@@ -101,6 +103,25 @@ def quiet_libraries() -> None:
     datasets.utils.logging.set_verbosity_error()
 
 
+def show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"longrope {version('longrope')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            typer.echo("longrope (not installed: pip install -e .)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """Search LongRoPE's per-dimension RoPE rescale factors to extend a Hugging Face causal LM's context window."""
+
+
 def parse_shares(text: str) -> tuple[float, ...]:
     """'0,0.25,1' -> (0.0, 0.25, 1.0); range checks are the caller's."""
     try:
@@ -119,7 +140,8 @@ def parse_overrides(items: list[str] | None) -> list[str]:
 @app.command()
 @user_errors
 def search(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML config, or a shipped one by name: tiny, llama2-7b, ... (see configs/)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target length: 256k, 2m, 131072, or 8x."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default runs/<model>-<target>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the search (or stages) in this directory."),
@@ -127,7 +149,8 @@ def search(
         None, "--init-from", help="Build on this run's factors: progressive extension, or the long set for --short."),
     short: bool = typer.Option(
         False, "--short", help="Search the short-context set (inputs within the original window) for --init-from."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: --set search.generations=10."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Override a config value: --set search.generations=10."),
 ) -> None:
     """Search per-dimension rescale factors (and n_hat) for a target context length.
 
@@ -142,9 +165,11 @@ def search(
     The best factors so far are always in RUN/factors.json.
     """
     from longrope_search import distributed, job
+    from longrope_search.config import find_config
     from longrope_search.progress import RichReporter
 
     quiet_libraries()
+    config = find_config(config) if config is not None else None
     overrides = parse_overrides(set_)
     if target is not None:
         overrides.append(f"search.target={target}")
@@ -347,17 +372,21 @@ def eval_cmd(
 @user_errors
 def plot(
     run: Path = typer.Argument(..., help="Run directory a search wrote."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the PNGs (default RUN/plots)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the figures (default RUN/plots)."),
 ) -> None:
-    """Draw a run as PNGs: factors against PI/NTK/YaRN, search progress, and (after `longrope eval`)
+    """Draw a run as PNG and SVG: factors against PI/NTK/YaRN, search progress, and (after `longrope eval`)
     perplexity and passkey accuracy by length."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise DependencyError("longrope plot needs matplotlib, an optional part: pip install longrope[plot]")
     from longrope_search.plot import plot_run
 
     def warn(line: str) -> None:
         console.print(f"warning: {line}", markup=False, style="yellow")
 
     for path in plot_run(run, out, warn=warn):
-        console.print(f"wrote {path}", markup=False)
+        console.print(f"wrote {path} and {path.with_suffix('.svg').name}", markup=False)
 
 
 @app.command()
@@ -373,16 +402,21 @@ def plan(
     dtype_bytes: int = typer.Option(2, "--dtype-bytes", help="Bytes per weight and activation: 2 for bf16, 4 for fp32."),
     mlp_chunk: Optional[int] = typer.Option(None, "--mlp-chunk", help="Positions per MLP chunk when chunking (default 16384)."),
     eager: bool = typer.Option(False, "--eager", help="Eager attention (L x L scores) instead of flash/SDPA."),
+    json_out: bool = typer.Option(False, "--json", help="Print the estimates as JSON on stdout and nothing else."),
 ) -> None:
     """Memory and time of a search before renting GPUs: whether one evaluation fits, which mode it needs
     (whole MLP, MLP chunking, context parallelism), and how long the budget takes.
 
     Time is FLOPs over --tflops, an assumption: measure one evaluation and pass what you get.
     """
-    from longrope_search import plan as plan_mod
+    import json
 
-    for planned in plan_mod.planned_searches(config, model, target):
-        if planned.note:
+    from longrope_search import plan as plan_mod
+    from longrope_search.config import find_config
+
+    documents = []
+    for planned in plan_mod.planned_searches(find_config(config) if config is not None else None, model, target):
+        if planned.note and not json_out:
             console.print(f"note: {planned.note}", markup=False)
         result = plan_mod.estimate(
             planned.shape, planned.length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes,
@@ -391,7 +425,12 @@ def plan(
             mlp_chunk=planned.mlp_chunk if mlp_chunk is None else mlp_chunk,
             loss_chunk=planned.loss_chunk,
         )
-        show_plan(planned.title, planned.shape, planned.length, gpus, gpu_mem, result)
+        if json_out:
+            documents.append({"title": planned.title, "note": planned.note, **result.to_json()})
+        else:
+            show_plan(planned.title, planned.shape, planned.length, gpus, gpu_mem, result)
+    if json_out:
+        typer.echo(json.dumps(documents, indent=2))
 
 
 def show_plan(title: str, shape: Any, length: int, gpus: int, gpu_mem: float, result: Any) -> None:
@@ -413,34 +452,46 @@ def show_plan(title: str, shape: Any, length: int, gpus: int, gpu_mem: float, re
 @app.command()
 @user_errors
 def info(
-    model: str = typer.Option("builtin:tiny", "--model", "-m", help="Local directory, hub id, or builtin:NAME."),
+    model: str = typer.Option(
+        "builtin:tiny", "--model", "-m", help="Preset (llama2-7b, llama3-8b, mistral-7b, phi3-mini), local "
+        "directory, hub id, or builtin:NAME."),
     target: str = typer.Option(DEFAULT_TARGET, "--target", "-t", help="Target length for the baseline factor vectors."),
+    json_out: bool = typer.Option(False, "--json", help="Print the geometry and factors as JSON and nothing else."),
 ) -> None:
     """Show a model's RoPE geometry and the PI / NTK / YaRN factor vectors for a target length."""
+    import json
+
     from rich.table import Table
 
     from longrope_search import rope
     from longrope_search.config import parse_length
-    from longrope_search.model import load_config, rope_spec
+    from longrope_search.shapes import model_shape
 
-    spec = rope_spec(load_config(model))
+    spec = model_shape(model).rope
     length = parse_length(target, spec.original_length)
     if length <= spec.original_length:
         raise ConfigError(f"--target {target} ({length} tokens) is not longer than {model}'s original window "
                           f"({spec.original_length} tokens); give a longer target, e.g. 8x.")
     scale = spec.scale(length)
+    mscale = rope.longrope_mscale(scale, spec.original_length)
+    vectors = {name: fn(spec, scale).tolist() for name, fn in rope.BASELINES.items()}
+    wavelengths = (2 * math.pi / rope.base_inv_freq(spec)).tolist()
+    if json_out:
+        typer.echo(json.dumps({
+            "model": model, "rope_theta": spec.base, "rotary_dim": spec.rotary_dim, "num_factors": spec.num_factors,
+            "original_length": spec.original_length, "target_length": length, "scale": scale, "mscale": mscale,
+            "wavelengths": wavelengths, "factors": vectors}, indent=2))
+        return
     console.print(f"{model}: rope_theta {spec.base:g}, rotary_dim {spec.rotary_dim} ({spec.num_factors} factors), "
                   f"original window {spec.original_length}; target {length} = {scale:g}x, "
-                  f"LongRoPE mscale {rope.longrope_mscale(scale, spec.original_length):.4f}", markup=False)
+                  f"LongRoPE mscale {mscale:.4f}", markup=False)
     table = Table(title="factor per rotary pair (1 = untouched)")
     table.add_column("pair", justify="right")
     table.add_column("wavelength", justify="right")
-    vectors = {name: fn(spec, scale) for name, fn in rope.BASELINES.items()}
     for name in vectors:
         table.add_column(name, justify="right")
-    wavelengths = 2 * math.pi / rope.base_inv_freq(spec)
     for i in range(spec.num_factors):
-        table.add_row(str(i), f"{wavelengths[i].item():.1f}", *(f"{v[i].item():.3f}" for v in vectors.values()))
+        table.add_row(str(i), f"{wavelengths[i]:.1f}", *(f"{v[i]:.3f}" for v in vectors.values()))
     console.print(table)
 
 

@@ -256,6 +256,34 @@ class Config(Section):
 # --- loading ------------------------------------------------------------------------------------------
 
 
+# The ready configs: installed inside the package (pyproject maps the top-level configs/ there), or a checkout's own.
+PACKAGE_ROOT = Path(__file__).resolve().parent
+CONFIG_DIRS = (PACKAGE_ROOT / "configs", PACKAGE_ROOT.parent / "configs")
+
+
+def packaged_configs() -> dict[str, Path]:
+    """name (tiny, llama2-7b, ...) -> the shipped config file, from the first folder that has any."""
+    for folder in CONFIG_DIRS:
+        found = {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+        if found:
+            return found
+    return {}
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file: the path itself when it exists, else a shipped config by name (`tiny` or `tiny.yaml`, also
+    `configs/tiny.yaml` from any folder once installed). A path that matches neither is returned as it is, so the
+    error names what the user wrote."""
+    path = Path(path)
+    if path.exists():
+        return path
+    shipped = packaged_configs()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if name in shipped and (len(path.parts) == 1 or path.parent.name == "configs"):
+        return shipped[name]
+    return path
+
+
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the section at `loc` (the unknown key's parent)."""
     for part in loc[:-1]:
@@ -296,7 +324,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is a folder; pass --config with a YAML file (see configs/), or "
                           f"--resume {path} to continue a run.")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file (see configs/).")
+        names = ", ".join(packaged_configs()) or "none found"
+        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file or a shipped config's "
+                          f"name ({names}).")
     try:
         raw = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
     except UnicodeDecodeError:

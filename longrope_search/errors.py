@@ -36,6 +36,10 @@ class SearchError(LongRopeError):
     """The search space is impossible, or exhausted before the search could continue."""
 
 
+class DependencyError(LongRopeError):
+    """An optional package a command needs is not installed (matplotlib for plot, accelerate for a device map)."""
+
+
 class StorageError(LongRopeError):
     """A file cannot be written or a folder created: disk full, no permission, a file where a folder should be."""
 

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from longrope_search import builtin
-from longrope_search.errors import ModelError, first_line
+from longrope_search.errors import DependencyError, ModelError, first_line
 from longrope_search.memory import chunk_mlp
 from longrope_search.rope import RopeSpec, base_inv_freq, cos_sin, scaled_inv_freq
 
@@ -264,7 +264,7 @@ def load_tokenizer(name_or_path: str, options: LoadOptions = DEFAULT_LOAD) -> An
 def check_device_map(device_map: str | None) -> None:
     """A device map needs accelerate: say so before any weight loads."""
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
-        raise ModelError(f"device_map {device_map!r} needs the accelerate package; pip install accelerate "
+        raise DependencyError(f"device_map {device_map!r} needs the accelerate package; pip install accelerate "
                          "(or pip install longrope[gpu]), or load onto one device with --device.")
 
 

@@ -7,10 +7,11 @@ FLOPs over an assumed achieved TFLOP/s per GPU, which is the number to correct w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from longrope_search.attention import attention_grid
 from longrope_search.config import (
@@ -230,6 +231,10 @@ class Estimate:
     @property
     def usable_bytes(self) -> float:
         return self.gpu_mem_gb * GB * USABLE_FRACTION
+
+    def to_json(self) -> dict[str, Any]:
+        """`longrope plan --json`: every field (bytes, FLOPs, seconds), the recommendation, and the table's rows."""
+        return {**dataclasses.asdict(self), "recommendation": self.recommendation(), "rows": dict(rows(self))}
 
     @property
     def parallel_evals(self) -> int:

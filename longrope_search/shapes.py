@@ -10,6 +10,7 @@ from typing import Any
 
 from longrope_search.errors import ModelError
 from longrope_search.model import load_config, rope_spec
+from longrope_search.rope import RopeSpec
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class ModelShape:
     rotary_dim: int
     tied_embeddings: bool = False
     fused_projections: bool = False  # Phi-3: q/k/v come from one matmul, gate/up from another
+    rope_theta: float = 10000.0  # RoPE's base: with rotary_dim and original_length, what `longrope info` shows
+
+    @property
+    def rope(self) -> RopeSpec:
+        """The RoPE geometry, so a preset serves `info` as it serves `plan` (offline)."""
+        return RopeSpec(base=self.rope_theta, rotary_dim=self.rotary_dim, original_length=self.original_length)
 
     @property
     def layer_linear_params(self) -> int:
@@ -54,7 +61,7 @@ def _llama_like(name: str, hidden: int, layers: int, intermediate: int, heads: i
 
 PRESETS: dict[str, ModelShape] = {
     "llama2-7b": _llama_like("llama2-7b", 4096, 32, 11008, 32, 32, 32000, 4096),
-    "llama3-8b": _llama_like("llama3-8b", 4096, 32, 14336, 32, 8, 128256, 8192),
+    "llama3-8b": _llama_like("llama3-8b", 4096, 32, 14336, 32, 8, 128256, 8192, rope_theta=500000.0),
     "mistral-7b": _llama_like("mistral-7b", 4096, 32, 14336, 32, 8, 32000, 8192),  # trained on 8k, declares 32k
     "phi3-mini": _llama_like("phi3-mini", 3072, 32, 8192, 32, 32, 32064, 4096, fused_projections=True),
 }
@@ -82,7 +89,7 @@ def shape_from_config(config: Any, name: str) -> ModelShape:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         vocab_size=config.vocab_size, original_length=spec.original_length, rotary_dim=spec.rotary_dim,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        fused_projections=getattr(config, "model_type", "") == "phi3",
+        fused_projections=getattr(config, "model_type", "") == "phi3", rope_theta=spec.base,
     )
 
 

@@ -68,7 +68,7 @@ def canonical_log(run_dir: Path) -> list[dict]:
     records = []
     for record in checkpoint.log_records(run_dir / "log.jsonl"):
         if record["event"] != "resume":
-            records.append({k: v for k, v in record.items() if k != "seconds"})
+            records.append({k: v for k, v in record.items() if k not in ("seconds", "time")})
     return records
 
 

@@ -8,7 +8,7 @@ from tiny_models import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
 from transformers import GPT2Config, LlamaForCausalLM
 
 from longrope_search import rope
-from longrope_search.errors import ModelError
+from longrope_search.errors import DependencyError, ModelError
 from longrope_search.model import LongRopeRotaryEmbedding, carried_factors, install_rope, load_model, rope_spec
 
 
@@ -165,7 +165,7 @@ def test_model_section_keys_reach_every_from_pretrained_call(tmp_path, monkeypat
 
     sharded = model_mod.LoadOptions(device_map="auto")
     if importlib.util.find_spec("accelerate") is None:  # said in one line before anything loads
-        with pytest.raises(ModelError, match="pip install accelerate"):
+        with pytest.raises(DependencyError, match="pip install accelerate"):
             model_mod.load_model(str(tmp_path / "m"), options=sharded)
     monkeypatch.setattr(model_mod, "check_device_map", lambda device_map: None)
     moved = []
