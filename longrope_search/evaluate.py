@@ -81,7 +81,8 @@ def heldout_windows(
     if exclude.fingerprint is not None and run.fingerprint != exclude.fingerprint:
         raise DataError(
             f"the corpus {corpus.source!r} or tokenizer changed since the search (its search windows differ), so "
-            "held-out documents cannot be told apart; restore them, or evaluate with --model, --factors and --data."
+            "held-out documents cannot be told apart; restore them, or evaluate on another corpus with --model, "
+            "--factors and --data (its documents are then not held out from the search)."
         )
     if corpus.concatenate:
         bos = 1 if tokenizer.bos_token_id is not None else 0  # windows are [bos] + length-1 stream tokens
@@ -199,10 +200,12 @@ def flag_inputs(model: str | None, factors: str | Path | None, data: str | None,
     options = LoadOptions(device_map=device_map)
     run = factors_run(factors)
     if run is not None:
-        inputs = run_inputs(run, model, samples, device, dtype)
+        inputs = run_inputs(run, None, samples, device, dtype, device_map)
         if same_documents(inputs.corpus, CorpusSpec(data)):
-            # the run's corpus under the run's settings; the model is --model, loaded as the flags say
-            return dataclasses.replace(inputs, device=device, dtype=dtype, options=options,
+            # the run's corpus under the run's settings; the model is --model (loaded as the run loaded it when it is
+            # the run's own model: its revision and remote-code setting)
+            return dataclasses.replace(inputs, model=model, device=device, dtype=dtype,
+                                       options=inputs.options if model == inputs.model else options,
                                        samples=DEFAULT_SAMPLES if samples is None else samples)
         why = f"{data} is not the corpus the factors were searched on ({inputs.corpus.source})"
     else:

@@ -433,7 +433,7 @@ def export(
     original = ff.rope.original_length
     length = verify_length if verify_length is not None else original + LONG_VERIFY_MARGIN
     if verify and length <= original:
-        raise ExportError(f"verify_length {length} must exceed the original window {original} to test the long "
+        raise ExportError(f"--verify-length {length} must exceed the original window {original} to test the long "
                           "factors; pass a longer --verify-length.")
 
     if verify:
