@@ -48,3 +48,20 @@ def write_config(path: Path, config: dict) -> Path:
 def comparable(doc: dict) -> dict:
     """A factors.json document without the search's wall-clock seconds: two runs of one search differ only there."""
     return {**doc, "search": {k: v for k, v in doc.get("search", {}).items() if k != "seconds"}}
+
+
+# Lines of Python: documents made of them hold line breaks, where needles go (tests of the retrieval task).
+CODE = ["def f(x):", "    return x + 1", "class A:", "    value = 3", "for i in range(4):", "    print(i)"]
+
+
+def code_text(lines: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n".join(rng.choice(CODE) for _ in range(lines)) + "\n"
+
+
+def write_code_corpus(root: Path, documents: int = 10, lines: int = 150) -> Path:
+    path = root / "corpus"
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(documents):
+        (path / f"doc{i:02d}.txt").write_text(code_text(lines, seed=i))
+    return path

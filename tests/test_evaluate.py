@@ -41,13 +41,7 @@ def write_mixed_corpus(root: Path, long_words: int = 120, documents: int = 16) -
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a shared 2-core machine one thread is ~10x faster than contending for two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

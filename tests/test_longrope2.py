@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from search_fixtures import search_config, write_config, write_model
+from search_fixtures import CODE, search_config, write_code_corpus, write_config, write_model
 from tiny_models import tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -34,27 +34,16 @@ from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup
 
 runner = CliRunner()
-CODE = ["def f(x):", "    return x + 1", "class A:", "    value = 3", "for i in range(4):", "    print(i)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model with a 64-token window (room for a needle prompt) and a code corpus of long documents."""
     root = tmp_path_factory.mktemp("longrope2")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    for i in range(10):
-        (corpus / f"doc{i:02d}.txt").write_text("\n".join(rng.choice(CODE) for _ in range(150)))
-    return write_model(root, window=64), corpus
+    return write_model(root, window=64), write_code_corpus(root)
 
 
 def v2_config(model: Path, corpus: Path, **search) -> dict:

@@ -4,12 +4,11 @@ and `longrope eval --needle` (accuracy per method, length and depth; eval.json; 
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
-from search_fixtures import search_config, write_model
+from search_fixtures import code_text, search_config, write_code_corpus, write_model
 from tiny_models import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -24,15 +23,9 @@ from longrope_search.rope import RopeSpec
 from longrope_search.search import run_search
 
 runner = CliRunner()
-CODE = ["def f(x):", "    return x + 1", "class A:", "    value = 3", "for i in range(4):", "    print(i)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +34,7 @@ def tokenizer():
 
 
 def filler(tokenizer, lines: int = 400, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    text = "\n".join(rng.choice(CODE) for _ in range(lines)) + "\n"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(code_text(lines, seed), add_special_tokens=False)["input_ids"]
 
 
 # --- construction -----------------------------------------------------------------------------------------
@@ -181,11 +172,7 @@ def test_eval_json_round_trips_needle_cells_and_merges_by_trial_count():
 
 def test_eval_needle_on_a_run_writes_cells_and_bad_input_is_one_line(tmp_path):
     model = write_model(tmp_path, window=128)
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rng = random.Random(0)
-    for i in range(8):
-        (corpus / f"doc{i}.txt").write_text("\n".join(rng.choice(CODE) for _ in range(300)))
+    corpus = write_code_corpus(tmp_path, documents=8, lines=300)
     config = from_dict(search_config(model, corpus, target="2x", population=4, parents=2, generations=0))
     _, run_dir = run_search(config, tmp_path / "run")
     result = runner.invoke(app, ["eval", str(run_dir), "-l", "1x,2x", "--needle", "--needle-trials", "2",

@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from search_fixtures import search_config, write_corpus, write_model
 
 from longrope_search import checkpoint, evolution
@@ -20,12 +19,7 @@ from longrope_search.search import Search, run_search
 from longrope_search.search_setup import make_setup
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
