@@ -173,3 +173,23 @@ def test_model_section_keys_reach_every_from_pretrained_call(tmp_path, monkeypat
     calls.clear()
     model_mod.load_model(str(tmp_path / "m"), device="cuda:3", options=sharded)
     assert calls["AutoModelForCausalLM"][-1]["device_map"] == "auto" and not moved  # accelerate placed it
+
+
+def test_a_tokenizer_this_transformers_cannot_build_is_named_as_such(tmp_path, monkeypatch):
+    """Not 'check the path or hub id': the folder and its weights are fine, its tokenizer class is the problem (the
+    error transformers 4.57 raises for a tokenizer_config.json saved by 5.x)."""
+    from longrope_search import model as model_mod
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+
+    class FourX:
+        @staticmethod
+        def from_pretrained(source, **kwargs):
+            raise ValueError("Tokenizer class TokenizersBackend does not exist or is not currently imported.")
+
+    monkeypatch.setattr(model_mod, "AutoTokenizer", FourX)
+    with pytest.raises(ModelError, match="TokenizersBackend does not exist.*cannot build its tokenizer.*"
+                                         "tokenizer_class") as caught:
+        load_model(str(tmp_path / "m"), device="cpu")
+    assert "hub id" not in str(caught.value) and "PreTrainedTokenizerFast loads in 4.x and 5.x" in str(caught.value)
