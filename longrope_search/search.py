@@ -415,9 +415,8 @@ def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed
     """Phase 9: the winner against the reference methods on search and held-out samples (fitness, plain PPL, needle
     retrieval); the final factors.json."""
     setup, chunk = search.setup, search.setup.config.search.chunk_size
-    reporter.phase(f"comparing the winner with {', '.join(setup.comparisons())} on the search and "
-                   f"{loaded.sets.heldout.count} held-out samples ({len(setup.comparisons()) + 1} methods, "
-                   f"{setup.target_length}-token windows)")
+    reporter.phase(f"comparing the winner with {', '.join(setup.comparisons())} on {loaded.sets.heldout.count} "
+                   f"held-out samples of {setup.target_length} tokens")
     evaluators = {"search": loaded.evaluator}
     needles = None
     sets = loaded.sets
