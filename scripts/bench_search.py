@@ -1,0 +1,107 @@
+"""The search's savings measured side by side: the same search (same config, seed and budget) with early rejection
+off (search.race_margin 0) and on (the default margin, or --margins), on the shipped model at 8x and 16x.
+
+For each run it prints the evaluations, the candidates stopped early, the forward tokens (the work), the wall time,
+the held-out PPL of the winner and its needle retrieval on the held-out samples (the search's final comparison), and
+the forward tokens each run needed to reach the held-out PPL of the plain search's final winner: the best-so-far of
+every generation is scored on the held-out samples afterwards (that scoring is not search work).
+
+Run: `python scripts/bench_search.py` (about 30 minutes on 2 CPU cores); `--targets 8x --generations 6` for a
+quick look. Searches run one after another in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from longrope_search import checkpoint, data
+from longrope_search.checkpoint import Evaluation
+from longrope_search.config import DEFAULT_RACE_MARGIN, Config, load_config
+from longrope_search.fitness import Evaluator
+from longrope_search.model import load_config as load_model_config
+from longrope_search.model import load_model, rope_spec
+from longrope_search.search import run_search
+from longrope_search.search_setup import make_setup, resolve_prior
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=TINY, help="the search to run (default: configs/tiny.yaml)")
+    p.add_argument("--targets", default="8x,16x")
+    p.add_argument("--margins", default=f"0,{DEFAULT_RACE_MARGIN:g}", help="search.race_margin values; 0 = plain")
+    p.add_argument("--generations", type=int, default=None, help="override search.generations")
+    p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    return p.parse_args()
+
+
+def best_so_far(run_dir: Path) -> list[tuple[int, Evaluation]]:
+    """(forward tokens spent, best evaluation so far) after each generation, from the run's checkpoint history."""
+    state, _ = checkpoint.load_state(run_dir)
+    out, spent, best = [], 0, None
+    for generation in range(state.generation + 1):
+        entries = [e for e in state.history if e.generation == generation]
+        spent += sum(e.tokens for e in entries)
+        for e in entries:
+            if not e.rejected and (best is None or (e.ppl, e.candidate.key) < (best.ppl, best.candidate.key)):
+                best = e
+        out.append((spent, best))
+    return out
+
+
+def heldout_curve(config: Config, run_dir: Path) -> list[tuple[int, float]]:
+    """(forward tokens spent, held-out PPL of the best so far) after each generation."""
+    model_config = load_model_config(config.model.name)
+    spec = rope_spec(model_config)
+    setup = make_setup(config, spec, resolve_prior(config, model_config, spec))
+    model, tokenizer = load_model(config.model.name, device="cpu", dtype="float32", mlp_chunk=config.search.mlp_chunk)
+    d = config.data
+    samples = data.build_samples(tokenizer, data.CorpusSpec.of(d), setup.target_length, d.samples,
+                                 d.heldout_samples, d.seed, d.cache_dir)
+    evaluator = Evaluator(model, samples.heldout, config.search.chunk_size)
+    curve = []
+    for tokens, best in best_so_far(run_dir):
+        c = best.candidate
+        curve.append((tokens, evaluator.score(c.key, setup.factors(c.genes), c.n_hat, setup.mscale_of(c)).ppl))
+    return curve
+
+
+def main() -> None:
+    args = parse_args()
+    root = args.out or Path(tempfile.mkdtemp(prefix="bench_search_"))
+    margins = [float(m) for m in args.margins.split(",")]
+    print(f"config {args.config}, race margins {margins} (0: plain search), runs in {root}", flush=True)
+    header = ("target", "margin", "evals", "stopped", "fwd Mtok", "tok ratio", "wall s", "held-out", "vs plain",
+              "needles", "Mtok to plain's held-out")
+    print(" | ".join(f"{h:>10}" for h in header), flush=True)
+    for target in args.targets.split(","):
+        plain = None  # (forward tokens, held-out PPL) of the first margin's run
+        for margin in margins:
+            overrides = [f"search.target={target}", f"search.race_margin={margin}"]
+            if args.generations is not None:
+                overrides.append(f"search.generations={args.generations}")
+            config = load_config(args.config, overrides)
+            run_dir = root / f"{target}-m{margin:g}"
+            began = time.perf_counter()
+            final, _ = run_search(config, run_dir)
+            wall = time.perf_counter() - began
+            curve = heldout_curve(config, run_dir)
+            (run_dir / "bench_curve.json").write_text(json.dumps(curve))
+            heldout, tokens = final.ppl["heldout"], final.search.forward_tokens
+            plain = plain or (tokens, heldout)
+            reach = next((t for t, ppl in curve if ppl <= plain[1] * (1 + 1e-9)), None)
+            row = (target, f"{margin:g}", final.search.evaluations, final.search.rejected, f"{tokens / 1e6:.2f}",
+                   f"{tokens / plain[0]:.3f}", f"{wall:.0f}", f"{heldout:.4f}", f"{heldout / plain[1] - 1:+.2%}",
+                   f"{final.ppl.get('needle', math.nan):.0%}",
+                   "never" if reach is None else f"{reach / 1e6:.2f} ({reach / plain[0]:.2f}x)")
+            print(" | ".join(f"{str(c):>10}" for c in row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
