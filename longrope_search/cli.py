@@ -211,12 +211,18 @@ def search(
 
 def show_stages(results: list[Any], what: str = "stage") -> None:
     for r in results:
+        if r.trained is not None:  # a finetune stage
+            t = r.trained
+            console.print(f"{what} {r.stage.name} ({r.status}): {t.steps} steps of {t.length}-token rows, loss "
+                          f"{t.first_loss:.4f} -> {t.last_loss:.4f}, model {r.stage.run_dir}", markup=False)
+            continue
         ppl = r.final.ppl
         console.print(f"{what} {r.stage.name} ({r.status}): {r.final.scored_length} tokens, search ppl "
                       f"{ppl.get('search', float('nan')):.4f}, held-out {ppl.get('heldout', float('nan')):.4f}, "
                       f"{r.stage.run_dir}", markup=False)
+    searched = [r for r in results if r.trained is None]
     if what == "stage":
-        console.print(f"the last stage's factors (export this one): {results[-1].stage.run_dir}", markup=False)
+        console.print(f"the last search stage's factors (export this one): {searched[-1].stage.run_dir}", markup=False)
 
 
 def show_result(final: Any, run_dir: Path) -> None:
@@ -257,6 +263,75 @@ def show_result(final: Any, run_dir: Path) -> None:
                           markup=False)
     console.print(f"n_hat {final.n_hat}, mscale {final.mscale:.4f}; factors written to {factors_path(run_dir)}",
                   markup=False)
+
+
+@app.command()
+@user_errors
+def finetune(
+    run: Optional[Path] = typer.Argument(None, help="Search run whose factors the model trains with."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="New folder: the fine-tuned Hugging Face model."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML with a finetune section (and model, output), or a shipped one by name: "
+        "tiny-finetune, llama2-7b-finetune-256k."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the fine-tune in this folder."),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="Override a config value: --set finetune.steps=200."),
+) -> None:
+    """Fine-tune the model with RUN's factors installed as the export runs them, and write it as a Hugging Face model
+    directory (the stabilising fine-tune of the progressive route).
+
+    transformers' Trainer trains on finetune.source, packed to the run's target length with documents kept apart,
+    plus finetune.short_share of rows within the original window (the short factors). Checkpoints go to
+    OUT/checkpoints; after Ctrl-C, a crash or kill -9, `longrope finetune --resume OUT` continues from the last one.
+    OUT then loads with plain transformers and is checked like `longrope export`'s output; search on it again with
+    --set model.name=OUT.
+    """
+    from longrope_search.config import find_config
+    from longrope_search.finetune import finetune_config, run_finetune
+    from longrope_search.progress import RichReporter
+    from longrope_search.rundir import CONFIG_FILE
+
+    quiet_libraries()
+    overrides = parse_overrides(set_)
+    if resume is not None and (run is not None or config is not None or out is not None):
+        raise ConfigError("--resume continues the saved fine-tune; drop RUN, --config and --out (changes that keep "
+                          "what is trained go in --set).")
+    if resume is None and run is None:
+        raise ConfigError("pass the search run to fine-tune: longrope finetune RUN --out DIR (or --resume DIR).")
+    reporter = RichReporter(console)
+    folder = resume
+    try:
+        if resume is not None:
+            result = run_finetune(None, resume, resume=True, overrides=overrides, reporter=reporter)
+        else:
+            settings = finetune_config(run, find_config(config) if config is not None else None, overrides)
+            folder = out or (Path(settings.output.dir) if settings.output.dir else None)
+            result = run_finetune(settings, folder, reporter=reporter)
+    except KeyboardInterrupt as exc:
+        reporter.stop()
+        if folder is not None and (folder / CONFIG_FILE).is_file():
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            err_console.print(f"{what}: the steps up to the last checkpoint are saved; continue with `longrope "
+                              f"finetune --resume {folder}`", markup=False, soft_wrap=True)
+        raise interrupted_exit(exc) from None
+    except StorageError as exc:
+        if folder is None or not (folder / CONFIG_FILE).is_file():
+            raise
+        raise StorageError(f"{str(exc).rstrip('.')}; then continue with `longrope finetune --resume {folder}`.") from None
+    finally:
+        reporter.stop()
+    show_finetune(result)
+
+
+def show_finetune(result: Any) -> None:
+    console.print(f"fine-tuned {result.steps} steps ({result.tokens:,} tokens, {result.seconds:.0f} s of training): "
+                  f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}; {result.long_rows_share:.0%} of the long "
+                  f"rows ran the long factors", markup=False)
+    if result.max_abs_diff is not None:
+        console.print(f"verified: max abs logit difference {result.max_abs_diff:.2e} at {result.verify_length} tokens, "
+                      f"{result.short_max_abs_diff:.2e} inside the original window", markup=False)
+    console.print(f"fine-tuned model written to {result.out}; measure it with `longrope eval --model {result.out} "
+                  f"--factors {result.run} --data <the run's corpus> --lengths 1x,8x`", markup=False)
 
 
 @app.command("export")

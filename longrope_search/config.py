@@ -230,6 +230,62 @@ class SearchSection(Section):
         return self.critical_dim if isinstance(self.critical_dim, list) and len(self.critical_dim) > 1 else []
 
 
+class FinetuneSection(Section):
+    """`longrope finetune` and finetune stages: train the model with a run's factors installed (finetune.py)."""
+
+    run: str | None = None  # the search run whose factors the model trains with (the CLI's RUN; a stage: the one before)
+    # The training corpus, read like data.source (builtin:NAME | hub:NAME | local files). Never the corpus the search
+    # and eval score on: builtin:cpython-train is the shipped model's training files, builtin:cpython its held-out ones.
+    source: str = "builtin:cpython-train"
+    hub_config: str | None = None
+    revision: str | None = None  # hub only: pin the dataset commit so a resume reads the same text
+    split: str = "train"  # hub only
+    text_field: str = "text"
+    seed: int = 0  # document order, LoRA's initialisation and the trainer's seed
+    length: str | int | None = None  # tokens of a long row (256k, 8x); None: the run's target
+    # Share of the blocks whose rows fit the original window: they train the short factors, the others the long ones
+    # (LongRoPE2's mixed context window; it sampled 1B short tokens of 10B). 0: long rows only (LongRoPE).
+    short_share: float = Field(0.1, ge=0.0, le=1.0, allow_inf_nan=False)
+    short_length: str | int | None = None  # tokens of a short row; None: the original window
+    steps: int = Field(100, ge=1)  # optimizer steps
+    # Tokens per optimizer step over all processes (256k, 8m); a multiple of rows x length x processes (the rest is
+    # gradient accumulation). None: one block per process per step.
+    batch_tokens: str | int | None = None
+    rows: int = Field(1, ge=1)  # long rows per forward pass and process (a short block holds the same tokens)
+    learning_rate: float = Field(2e-5, gt=0.0, allow_inf_nan=False)  # the paper, for LLaMA2
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after the warm-up; the paper: linear decay
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # 0: no clipping
+    method: Literal["full", "lora"] = "full"  # lora: peft adapters (pip install longrope[lora]), merged before export
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0.0, allow_inf_nan=False)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
+    lora_targets: str | list[str] = "all-linear"  # peft's target_modules: all-linear, or module names (q_proj, ...)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 mixed precision on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, ~30% slower
+    # Under torchrun: transformers' fsdp option (e.g. "full_shard auto_wrap"); empty: each process holds the model (DDP).
+    fsdp: str = ""
+    # Processes that train one sequence together (accelerate's context parallelism, FSDP2, SDPA); 1: off.
+    context_parallel: int = Field(1, ge=1)
+    save_every: int = Field(50, ge=1)  # steps between checkpoints (the last step is always saved)
+    keep_checkpoints: bool = False  # keep checkpoints/ (optimizer state included) once the model is written and verified
+    drop_n_hat: bool = False  # train factors searched with n_hat > 0 without it (no runtime can run n_hat)
+
+    _lengths = field_validator("length", "short_length", "batch_tokens")(
+        classmethod(lambda cls, v: v if v is None else check_length(v)))
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "FinetuneSection":
+        if self.method == "lora" and self.fsdp.strip():
+            raise ValueError("finetune.method lora runs each process with the whole model (DDP): drop finetune.fsdp, "
+                             "or use method full with fsdp")
+        if self.context_parallel > 1 and self.method == "lora":
+            raise ValueError("finetune.context_parallel needs FSDP (method full); LoRA runs each process with the "
+                             "whole model")
+        return self
+
+
 class OutputSection(Section):
     dir: str | None = None  # default runs/<model>-<target>
 
@@ -238,6 +294,7 @@ class Config(Section):
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     search: SearchSection = SearchSection()
+    finetune: FinetuneSection = FinetuneSection()
     output: OutputSection = OutputSection()
 
     @model_validator(mode="after")
@@ -375,7 +432,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # --- multi-stage configs ----------------------------------------------------------------------------------
 
 
-STAGE_KEYS = ("model", "data", "search")  # what a stage may override; its run directory is <output.dir>/<name>
+STAGE_KEYS = ("model", "data", "search", "finetune")  # what a stage may override; it runs in <output.dir>/<name>
+FINETUNE_STAGE_KEYS = ("model", "finetune")  # a stage that sets finetune trains the model of the stage before
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -439,6 +497,18 @@ def load_stages(path: str | Path, overrides: list[str] | None = None) -> tuple[C
             near = difflib.get_close_matches(key, STAGE_KEYS, n=1)
             hint = f"did you mean '{near[0]}'?" if near else f"a stage sets name, {', '.join(STAGE_KEYS)}"
             problems.append(f"{where}.{key}: unknown key ({hint}; output.dir is shared, each stage runs in a subfolder)")
+        if is_finetune_stage(stage):
+            problems += [f"{where}.{key}: a finetune stage trains the model of the stage before on finetune.source; "
+                         f"it sets only {', '.join(FINETUNE_STAGE_KEYS)} (put {key} settings in the search stages)"
+                         for key in sorted(set(stage) & set(STAGE_KEYS) - set(FINETUNE_STAGE_KEYS))]
+            if i == 0:
+                problems.append(f"{where}: a finetune stage trains the factors of the search stage before it; put a "
+                                "search stage first")
+            elif is_finetune_stage(stages[i - 1]):
+                problems.append(f"{where}: the stage before is a finetune stage too; a fine-tune trains the factors "
+                                "of a search stage")
+            if isinstance(stage.get("finetune"), dict) and "run" in stage["finetune"]:
+                problems.append(f"{where}.finetune.run: a finetune stage trains the stage before it; drop run")
         merged = _merge(raw, {k: stage[k] for k in STAGE_KEYS if k in stage})
         try:
             out.append((name, from_dict(merged, source=where)))
@@ -447,3 +517,14 @@ def load_stages(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     if problems:
         raise ConfigError(f"{path}: {'; '.join(problems)}")
     return shared, out
+
+
+def is_finetune_stage(stage: Any) -> bool:
+    """A stage that sets `finetune` (a mapping, {} for the shared settings) fine-tunes; the others search."""
+    return isinstance(stage, dict) and "finetune" in stage
+
+
+def finetune_stages(path: str | Path) -> set[str]:
+    """The names of a stages config's finetune stages."""
+    stages = read_yaml(path).get("stages")
+    return {str(s.get("name")) for s in stages if is_finetune_stage(s)} if isinstance(stages, list) else set()

@@ -132,6 +132,8 @@ def _load_local(files: list[Path], spec: CorpusSpec) -> Any:
 
 
 def _builtin_path(source: str) -> Path:
+    if builtin.is_generated(source):  # builtin:cpython-train: written into the cache on first use
+        return builtin.generated_corpus(source, default_cache_dir())
     path = Path(builtin.resolve_corpus(source))
     if not path.is_file():
         raise DataError(f"the built-in corpus file {path} is missing; reinstall longrope to restore it.")
@@ -391,3 +393,119 @@ def build_samples(
     samples = _sample(tokenizer, spec, length, n_search, n_heldout, seed)
     _write_cache(path, samples)
     return samples
+
+
+# --- training streams ---------------------------------------------------------------------------------
+
+STREAM_FORMAT = 1  # bump when the stream layout changes
+_FLUSH_TOKENS = 1 << 20  # write the stream to disk in pieces of about this many tokens
+
+
+@dataclass
+class TokenStream:
+    """A training corpus as one stream of token ids: each document bookended, [bos] + its tokens + [eos] (the LongRoPE
+    paper's fine-tuning segments), documents in a seeded order. Memory-mapped from the cache, so a corpus larger than
+    memory streams from disk."""
+
+    ids: np.ndarray  # (N,) int32
+    bounds: np.ndarray  # (D+1,) int64: document d is ids[bounds[d]:bounds[d+1]]
+    corpus_documents: int  # rows of the corpus
+
+    @property
+    def documents(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the longest document, bookends included."""
+        return int(np.diff(self.bounds).max()) if self.documents else 0
+
+
+def _stream_paths(cache_dir: Path, key: dict) -> tuple[Path, Path]:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    folder = cache_dir / "streams"
+    return folder / f"{digest}.ids.bin", folder / f"{digest}.bounds.npy"
+
+
+def _read_stream(ids_path: Path, bounds_path: Path) -> TokenStream | None:
+    """The cached stream, or None when it is missing or damaged (the bounds file, written last, names its size)."""
+    try:
+        blob = np.load(bounds_path, allow_pickle=False)
+        bounds, rows = blob[:-1], int(blob[-1])
+        if ids_path.stat().st_size != 4 * int(bounds[-1]):
+            return None
+        ids = np.memmap(ids_path, dtype="<i4", mode="r") if bounds[-1] else np.zeros(0, dtype="<i4")
+    except (OSError, ValueError, IndexError):
+        return None
+    return TokenStream(ids, bounds, rows)
+
+
+def _temp_in(folder: Path, suffix: str) -> tuple[Any, str]:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=folder, suffix=suffix, delete=False)
+    except OSError as exc:
+        raise DataError(f"cannot write the token stream in {folder} ({first_line(exc)}); set LONGROPE_CACHE (or "
+                        "cache_dir) to a writable directory.") from exc
+    return handle, handle.name
+
+
+def token_stream(tokenizer: Any, spec: CorpusSpec, tokens: int, seed: int = 0,
+                 cache_dir: str | Path | None = None) -> TokenStream:
+    """At least `tokens` tokens of bookended documents in `seed`'s order (whole documents: the last one may overshoot).
+
+    A corpus whose documents hold fewer tokens in all is refused with one line naming both counts. Cached under
+    `cache_dir` (default $LONGROPE_CACHE or ~/.cache/longrope), keyed by tokenizer, corpus identity, seed and count.
+    """
+    if tokens < 1:
+        raise ConfigError(f"a training stream of {tokens} tokens is empty; ask for at least 1 token.")
+    key = {"format": STREAM_FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "corpus": corpus_identity(spec),
+           "tokens": tokens, "seed": seed}
+    ids_path, bounds_path = _stream_paths(Path(cache_dir) if cache_dir is not None else default_cache_dir(), key)
+    cached = _read_stream(ids_path, bounds_path) if bounds_path.is_file() else None
+    if cached is not None:
+        return cached
+    ds = load_texts(spec)
+    order = np.random.default_rng(seed).permutation(len(ds))  # (D,) document order for this seed
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    tail = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bounds, pending, written = [0], [], 0
+    handle, tmp = _temp_in(ids_path.parent, ".tmp")
+    try:
+        with handle:
+            for _, ids in _documents(ds, tokenizer, order):
+                if not ids:
+                    continue
+                pending.append(np.asarray(head + ids + tail, dtype="<i4"))
+                bounds.append(bounds[-1] + len(pending[-1]))
+                if bounds[-1] - written >= _FLUSH_TOKENS or bounds[-1] >= tokens:
+                    handle.write(np.concatenate(pending).tobytes())
+                    written, pending = bounds[-1], []
+                if bounds[-1] >= tokens:
+                    break
+            if bounds[-1] < tokens:
+                raise DataError(
+                    f"{_describe(spec)} holds {bounds[-1]} tokens in {len(bounds) - 1} documents (with bos/eos), but "
+                    f"the fine-tune needs {tokens} (steps x batch_tokens); use a larger corpus or split, or lower "
+                    "finetune.steps or finetune.batch_tokens."
+                )
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, ids_path)
+        bounds_handle, bounds_tmp = _temp_in(bounds_path.parent, ".npy.tmp")
+        with bounds_handle:
+            np.save(bounds_handle, np.asarray(bounds + [len(ds)], dtype=np.int64))  # the corpus rows ride last
+            bounds_handle.flush()
+            os.fsync(bounds_handle.fileno())
+        os.replace(bounds_tmp, bounds_path)  # written last: a complete stream is one whose bounds exist
+    except OSError as exc:
+        raise DataError(f"cannot write the token stream in {ids_path.parent} ({first_line(exc)}); set LONGROPE_CACHE "
+                        "(or cache_dir) to a writable directory.") from exc
+    finally:
+        for leftover in (tmp, locals().get("bounds_tmp")):
+            if leftover is not None and os.path.exists(leftover):
+                os.unlink(leftover)
+    stream = _read_stream(ids_path, bounds_path)
+    if stream is None:
+        raise DataError(f"the token stream just written to {ids_path} cannot be read back; check the disk.")
+    return stream

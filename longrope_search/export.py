@@ -194,13 +194,17 @@ def _portable_tokenizer_config(path: Path, target: Path) -> bool:
     return True
 
 
-def _place_files(src: Path, out: Path, copy_weights: bool) -> list[str]:
-    """Copy SRC's small top-level files, link or copy its weights; returns notes on what was skipped."""
-    placed = _placed(src)
+def _place_files(src: Path, out: Path, copy_weights: bool, weights: bool = True) -> list[str]:
+    """Copy SRC's small top-level files, link or copy its weights (none when `weights` is False: they are in `out`
+    already); returns notes on what was skipped."""
+    placed = [path for path in _placed(src) if weights or not _is_weight(path)]
     skipped = [path.name + ("/" if path.is_dir() else "") for path in sorted(src.iterdir())
-               if path not in placed and not path.name.startswith(".") and path.name not in OWN_FILES]
+               if path not in placed and not path.name.startswith(".") and path.name not in OWN_FILES
+               and (weights or not _is_weight(path))]
     notes = []
-    if not copy_weights and must_copy_weights(src):
+    if not weights:
+        copy_weights = True  # no link into SRC is made, so none needs a note
+    elif not copy_weights and must_copy_weights(src):
         copy_weights = True
         notes.append(f"weights copied: {src} is inside the installed package or a Python environment, which an "
                      "upgrade or uninstall would remove.")
@@ -423,11 +427,8 @@ def export(
             f"the factors were searched with n_hat={ff.n_hat}, which no runtime (transformers, vLLM, llama.cpp) can "
             "express in a config; re-run with --drop-n-hat, or use longrope_search.runtime.apply in Python."
         )
-    options = _run_options(source_file, model, revision)
     phase(f"finding {model or ff.model} (a hub model downloads with its own progress bars)")
-    src = _source_model_dir(ff, model, options)
-    config = load_config(str(src), options)
-    _check_geometry(ff, config, src)
+    src, config, options = source_model(ff, source_file, model, revision)
     out = Path(out).expanduser().absolute()
     _check_destination(out.resolve(), src, force)
     original = ff.rope.original_length
@@ -457,6 +458,27 @@ def export(
     return report
 
 
+def source_model(ff: FactorsFile, source_file: Path, model: str | None = None, revision: str | None = None
+                 ) -> tuple[Path, Any, LoadOptions]:
+    """SRC of an export of `ff` (read from `source_file`) as a local folder, its config and how it loads; refuses a
+    model of another geometry or factors that do not extend its window."""
+    options = _run_options(source_file, model, revision)
+    src = _source_model_dir(ff, model, options)
+    config = load_config(str(src), options)
+    _check_geometry(ff, config, src)
+    return src, config, options
+
+
+def write_files(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type: str, copy_weights: bool = False,
+                weights: bool = True) -> list[str]:
+    """What `export` writes into `out` before its check, with the same refusals of `out` (not empty, over SRC, a
+    folder where a file goes): SRC's files with weights linked or copied, or with `weights` False none (a fine-tune
+    saved its own there), config.json with the longrope keys, longrope.json and the model card. Returns the notes."""
+    out = Path(out).expanduser().absolute()
+    _check_destination(out.resolve(), src, force=not weights)
+    return _write(ff, source_file, src, out, model_type, copy_weights, force=False, weights=weights)
+
+
 def _run_options(source_file: Path, model: str | None, revision: str | None) -> LoadOptions:
     """How SRC loads: the run's model section (revision, remote code) when SRC is the searched model; --revision
     over it."""
@@ -470,16 +492,16 @@ def _run_options(source_file: Path, model: str | None, revision: str | None) -> 
 
 
 def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type: str, copy_weights: bool,
-           force: bool, repo: str | None = None) -> list[str]:
-    """DST's files: SRC's (weights linked or copied), config.json with the longrope keys, longrope.json, the model
-    card; the notes."""
+           force: bool, repo: str | None = None, weights: bool = True) -> list[str]:
+    """DST's files: SRC's (weights linked or copied; none with `weights` False), config.json with the longrope keys,
+    longrope.json, the model card; the notes."""
     config_doc = json.loads((src / "config.json").read_text())
     model_type = str(config_doc.get("model_type", model_type))
     config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
     make_dirs(out)
     if force:
         _remove_stale_weights(out)
-    notes = _place_files(src, out, copy_weights)
+    notes = _place_files(src, out, copy_weights, weights)
     atomic_write_text(out / "config.json", json.dumps(config_doc, indent=2) + "\n")
     atomic_write_text(out / EXPORT_FACTORS_FILE, source_file.read_text())  # provenance; runtime.apply reads it
     atomic_write_text(out / CARD_FILE, model_card(ff, repo or str(out), _measured(source_file.parent)))

@@ -77,7 +77,8 @@ def prepare(config_path: Path | None, resume: Path | None, out: Path | None, ove
 def run(job: Job, reporter: Reporter = SILENT, ctx: distributed.Context = distributed.SINGLE_PROCESS) -> JobResult:
     if job.kind == "stages":
         results, _ = run_stages(job.stages_file, job.overrides, job.run_dir, reporter, ctx)
-        return JobResult(results[-1].final, results[-1].stage.run_dir, results)
+        last = next(r for r in reversed(results) if r.trained is None)  # the last search (a stage list starts with one)
+        return JobResult(last.final, last.stage.run_dir, results)
     if job.kind == "sweep":
         sweep = run_sweep(job.config, job.run_dir, job.overrides, reporter, ctx)
         return JobResult(sweep.best.final, sweep.best.stage.run_dir, sweep.results, sweep)

@@ -110,6 +110,10 @@ class Reporter(Protocol):
 
     def generation(self, state: SearchState) -> None: ...
 
+    def train_start(self, steps: int, done: int, what: str) -> None: ...
+
+    def trained(self, step: int, logs: dict[str, float]) -> None: ...
+
     def stop(self) -> None: ...
 
 
@@ -132,6 +136,12 @@ class NullReporter:
         pass
 
     def generation(self, state: Any) -> None:
+        pass
+
+    def train_start(self, steps: int, done: int, what: str) -> None:
+        pass
+
+    def trained(self, step: int, logs: dict[str, float]) -> None:
         pass
 
     def stop(self) -> None:
@@ -158,6 +168,7 @@ class RichReporter:
         self.running = 0  # the generation being scored
         self.total = self.done = self.first = 0  # evaluations: the budget, finished, finished before this start
         self.last_line = 0.0  # when the last plain progress line was printed
+        self.every_step = 1  # a fine-tune prints a line every this many steps
 
     @property
     def live(self) -> bool:
@@ -253,6 +264,40 @@ class RichReporter:
             self.progress.console.print(line, markup=False)
         else:
             self.console.print(line, markup=False)
+
+    def train_start(self, steps: int, done: int, what: str) -> None:
+        """A fine-tune's bar over optimizer steps (`done` of them finished before a resume), and its opening line."""
+        self.stop()
+        self.console.print(what, markup=False)
+        self.total, self.done = steps, done
+        self.first, self.running = done, done
+        self.every_step = max(1, steps // 20)  # about 20 printed lines per fine-tune
+        self.last_line = time.monotonic()
+        if not self.live:
+            return
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+            TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"),
+            console=self.console, transient=True,
+        )
+        self.task = self.progress.add_task("fine-tuning", total=steps, completed=done)
+        self.progress.start()
+
+    def trained(self, step: int, logs: dict[str, float]) -> None:
+        """One optimizer step done: the bar moves; a line with its loss every ~5% of the steps (and the last)."""
+        self.done = step
+        loss = logs.get("loss", math.nan)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, description=f"fine-tuning, loss {loss:.4f}")
+        if step % self.every_step and step != self.total:
+            return
+        elapsed = time.monotonic() - self.started
+        fresh = step - self.first
+        left = f", about {clock(elapsed / fresh * (self.total - step))} left" if fresh and step < self.total else ""
+        line = (f"step {step} of {self.total}: loss {loss:.4f}, learning rate {logs.get('learning_rate', math.nan):.3g}"
+                f", {clock(elapsed)} elapsed{left}")
+        (self.progress.console if self.progress is not None else self.console).print(line, markup=False,
+                                                                                     highlight=False)
 
     def stop(self) -> None:
         """The bar and the status gone (a next stage's `start` brings them back)."""

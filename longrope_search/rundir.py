@@ -28,6 +28,10 @@ PIPELINE_FILE = "stages.yaml"  # in a stages folder: the config the stages came 
 SWEEP_FILE = "sweep.yaml"  # in a critical-dimension sweep's folder: the config it came from
 SWEEP_RESULT = "sweep.json"  # ... and which of its searches won
 EXPORT_FACTORS_FILE = "longrope.json"  # in an exported model directory: the factors file it was made from
+# A fine-tune's folder is a Hugging Face model directory once it is done, with these beside the model's files:
+FINETUNE_FILE = "finetune.json"  # the fine-tune's result, written last: a folder with it is finished
+START_DIR = "start"  # the run exported as `longrope export` writes it: the model training starts from
+CHECKPOINTS_DIR = "checkpoints"  # the trainer's checkpoints (checkpoint-N), what --resume continues from
 
 # A start that fails removes what it wrote; one killed before it logged its start (kill -9 while the model loads)
 # leaves only this file behind, and a new start may reuse the folder.
@@ -145,6 +149,15 @@ def is_sweep(path: Path) -> bool:
     return (path / SWEEP_FILE).is_file()
 
 
+def is_finetune(path: Path) -> bool:
+    """A fine-tune's folder (finished or not): its config has a finetune.run and no search state."""
+    try:
+        saved = read_yaml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
+    except ConfigError:
+        return False
+    return bool((saved.get("finetune") or {}).get("run")) and not (path / STATE_DIR).exists()
+
+
 def not_a_run(path: Path) -> str | None:
     """For commands that take one run: the message when `path` is a stages or sweep folder instead, else None."""
     if is_sweep(path):
@@ -171,6 +184,9 @@ POPULATION_DONE = ("search.population sizes generation 0 only, and this run has 
                    "parents + mutations + crossovers, so change those instead.")
 
 Change = Literal["memory", "budget", "identity"]
+
+# A fine-tune's settings that a resume may change: speed, memory and what is kept, never the trained numbers.
+FINETUNE_RESUME_KEYS = ("save_every", "keep_checkpoints", "gradient_checkpointing")
 
 
 def resume_change(section: str, key: str, generation_zero_done: bool) -> Change:
@@ -244,7 +260,7 @@ def absolute(value: str | None, local: bool = False) -> str | None:
 
 # The config fields that hold paths, as (section, key, always local).
 PATH_FIELDS = (("model", "name", False), ("data", "source", False), ("search", "init_from", True),
-               ("search", "init_factors", True))
+               ("search", "init_factors", True), ("finetune", "run", True), ("finetune", "source", False))
 
 
 def absolute_paths(config: Config) -> Config:

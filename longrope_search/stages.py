@@ -3,10 +3,10 @@
 A config with a `stages` list (see configs/llama2-7b-2048k.yaml) runs every stage in its own run directory,
 <output.dir>/<stage name>, with the shared sections merged under the stage's overrides. A stage that does
 not set search.init_from builds on the previous stage's run, so factors compose (lambda_2 * lambda_1) and
-a closing `short: true` stage readjusts the composed set. Running the same command again continues: a
-finished stage is kept, an interrupted one resumes, a new one starts. Fine-tuning between stages stays
-outside the tool: point the later stage's model.name at the fine-tuned model and run the command again
-once it exists.
+a closing `short: true` stage readjusts the composed set. A stage that sets `finetune` fine-tunes the model with
+the previous search stage's factors (finetune.py) into its folder; the stages after it run on that model (their
+model.name, unless they set their own), and the search right after it builds on the factors the model carries.
+Running the same command again continues: a finished stage is kept, an interrupted one resumes, a new one starts.
 """
 
 from __future__ import annotations
@@ -14,19 +14,20 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from longrope_search import checkpoint, distributed
-from longrope_search.config import Config, load_stages, parse_length, read_yaml, stages_with_overrides
+from longrope_search.config import Config, is_finetune_stage, load_stages, parse_length, read_yaml, stages_with_overrides
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
 from longrope_search.model import LoadOptions, load_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
-    CONFIG_FILE, FACTORS_FILE, FAILED_START, PIPELINE_FILE, Claim, absolute_paths, absolute_raw_paths, claimed,
-    default_stages_dir, entries, resume_change,
+    CONFIG_FILE, EXPORT_FACTORS_FILE, FACTORS_FILE, FAILED_START, FINETUNE_FILE, FINETUNE_RESUME_KEYS, PIPELINE_FILE,
+    Claim, absolute_paths, absolute_raw_paths, claimed, default_stages_dir, entries, resume_change,
 )
 from longrope_search.search import run_search
 
@@ -36,44 +37,95 @@ class Stage:
     name: str
     config: Config  # complete: init_from chained, paths absolute
     run_dir: Path
-    chained: bool  # init_from is the previous stage's folder (set by the pipeline, not by the config)
+    chained: bool  # init_from (a finetune stage: finetune.run) is the previous stage's folder, set by the pipeline
+    kind: str = "search"  # search | finetune
+    model_from: Path | None = None  # the finetune stage whose model this stage runs (model.name set by the pipeline)
+
+    @property
+    def builds_on(self) -> list[Path]:
+        """The stage folders whose results this stage uses: its factors' run, and the fine-tuned model it runs."""
+        source = self.config.finetune.run if self.kind == "finetune" else self.config.search.init_from
+        return [Path(p) for p in (source, self.model_from) if p]
 
 
 @dataclass
 class StageResult:
     stage: Stage
-    final: FactorsFile
-    status: str  # "searched", "resumed" or "kept"
+    final: FactorsFile  # a finetune stage: the factors its model carries
+    status: str  # "searched", "resumed" or "kept"; a finetune stage: "fine-tuned", "resumed" or "kept"
+    trained: Any = None  # a finetune stage's FinetuneResult
 
 
 def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Path, list[Stage]]:
     """Each stage's full config and run directory; the pipeline folder is --out, output.dir or runs/<model>-stages."""
     shared, configs = load_stages(path, overrides)
-    explicit = _explicit_init_from(path)
+    raw_stages = read_yaml(path)["stages"]
+    explicit = _explicit_init_from(raw_stages)
     root = (root or Path(shared.output.dir or default_stages_dir(shared))).absolute()
     stages: list[Stage] = []
+    tuned: Path | None = None  # the newest finetune stage's folder: the model of the stages after it
     for i, (name, config) in enumerate(configs):
         run_dir = root / name
-        search = config.search
-        chained = i > 0 and not explicit[i]
-        if chained:
-            search = search.model_copy(update={"init_from": str(stages[-1].run_dir)})
-        config = config.model_copy(update={"search": search, "output": config.output.model_copy(update={"dir": str(run_dir)})})
-        stages.append(Stage(name, absolute_paths(config), run_dir, chained))
+        kind = "finetune" if is_finetune_stage(raw_stages[i]) else "search"
+        model_from = tuned if tuned is not None and not _explicit_model(raw_stages[i]) else None
+        updates: dict[str, Any] = {"output": config.output.model_copy(update={"dir": str(run_dir)})}
+        if model_from is not None:
+            updates["model"] = config.model.model_copy(update={"name": str(model_from)})
+        if kind == "finetune":  # trains the factors of the (search) stage before
+            chained = True
+            updates["finetune"] = config.finetune.model_copy(update={"run": str(stages[-1].run_dir)})
+            tuned = run_dir
+        else:  # right after a fine-tune, the model carries the factors: nothing to chain
+            chained = i > 0 and not explicit[i] and stages[-1].kind == "search"
+            if chained:
+                updates["search"] = config.search.model_copy(update={"init_from": str(stages[-1].run_dir)})
+        stages.append(Stage(name, absolute_paths(config.model_copy(update=updates)), run_dir, chained, kind, model_from))
     return root, stages
 
 
-def _explicit_init_from(path: Path) -> list[bool]:
+def _explicit_init_from(raw_stages: list[Any]) -> list[bool]:
     """Which stages set search.init_from themselves (the others chain to the stage before)."""
     return [isinstance(s, dict) and isinstance(s.get("search"), dict) and "init_from" in s["search"]
-            for s in read_yaml(path)["stages"]]
+            for s in raw_stages]
+
+
+def _explicit_model(stage: Any) -> bool:
+    """The stage names its own model (the stages after a fine-tune run on the fine-tuned model otherwise)."""
+    return isinstance(stage, dict) and isinstance(stage.get("model"), dict) and "name" in stage["model"]
 
 
 def status(stage: Stage) -> str:
     run_dir = stage.run_dir
     if not run_dir.is_dir() or not (entries(run_dir) - FAILED_START):
         return "new"
+    if stage.kind == "finetune":
+        return "finished" if (run_dir / FINETUNE_FILE).is_file() else "unfinished"
     return "finished" if checkpoint.is_finished(run_dir) else "unfinished"
+
+
+def _set_by_pipeline(stage: Stage, section: str, key: str) -> bool:
+    """A setting the pipeline gives the stage from where its folders are now (they may have moved)."""
+    return ((stage.chained and (section, key) in (("search", "init_from"), ("finetune", "run")))
+            or (stage.model_from is not None and (section, key) == ("model", "name")))
+
+
+def _finetune_changes(stage: Stage, saved: dict[str, Any], state: str) -> list[str]:
+    """`finetune.KEY=VALUE` for the settings a fine-tune's resume may change; refuses the others."""
+    now = stage.config.model_dump(mode="json")
+    changed = []
+    for section in ("model", "finetune"):  # data and search come from the run it trains
+        for key, value in now[section].items():
+            before = saved.get(section, {}).get(key)
+            if before == value or _set_by_pipeline(stage, section, key):
+                continue
+            if section == "model" or key not in FINETUNE_RESUME_KEYS:
+                raise ConfigError(
+                    f"stage {stage.name} in {stage.run_dir} was fine-tuned with {section}.{key} = {before!r}, the "
+                    f"config now says {value!r}; restore it, or write the stages to a new output.dir (only "
+                    f"{', '.join('finetune.' + k for k in FINETUNE_RESUME_KEYS)} may change between runs)."
+                )
+            changed.append(f"finetune.{key}={value}")
+    return changed if state != "finished" else []
 
 
 def budget_changes(stage: Stage, state: str) -> list[str]:
@@ -83,12 +135,14 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
     finished stage ignores settings that change only memory use; it is kept as it is.
     """
     saved = read_yaml(stage.run_dir / CONFIG_FILE)
+    if stage.kind == "finetune":
+        return _finetune_changes(stage, saved, state)
     now = stage.config.model_dump(mode="json")
     changed, memory = [], []
     for section, values in now.items():
         for key, value in values.items():
             before = saved.get(section, {}).get(key)
-            if before == value or section == "output" or (stage.chained and (section, key) == ("search", "init_from")):
+            if before == value or section in ("output", "finetune") or _set_by_pipeline(stage, section, key):
                 continue
             try:
                 kind = resume_change(section, key, checkpoint.has_state(stage.run_dir))
@@ -112,8 +166,12 @@ def relocate(stage: Stage) -> None:
     saved = read_yaml(path)
     updated = yaml.safe_load(yaml.safe_dump(saved))
     updated.setdefault("output", {})["dir"] = str(stage.run_dir)
-    if stage.chained:
+    if stage.chained and stage.kind == "finetune":
+        updated.setdefault("finetune", {})["run"] = stage.config.finetune.run
+    elif stage.chained:
         updated.setdefault("search", {})["init_from"] = stage.config.search.init_from
+    if stage.model_from is not None:
+        updated.setdefault("model", {})["name"] = stage.config.model.name
     if updated != saved:
         atomic_write_text(path, yaml.safe_dump(updated, sort_keys=False))
 
@@ -137,6 +195,8 @@ def check_settings(stages: list[Stage], what: list[tuple[str, list[str]]], world
     previous = None  # (stage, tokens) of the last long stage
     for stage, (state, changes) in zip(stages, what):
         s = stage.config.search
+        if stage.kind == "finetune":
+            continue  # the fine-tune checks its own settings when it starts (the run it trains may not exist yet)
         if not (state == "finished" and not changes) and world_size % s.context_parallel:
             raise ConfigError(
                 f"stage {stage.name}: search.context_parallel is {s.context_parallel} but torchrun started {world_size} "
@@ -145,7 +205,7 @@ def check_settings(stages: list[Stage], what: list[tuple[str, list[str]]], world
         if s.short:
             continue
         tokens = _target_tokens(stage.config)
-        if tokens is not None and previous is not None and stage.chained and tokens <= previous[1]:
+        if tokens is not None and previous is not None and (stage.chained or stage.model_from) and tokens <= previous[1]:
             raise ConfigError(
                 f"stage {stage.name}: target {s.target} ({tokens} tokens) is not longer than stage {previous[0]}'s "
                 f"({previous[1]} tokens); each stage must extend the one before it."
@@ -162,15 +222,26 @@ def check_chain(stages: list[Stage], what: list[tuple[str, list[str]]]) -> None:
     """
     changing: dict[Path, str] = {}  # run dir -> the stage whose run changes it
     for stage, (state, changes) in zip(stages, what):
-        init = Path(stage.config.search.init_from) if stage.config.search.init_from else None
-        if init in changing and state != "new":
+        dependency = next((p for p in stage.builds_on if p in changing), None)
+        changed = changing.get(dependency) if dependency is not None else None
+        if changed is not None and state != "new":
+            what = "model" if dependency == stage.model_from else "factors"
             raise ConfigError(
-                f"stage {stage.name} was built on the factors of stage {changing[init]}, which this run would change; "
-                f"move {stage.run_dir} aside to search it again on the new factors, or leave stage "
-                f"{changing[init]} as it was."
+                f"stage {stage.name} was built on the {what} of stage {changed}, which this run would change; "
+                f"move {stage.run_dir} aside to {'fine-tune' if stage.kind == 'finetune' else 'search'} it again on "
+                f"the new {what}, or leave stage {changed} as it was."
             )
-        if state != "finished" or changes or init in changing:
-            changing[stage.run_dir] = changing.get(init, stage.name) if init in changing else stage.name
+        init = stage.builds_on[0] if stage.builds_on and (stage.kind == "finetune" or stage.config.search.init_from) \
+            else None
+        if state != "finished" or changes or changed is not None:
+            changing[stage.run_dir] = changed or stage.name
+        elif stage.kind == "finetune" and init is not None and (init / FACTORS_FILE).is_file():
+            trained = load_factors(stage.run_dir / EXPORT_FACTORS_FILE)
+            if trained.factors != load_factors(init).factors:
+                raise ConfigError(
+                    f"stage {stage.name} was fine-tuned with other factors than {init} holds now; move "
+                    f"{stage.run_dir} aside to fine-tune it again on the current ones."
+                )
         elif init is not None and state == "finished" and (init / FACTORS_FILE).is_file():
             prior = load_factors(stage.run_dir).search.prior
             if prior is not None and prior.factors != load_factors(init).factors:
@@ -220,6 +291,9 @@ def run_planned(stages: list[Stage], what: list[tuple[str, list[str]]], reporter
     otherwise. An error names the stage and the finished stages it leaves in place."""
     results: list[StageResult] = []
     for stage, (state, changes) in zip(stages, what):
+        if stage.kind == "finetune":
+            results.append(_run_finetune_stage(stage, state, changes, results, reporter))
+            continue
         try:
             if state == "finished" and not changes:
                 final, kind = distributed.run_on_main(lambda: load_factors(stage.run_dir), ctx), "kept"  # rank 0's files
@@ -240,6 +314,32 @@ def run_planned(stages: list[Stage], what: list[tuple[str, list[str]]], reporter
             reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
         results.append(StageResult(stage, final, kind))
     return results
+
+
+def _run_finetune_stage(stage: Stage, state: str, changes: list[str], done: list[StageResult],
+                        reporter: Reporter) -> StageResult:
+    """A finetune stage: kept when finished, fine-tuned when new, resumed otherwise."""
+    from longrope_search import finetune  # heavy (transformers' Trainer, accelerate): only when a stage fine-tunes
+
+    try:
+        if state == "finished" and not changes:
+            result, kind = finetune.load_result(stage.run_dir), "kept"
+            reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
+        elif state == "new":
+            reporter.note(f"stage {stage.name}: fine-tuning in {stage.run_dir}")
+            result, kind = finetune.run_finetune(finetune.with_run(stage.config), stage.run_dir, reporter=reporter), \
+                "fine-tuned"
+        else:
+            reporter.note(f"stage {stage.name}: resuming the fine-tune in {stage.run_dir}")
+            result = finetune.run_finetune(None, stage.run_dir, resume=True, overrides=changes, reporter=reporter)
+            kind = "resumed"
+        final = load_factors(stage.run_dir / EXPORT_FACTORS_FILE)
+    except LongRopeError as exc:
+        finished = ", ".join(r.stage.name for r in done)
+        kept = f"; finished stages ({finished}) are kept" if finished else ""
+        raise type(exc)(f"stage {stage.name}: {str(exc).rstrip('.')}{kept}; run the same command again once "
+                        "fixed.") from exc
+    return StageResult(stage, final, kind, result)
 
 
 def status_and_changes(stage: Stage) -> tuple[str, list[str]]:

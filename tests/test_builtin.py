@@ -114,6 +114,25 @@ def test_every_corpus_document_is_long_and_held_out(docs, tokenizer):
     assert min(lengths) >= 16 * CONTEXT
 
 
+def test_the_training_corpus_is_the_stdlib_outside_the_held_out_split(docs, tmp_path):
+    """builtin:cpython-train (what `longrope finetune` trains the shipped model on) shares no file with
+    builtin:cpython (what searches and evals score on): one rule, `builtin.is_heldout`, splits them."""
+    facts = json.loads((builtin.resolve_model("tiny") / "training_facts.json").read_text())
+    assert builtin.HELDOUT_PERCENT == facts["heldout_percent"]
+    assert all(builtin.is_heldout(d["source"]) for d in docs)
+    path = builtin.generated_corpus("builtin:cpython-train", tmp_path / "a")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    sources = [r["source"] for r in rows]
+    assert len(rows) > 1000 and sources == sorted(sources) and all(r["text"].strip() for r in rows)
+    assert not any(builtin.is_heldout(s) for s in sources) and not set(sources) & {d["source"] for d in docs}
+    assert builtin.generated_corpus("builtin:cpython-train", tmp_path / "a") == path  # generated once, then reused
+    assert builtin.generated_corpus("cpython-train", tmp_path / "b").read_bytes() == path.read_bytes()  # deterministic
+    assert builtin.is_generated("builtin:cpython-train") and not builtin.is_generated("builtin:cpython")
+    with pytest.raises(DataError, match="builtin:cpython, builtin:cpython-train"):
+        builtin.resolve_corpus("builtin:pg19")
+
+
 def _ppl(model, tokenizer, texts: list[str], length: int) -> float:
     """exp(mean per-document NLL) of BOS + the first length-1 tokens of each text."""
     nlls = []

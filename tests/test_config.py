@@ -69,6 +69,8 @@ def test_shipped_configs_validate_and_start_with_their_command(path):
     configs = [c for _, c in load_stages(path)[1]] if has_stages(path) else [load_config(path)]
     first = path.read_text().splitlines()[0]
     command = first.removeprefix("# torchrun --nproc-per-node 8 -m longrope_search search").removeprefix("# longrope search")
+    if first.startswith("# longrope finetune "):  # a fine-tune's config: `longrope finetune RUN --config ... --out DIR`
+        command = " " + first.removeprefix("# longrope finetune ").split(" ", 1)[1]
     assert command.startswith(" --config configs/") and path.name in first
     assert all(c.search.parents <= c.search.population for c in configs)
 

@@ -203,3 +203,73 @@ def test_a_finished_stage_resumed_for_more_generations_takes_the_memory_settings
     assert result.exit_code == 0 and "stage a (resumed)" in result.output, result.output
     saved = yaml.safe_load((root / "a" / "config.resolved.yaml").read_text())["search"]
     assert (saved["generations"], saved["chunk_size"]) == (2, 32)
+
+
+def finetune_stages_config(path: Path, model: Path, corpus: Path, train: Path, **finetune) -> Path:
+    config = search_config(model, corpus, generations=1, n_hat=[0])  # no runtime, so no trainer, runs n_hat
+    del config["search"]["target"]
+    config["finetune"] = {"source": f"{train}/*.txt", "steps": 2, "learning_rate": 1e-3, "short_share": 0.5,
+                          **finetune}
+    config["stages"] = [
+        {"name": "4x", "search": {"target": "4x"}},
+        {"name": "ft", "finetune": {}},
+        {"name": "8x", "search": {"target": "8x", "population": 6, "parents": 3}},
+        {"name": "short", "search": {"short": True, "target": "1x", "mscale": "keep"}},
+    ]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_finetune_stage_trains_the_stage_before_and_the_later_stages_run_on_its_model(setup, tmp_path):
+    model, corpus = setup
+    train = write_corpus(tmp_path / "train", documents=8, words=600, seed=3)
+    config = finetune_stages_config(tmp_path / "stages.yaml", model, corpus, train)
+    root = tmp_path / "out"
+    result = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "stage ft (fine-tuned): 2 steps of 128-token rows" in result.output
+    assert "the last search stage's factors (export this one): " + str(root / "short") in result.output
+    trained = yaml.safe_load((root / "ft" / "config.resolved.yaml").read_text())
+    assert trained["finetune"]["run"] == str(root / "4x") and trained["data"]["source"] == str(corpus / "*.txt")
+    after = yaml.safe_load((root / "8x" / "config.resolved.yaml").read_text())
+    short = yaml.safe_load((root / "short" / "config.resolved.yaml").read_text())
+    # the search after the fine-tune runs on its model, which carries stage 4x's factors (no init_from to chain);
+    # the short stage readjusts the composed 8x set on the same model
+    assert after["model"]["name"] == short["model"]["name"] == str(root / "ft")
+    assert after["search"]["init_from"] is None and short["search"]["init_from"] == str(root / "8x")
+    first, second = load_factors(root / "4x"), load_factors(root / "8x")
+    assert second.search.prior.factors == first.factors and second.search.prior.source == f"model {root / 'ft'}"
+    assert load_factors(root / "ft" / "longrope.json").factors == first.factors
+
+    # run again: every stage kept; a setting that changes what was trained is refused, one that does not is taken
+    again = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert again.exit_code == 0 and "stage ft (kept)" in again.output and "stage 8x (kept)" in again.output
+    before = snapshot(root)
+    changed = finetune_stages_config(tmp_path / "changed.yaml", model, corpus, train, steps=3)
+    refused = runner.invoke(app, ["search", "--config", str(changed), "--out", str(root)])
+    assert refused.exit_code == 2 and "stage ft in" in refused.stderr and "finetune.steps = 2" in refused.stderr
+    assert snapshot(root) == before
+    kept = finetune_stages_config(tmp_path / "kept.yaml", model, corpus, train, save_every=7)
+    assert runner.invoke(app, ["search", "--config", str(kept), "--out", str(root)]).exit_code == 0
+    # a new fine-tune under stages that were built on the old one would leave them stale: refused
+    shutil.rmtree(root / "ft")
+    stale = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert stale.exit_code == 2 and "stage 8x was built on the model of stage ft" in stale.stderr
+
+
+def test_bad_finetune_stages_are_one_line(setup, tmp_path):
+    model, corpus = setup
+    config = search_config(model, corpus)
+    config["stages"] = [{"name": "ft", "finetune": {"run": "x"}, "search": {"target": "4x"}},
+                        {"name": "ft2", "finetune": {"stpes": 3}}]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["search", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    message = result.stderr.strip()
+    assert "\n" not in message
+    for part in ("stages[0].search: a finetune stage trains the model of the stage before", "stages[0]: a finetune "
+                 "stage trains the factors of the search stage before it", "stages[0].finetune.run: a finetune stage "
+                 "trains the stage before it", "stages[1]: the stage before is a finetune stage too",
+                 "finetune.stpes: unknown key (did you mean 'steps'?)"):
+        assert part in message, message
