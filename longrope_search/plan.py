@@ -64,6 +64,13 @@ def paper_samples(target_length: int) -> int:
     return 3 if target_length >= PAPER_LONG else 5
 
 
+def samples_advice(samples: int, target_length: int) -> str:
+    """How many search windows a target needs, and why: `longrope plan`'s "search samples" line."""
+    return (f"{samples} (the paper: {paper_samples(target_length)} at this length); each is a forward pass of every "
+            "candidate, so time grows in proportion; too few and the winner fits them instead of long context, "
+            "which data.validation_samples (other documents, default 4) catches")
+
+
 def search_inputs(config: Config, model: str | None = None, shape: ModelShape | None = None
                   ) -> tuple[ModelShape, int, int, Budget]:
     """(shape, target length, samples, budget) of a search Config; `model` replaces the config's model,
@@ -379,6 +386,7 @@ def rows(plan: Estimate) -> list[tuple[str, str]]:
         ("per GPU in this mode", f"{format_bytes(plan.per_gpu_bytes)} of {format_bytes(plan.usable_bytes)} usable "
                                  f"({USABLE_FRACTION:.0%} of {plan.gpu_mem_gb:g} GB)"),
         ("mode", MODES[plan.mode] + (f", {plan.gpus_per_eval} GPUs per evaluation" if plan.gpus_per_eval > 1 else "")),
+        ("search samples", samples_advice(plan.samples, n)),
         ("FLOPs per evaluation", f"{plan.flops_per_eval:.3g} ({plan.samples} samples)"),
         ("time per evaluation", f"{format_seconds(plan.seconds_per_eval)} at an assumed {plan.tflops:g} TFLOP/s per GPU"),
         ("search budget", f"{plan.budget.evaluations} evaluations (population {plan.budget.population} + "

@@ -1,7 +1,11 @@
 """Train the embedded `builtin:tiny` model and cut the held-out `builtin:cpython` corpus.
 
 Data: the CPython standard library of the running interpreter (PSF licence), split by file into
-train and held-out sets. Run: `nice -n 5 python scripts/train_tiny_model.py` (about 25 min on 2 cores).
+train and held-out sets. A share of each batch is synthetic retrieval windows (the task of
+`longrope_search.needle`: `NAME = 12345` lines in train-stream code, then `assert NAME ==` and the
+number), so the model retrieves inside its window and needle tests of context extension measure something.
+Run: `nice -n 5 python scripts/train_tiny_model.py` (about 50 min of training on 1 thread, then ~5 min of
+evaluation); the weights depend on --threads, so keep the default to reproduce the shipped model.
 """
 
 from __future__ import annotations
@@ -18,14 +22,19 @@ import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+
+from longrope_search.builtin import is_heldout  # the one home of the train/held-out split
+from longrope_search.needle import NeedleSample, build_sample, draw_needles, greedy_answer, is_retrieved
 
 BUILTIN = Path(__file__).resolve().parent.parent / "longrope_search" / "builtin"
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>", "<pad>"]
 TEST_DIRS = {"test", "tests", "idle_test"}
+NEEDLE_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=BUILTIN / "tiny-llama-cpython", help="model directory to write")
     p.add_argument("--corpus-out", type=Path, default=BUILTIN / "corpus" / "cpython_heldout.jsonl.gz")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--context", type=int, default=128, help="training context = max_position_embeddings")
     p.add_argument("--lr", type=float, default=2e-3)
@@ -43,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query attention); default --heads")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="llama",
+                   help="llama (builtin:tiny) or qwen2 (builtin:tiny-qwen2: biased q/k/v projections)")
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--rope-theta", type=float, default=10000.0)
     p.add_argument("--heldout-percent", type=int, default=15, help="share of files kept out of training")
@@ -51,7 +63,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc-margin", type=int, default=64, help="extra tokens beyond min-doc-factor x context")
     p.add_argument("--max-docs", type=int, default=96, help="cap on documents in the held-out corpus")
     p.add_argument("--table-docs", type=int, default=32, help="documents scored for the 8x/16x baseline table")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--retrieval-share", type=float, default=0.3,
+                   help="share of each batch's windows that are synthetic retrieval windows")
+    p.add_argument("--multi-key-share", type=float, default=0.5,
+                   help="share of the retrieval windows with 2 to --max-keys needles (one asked); the rest hold one")
+    p.add_argument("--max-keys", type=int, default=4, help="most needles in one training retrieval window")
+    p.add_argument("--max-tail", type=int, default=32,
+                   help="retrieval windows end 1 to this many tokens after the answer (a line end, then code)")
+    p.add_argument("--answer-weight", type=float, default=5.0,
+                   help="loss weight of the predictions of a retrieval answer and its line end (1 = plain LM loss)")
+    p.add_argument("--needle-trials", type=int, default=40, help="retrieval eval: samples per depth and setting")
+    p.add_argument("--needle-keys", type=int, default=4, help="retrieval eval: needles in a multi-key sample")
+    p.add_argument("--needle-seed", type=int, default=1234, help="retrieval eval: seed of the needle draws")
+    p.add_argument("--scales", type=int, nargs="*", default=[8, 16],
+                   help="extension factors of the baseline PPL table (none: only the 1x row)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; the weights may depend on it")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate --out on --corpus-out")
     return p.parse_args(argv)
@@ -71,11 +97,6 @@ def list_sources(stdlib: Path, include_tests: bool) -> list[str]:
             continue
         rels.append("/".join(parts))
     return sorted(rels)
-
-
-def is_heldout(rel: str, percent: int) -> bool:
-    # Hash of the path, not of the content, so the split is the same on every Python version.
-    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") % 100 < percent
 
 
 def read_sources(stdlib: Path, rels: list[str]) -> list[tuple[str, str]]:
@@ -133,17 +154,94 @@ def sample_batch(
     return torch.cat([torch.full((batch, 1), bos), stream[idx]], dim=1)
 
 
+def retrieval_windows(
+    rng: np.random.Generator, tok: PreTrainedTokenizerFast, stream: torch.Tensor, count: int, ctx: int,
+    multi_share: float, max_keys: int, max_tail: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` synthetic retrieval windows of ctx tokens and a (count, ctx-1) mask of the positions whose
+    next-token prediction is an answer token or the line end after it.
+
+    Each window: BOS + train-stream code from a random offset with 1 needle (or, for a `multi_share` of the
+    windows, 2 to `max_keys`, one asked) at depths uniform in [0, 1], then the question, the answer, a line
+    end and more code: a `build_sample` of ctx - t tokens, then "\n" and t-1 further stream tokens, t uniform
+    in 1..max_tail. Without the line end the model never sees what follows the number and at evaluation goes
+    on with more digits; with the answer always ending at the window's last position it learns to stop by
+    position and cuts the number short. Exact match counts both as wrong. Everything drawn from `rng`, in a
+    fixed order, so a seed gives the same windows.
+    """
+    line_end = tok("\n", add_special_tokens=False)["input_ids"]
+    rows, masks = [], []
+    for _ in range(count):
+        keys = int(rng.integers(2, max_keys + 1)) if max_keys > 1 and rng.random() < multi_share else 1
+        needles = draw_needles(rng, keys)
+        depths = rng.random(keys).tolist()
+        asked = int(rng.integers(keys))
+        start = int(rng.integers(0, stream.numel() - 2 * ctx))
+        tail = int(rng.integers(len(line_end), max(len(line_end), max_tail) + 1))
+        length = ctx - tail
+        sample = build_sample(tok, stream[start : start + ctx].tolist(), length, needles, depths, asked)
+        more = stream[start + ctx : start + ctx + tail - len(line_end)]  # code after the assert line
+        mask = torch.zeros(ctx - 1, dtype=torch.bool)
+        mask[sample.predicting] = True
+        mask[length - 1 : length - 1 + len(line_end)] = True  # the line end after the answer
+        rows.append(torch.cat([sample.ids, torch.tensor(line_end, dtype=torch.long), more]))
+        masks.append(mask)
+    if not rows:
+        return torch.empty(0, ctx, dtype=torch.long), torch.empty(0, ctx - 1, dtype=torch.bool)
+    return torch.stack(rows), torch.stack(masks)
+
+
+def needle_samples(
+    tok: PreTrainedTokenizerFast, docs: list[list[int]], length: int, keys: int, depth: float, trials: int,
+    rng: np.random.Generator,
+) -> list[NeedleSample]:
+    """`trials` samples of `length` tokens on held-out documents: the asked needle at `depth`, any other
+    needles at uniform depths, the filler from a random document at a random offset."""
+    samples = []
+    for _ in range(trials):
+        needles = draw_needles(rng, keys)
+        asked = int(rng.integers(keys))
+        depths = rng.random(keys).tolist()
+        depths[asked] = depth
+        doc = docs[int(rng.integers(len(docs)))]
+        room = length - 1  # at most this much filler is used; the overhead only shortens it
+        offset = int(rng.integers(0, max(1, len(doc) - room + 1)))
+        samples.append(build_sample(tok, doc[offset:], length, needles, depths, asked))
+    return samples
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    model: PreTrainedModel, tok: PreTrainedTokenizerFast, docs: list[list[int]], length: int, keys: int,
+    trials: int, seed: int, depths: tuple[float, ...] = NEEDLE_DEPTHS,
+) -> dict[str, float]:
+    """Exact-match greedy retrieval accuracy per depth (and "all"), `trials` samples per depth."""
+    model.eval()
+    rng = np.random.default_rng([seed, keys, length])
+    acc = {}
+    for depth in depths:
+        samples = needle_samples(tok, docs, length, keys, depth, trials, rng)
+        acc[f"{depth:g}"] = sum(is_retrieved(s, greedy_answer(model, tok, s)) for s in samples) / trials
+    acc["all"] = sum(acc.values()) / len(depths)
+    return acc
+
+
 # ---------------------------------------------------------------- model
 
 
-def build_model(args: argparse.Namespace, tok: PreTrainedTokenizerFast) -> LlamaForCausalLM:
-    cfg = LlamaConfig(
+ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+BUILTIN_NAME = {"llama": "tiny", "qwen2": "tiny-qwen2"}  # the name longrope_search.builtin.MODELS gives each
+
+
+def build_model(args: argparse.Namespace, tok: PreTrainedTokenizerFast) -> PreTrainedModel:
+    cfg = ARCHS[args.arch](
         vocab_size=len(tok),
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
         max_position_embeddings=args.context,
         rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
         tie_word_embeddings=True,
@@ -152,7 +250,7 @@ def build_model(args: argparse.Namespace, tok: PreTrainedTokenizerFast) -> Llama
         pad_token_id=tok.pad_token_id,
         attn_implementation="sdpa",
     )
-    return LlamaForCausalLM(cfg)
+    return AutoModelForCausalLM.from_config(cfg)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -164,7 +262,7 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 
 
 @torch.no_grad()
-def doc_ppl(model: LlamaForCausalLM, docs: list[list[int]], length: int, bos: int) -> float:
+def doc_ppl(model: PreTrainedModel, docs: list[list[int]], length: int, bos: int) -> float:
     """exp(mean per-document NLL) over one window per doc: BOS + its first length-1 tokens."""
     model.eval()
     nlls = []
@@ -198,22 +296,32 @@ def rope_variants(theta: float, ctx: int, scale: float, rotary_dim: int) -> dict
 
 def extension_table(model_dir: Path, eval_docs: list[list[int]], bos: int, scales: list[int]) -> dict[str, float]:
     """Held-out PPL at scale x context for each baseline RoPE, model loaded fresh each time."""
-    base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ctx = base.config.max_position_embeddings
     theta = base.config.rope_parameters["rope_theta"]
     rotary_dim = base.config.hidden_size // base.config.num_attention_heads
     table = {"1x": doc_ppl(base, eval_docs, ctx, bos)}
     for s in scales:
         for name, rope in rope_variants(theta, ctx, float(s), rotary_dim).items():
-            cfg = LlamaConfig.from_pretrained(model_dir)
+            cfg = AutoConfig.from_pretrained(model_dir)
             cfg.rope_parameters = rope
             cfg.max_position_embeddings = ctx * s
-            model = LlamaForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, config=cfg, dtype=torch.float32)
             table[f"{s}x {name}"] = doc_ppl(model, eval_docs, ctx * s, bos)
     return table
 
 
 # ---------------------------------------------------------------- outputs
+
+
+def save_tokenizer(tok: PreTrainedTokenizerFast, out: Path) -> None:
+    """save_pretrained, then name the class transformers 4.x knows too: 5.x writes "TokenizersBackend", which
+    4.x cannot load, and loads "PreTrainedTokenizerFast" (an alias there) to the same tokenizer."""
+    tok.save_pretrained(out)
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_corpus(path: Path, docs: list[tuple[str, str]]) -> None:
@@ -252,17 +360,24 @@ The files are used under the PSF License Agreement, reproduced here as it requir
 
 def write_card(out: Path, args: argparse.Namespace, facts: dict) -> None:
     rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in facts["ppl"].items())
+    ret = facts["retrieval_1x"]
+    depths = [f"{d:g}" for d in NEEDLE_DEPTHS]
+    ret_rows = "\n".join(
+        f"| {name} | " + " | ".join(f"{100 * ret[name][d]:.0f}%" for d in depths) + f" | {100 * ret[name]['all']:.1f}% |"
+        for name in ("1-key", f"{args.needle_keys}-key")
+    )
+    n_ret = facts["retrieval_windows_per_batch"]
     card = f"""---
 license: other
 library_name: transformers
 pipeline_tag: text-generation
 ---
-# tiny-llama-cpython (`builtin:tiny`)
+# {args.out.name} (`builtin:{BUILTIN_NAME[args.arch]}`)
 
-A {facts['params'] / 1e6:.1f}M-parameter `LlamaForCausalLM` trained from scratch on Python source code, so that
+A {facts['params'] / 1e6:.1f}M-parameter `{ARCH_CLASS[args.arch]}` trained from scratch on Python source code, so that
 LongRoPE factor searches can run in minutes on a CPU. Context window: {args.context} tokens
 (`max_position_embeddings`), RoPE base {args.rope_theta:g}, head_dim {args.hidden // args.heads}
-({args.hidden // args.heads // 2} rotary pairs). Weights stored in float16; load with `dtype=torch.float32` on CPU.
+({args.hidden // args.heads // 2} rotary pairs), {args.heads} attention heads sharing {args.kv_heads or args.heads} key/value heads. Weights stored in float16; load with `dtype=torch.float32` on CPU.
 
 ## Training
 - Command: `{facts['command']}`
@@ -275,7 +390,23 @@ LongRoPE factor searches can run in minutes on a CPU. Context window: {args.cont
   cosine decay to 10%, {args.steps} steps of {args.batch_size} x {args.context} tokens
   ({args.steps * args.batch_size * args.context:,} tokens), fp32, seed {args.seed}, {facts['minutes']:.1f} min wall-clock on
   {args.threads} CPU threads (torch {facts['torch']}, transformers {facts['transformers']}).
-- Every training window is BOS followed by {args.context - 1} tokens of the train stream (files joined by `</s>`).
+- Every training window starts with BOS. {args.batch_size - n_ret} of the {args.batch_size} windows of a batch are BOS followed by
+  {args.context - 1} tokens of the train stream (files joined by `</s>`); {n_ret} (`--retrieval-share {args.retrieval_share:g}`) are
+  synthetic retrieval windows built by `longrope_search.needle.build_sample` on train-stream code from a random
+  offset: lines `NAME = 12345` (5-7 digits) at depths uniform in [0, 1], then `assert NAME ==`, the number, a line
+  end and more code (a sample of {args.context} - t tokens, then `\\n` and t-1 stream tokens, t uniform in 1..{args.max_tail}, so
+  the model learns where the number ends from the number, not from the position).
+  {100 * (1 - args.multi_key_share):.0f}% of them hold one needle, {100 * args.multi_key_share:.0f}% 2 to {args.max_keys} (one asked). Loss: next-token
+  cross-entropy over every position{'' if args.answer_weight == 1 else f', the answer tokens and the line end after them weighted {args.answer_weight:g}'}.
+
+## Retrieval at 1x
+Greedy exact match of the whole number (`longrope_search.needle.greedy_answer` / `is_retrieved`) on
+{args.context}-token samples whose filler is held-out code (a random document of the corpus at a random offset),
+{ret['trials_per_depth']} samples per depth (seed {ret['seed']}); the asked needle at the depth, other needles at random depths.
+
+| needles | {' | '.join(depths)} | all |
+|---|{'---|' * len(depths)}---|
+{ret_rows}
 
 ## Held-out perplexity
 One window per document of the first {facts['table_docs']} of the {facts['n_docs']} documents of
@@ -349,22 +480,41 @@ def main(argv: list[str] | None = None) -> None:
             betas=(0.9, 0.95),
         )
         gen = torch.Generator().manual_seed(args.seed)
+        needle_rng = np.random.default_rng(args.seed)  # the retrieval windows' draws, apart from `gen`
+        n_retrieval = round(args.retrieval_share * args.batch_size)
+        print(f"batch: {args.batch_size - n_retrieval} code windows + {n_retrieval} retrieval windows")
         t0 = time.time()
-        running = None
+        running = ret_hit = None
         for step in range(args.steps):
             model.train()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args)
-            x = sample_batch(stream, doc_starts, gen, args.batch_size, args.context, tok.bos_token_id)
-            loss = model(input_ids=x, labels=x).loss
+            code = sample_batch(stream, doc_starts, gen, args.batch_size - n_retrieval, args.context, tok.bos_token_id)
+            needles, answer_mask = retrieval_windows(
+                needle_rng, tok, stream, n_retrieval, args.context, args.multi_key_share, args.max_keys, args.max_tail
+            )
+            x = torch.cat([code, needles])  # (batch, ctx)
+            weight = torch.ones(x.shape[0], args.context - 1)  # (batch, ctx-1): one per predicted token
+            weight[code.shape[0] :][answer_mask] = args.answer_weight
+            logits = model(input_ids=x).logits[:, :-1].float()  # (batch, ctx-1, vocab)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+            loss = (nll * weight.reshape(-1)).sum() / weight.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+            if n_retrieval:
+                # Teacher-forced retrieval of this batch's needle windows: every answer token the argmax.
+                with torch.no_grad():
+                    right = logits[code.shape[0] :].argmax(-1) == x[code.shape[0] :, 1:]  # (n_retrieval, ctx-1)
+                    hit = (right | ~answer_mask).all(1).float().mean().item()
+                    answer_nll = nll.reshape(x.shape[0], -1)[code.shape[0] :][answer_mask].mean().item()
+                ret_hit = hit if ret_hit is None else 0.9 * ret_hit + 0.1 * hit
             if (step + 1) % args.log_every == 0 or step == 0:
                 el = time.time() - t0
-                print(f"step {step + 1:5d}  loss {loss.item():.3f}  ema {running:.3f}  lr {lr_at(step, args):.2e}  "
+                ret = f"answer nll {answer_nll:.2f} hit ema {ret_hit:.2f}  " if n_retrieval else ""
+                print(f"step {step + 1:5d}  loss {loss.item():.3f}  ema {running:.3f}  {ret}lr {lr_at(step, args):.2e}  "
                       f"{el:.0f}s (eta {el / (step + 1) * (args.steps - step - 1):.0f}s)", flush=True)
         minutes = (time.time() - t0) / 60
         ppl32 = doc_ppl(model, eval_ids, args.context, tok.bos_token_id)
@@ -374,16 +524,27 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(args.out)
         # fp16 halves the shipped size; the values are small, so the round trip costs almost nothing.
         model.half().save_pretrained(args.out)
-        tok.save_pretrained(args.out)
+        save_tokenizer(tok, args.out)
         write_corpus(args.corpus_out, [d for d, _ in long_docs])
         write_license(args.corpus_out.parent / "LICENSE", stdlib, len(long_docs))
 
+    # Retrieval at 1x on held-out documents, the saved (fp16) weights run in fp32.
+    t1 = time.time()
+    saved = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    retrieval = {
+        f"{keys}-key": retrieval_accuracy(saved, tok, eval_ids, args.context, keys, args.needle_trials, args.needle_seed)
+        for keys in (1, args.needle_keys)
+    }
+    for name, acc in retrieval.items():
+        print(f"retrieval at 1x, {name}: " + "  ".join(f"{d} {a:.3f}" for d, a in acc.items()), flush=True)
+    print(f"retrieval eval: {time.time() - t1:.0f}s")
+
     # A subset: the 16x rows cost ~1 s per document and variant on 2 cores.
-    table = extension_table(args.out, eval_ids[: args.table_docs], tok.bos_token_id, [8, 16])
+    table = extension_table(args.out, eval_ids[: args.table_docs], tok.bos_token_id, args.scales)
     uni = unigram_ppl(train_ids, eval_ids, len(tok), args.context)
     print(f"unigram baseline PPL at 1x: {uni:.2f}")
     for k, v in table.items():
-        print(f"  {k:10s} {v:10.2f}")
+        print(f"  {k:10s} {v:10.4f}")
     if not args.eval_only:
         import transformers
 
@@ -405,6 +566,19 @@ def main(argv: list[str] | None = None) -> None:
             "unigram_ppl": uni,
             "ppl_1x_all_docs": ppl32,
             "ppl": table,
+            "retrieval_share": args.retrieval_share,
+            "multi_key_share": args.multi_key_share,
+            "max_keys": args.max_keys,
+            "max_tail": args.max_tail,
+            "answer_weight": args.answer_weight,
+            "retrieval_windows_per_batch": n_retrieval,
+            "retrieval_1x": {
+                "length": args.context,
+                "trials_per_depth": args.needle_trials,
+                "seed": args.needle_seed,
+                "filler": "held-out documents (random document, random offset)",
+                **retrieval,
+            },
         }
         write_card(args.out, args, facts)
         (args.out / "training_facts.json").write_text(json.dumps(facts, indent=2) + "\n")

@@ -118,6 +118,9 @@ def test_rows_name_the_weights_and_the_mode():
     table = dict(rows(estimate(PRESETS["llama2-7b"], 2048 * K, gpus=8, gpu_mem_gb=80)))
     assert table["weights"].startswith("13.5 GB")
     assert "8 GPUs per evaluation" in table["mode"]
+    # 2048k: the paper scored 3 books; the line says why more cost more and what catches too few
+    assert table["search samples"].startswith("3 (the paper: 3 at this length)")
+    assert "data.validation_samples" in table["search samples"]
 
 
 def test_bad_inputs_are_user_errors():
