@@ -247,6 +247,10 @@ def show_result(final: Any, run_dir: Path) -> None:
         table.add_row(name, *(f"{row.get(c, float('nan')):{'.0%' if c == 'needle' else '.4f'}}" for c in shown))
     console.print(table)
     record = final.search
+    stopped = f", {record.rejected} stopped early by search.race_margin" if record.rejected else ""
+    console.print(f"work: {record.evaluations} evaluations{stopped}, {record.forward_tokens / 1e6:.2f}M forward tokens, "
+                  f"{record.seconds:.0f} s of scoring (`longrope plot` draws the best score against the tokens)",
+                  markup=False)
     if record.selected_by == "validation":
         console.print(f"the winner is the validation best of the {record.settings.get('select_top')} best candidates by "
                       f"search score (generation {record.best_generation}, {record.best_origin})", markup=False)

@@ -43,7 +43,7 @@ DPI = 120
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
              warn: Callable[[str], None] | None = None) -> list[Path]:
-    """Write factors.png, search.png and, when eval.json exists, ppl_by_length.png, passkey.png and the needle
+    """Write factors.png, search.png, search_work.png and, when eval.json exists, ppl_by_length.png, passkey.png and the needle
     figures (needle_by_length.png, one heat map per variant: needle_single.png, needle_multikey.png).
 
     out_dir defaults to RUN/plots. `warn` receives one line per damaged newer checkpoint skipped, since
@@ -59,7 +59,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
     if warn is not None:
         for line in warnings:
             warn(line)
-    figures = {"factors.png": factors_figure(factors), "search.png": search_figure(state, factors)}
+    figures = {"factors.png": factors_figure(factors), "search.png": search_figure(state, factors),
+               "search_work.png": work_figure(state, factors)}
     result = read_eval(run_dir / EVAL_FILE)
     if result is not None:
         lengths = (factors.rope.original_length, factors.target_length)
@@ -192,6 +193,48 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
     return _finish(fig, ax, "generation (0 = initial population)", "perplexity on the search samples (lower is better)",
                    f"Search for {ff.scored_length:,} tokens ({ff.scored_length / ff.rope.original_length:g}x): "
                    f"{len(state.history)} evaluations over {last} generations", legend_columns=2)
+
+
+def work_curve(state: SearchState) -> tuple[list[int], list[float]]:
+    """(forward tokens spent, best search score so far) after each generation: what the search's work bought.
+
+    A candidate stopped early (search.race_margin) counts its tokens but never a score."""
+    spent, best, tokens, scores = 0, math.inf, [], []
+    for generation in range(state.generation + 1):
+        for e in (e for e in state.history if e.generation == generation):
+            spent += e.tokens
+            if not e.rejected and math.isfinite(e.ppl):
+                best = min(best, e.ppl)
+        tokens.append(spent)
+        scores.append(best)
+    return tokens, scores
+
+
+def work_figure(state: SearchState, ff: FactorsFile) -> Figure:
+    """The best search score (and the validated best, when the search validated) against the forward tokens spent:
+    where a search's work went, comparable between runs with and without early rejection."""
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    ax = fig.add_subplot()
+    tokens, scores = work_curve(state)
+    millions = np.array(tokens) / 1e6
+    ax.step(millions, scores, where="post", color=METHOD_COLORS[SEARCHED], linewidth=2.5,
+            label=f"best so far on the search samples: {scores[-1]:.6g}")
+    validated = {int(g): float(v) for g, _, v in ff.search.validation if v is not None}
+    if validated:
+        gens = sorted(g for g in validated if g < len(tokens))
+        ax.plot(millions[gens], [validated[g] for g in gens], marker="o", color="tab:green",
+                label="that candidate on the validation samples")
+    for name, row in ff.baselines.items():
+        if name in rope.BASELINES and math.isfinite(row.get("search", math.nan)):
+            ax.axhline(row["search"], color=METHOD_COLORS[name], linestyle="--", linewidth=1, alpha=0.8,
+                       label=f"{METHOD_LABELS[name]}: {row['search']:.4f}")
+    values = [v for v in (*scores, *validated.values()) if math.isfinite(v)]
+    if values:
+        _log_y(ax, values)
+    stopped = f", {ff.search.rejected} stopped early" if ff.search.rejected else ""
+    return _finish(fig, ax, "forward tokens spent (millions)", "perplexity (lower is better)",
+                   f"Search work at {ff.scored_length:,} tokens: {len(state.history)} evaluations{stopped}, "
+                   f"{tokens[-1] / 1e6:.2f}M forward tokens", legend_columns=2)
 
 
 # --- eval results ---------------------------------------------------------------------------------------

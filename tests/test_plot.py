@@ -15,7 +15,9 @@ from search_fixtures import search_config, write_corpus, write_model
 from longrope_search.config import from_dict
 from longrope_search.errors import CheckpointError, ExportError
 from longrope_search.config import format_length
-from longrope_search.plot import load_eval, plot_run
+from longrope_search.checkpoint import load_state
+from longrope_search.factors import load_factors
+from longrope_search.plot import load_eval, plot_run, work_curve
 from longrope_search.search import run_search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -53,7 +55,7 @@ def assert_png(path: Path) -> None:
 
 def test_run_without_eval_writes_factors_and_search_plots(run_copy):
     paths = plot_run(run_copy)
-    assert [p.name for p in paths] == ["factors.png", "search.png"]
+    assert [p.name for p in paths] == ["factors.png", "search.png", "search_work.png"]
     assert all(p.parent == run_copy / "plots" for p in paths)
     for path in paths:
         assert_png(path)
@@ -62,11 +64,23 @@ def test_run_without_eval_writes_factors_and_search_plots(run_copy):
 def test_eval_json_adds_length_plots_in_the_chosen_folder(run_copy, tmp_path):
     (run_copy / "eval.json").write_text(json.dumps(EVAL))
     paths = plot_run(run_copy, tmp_path / "figures")
-    assert [p.name for p in paths] == ["factors.png", "search.png", "ppl_by_length.png", "passkey.png"]
+    assert [p.name for p in paths] == ["factors.png", "search.png", "search_work.png", "ppl_by_length.png",
+                                       "passkey.png"]
     assert all(p.parent == tmp_path / "figures" for p in paths)
     assert not (run_copy / "plots").exists()
     for path in paths:
         assert_png(path)
+
+
+def test_the_work_curve_ends_at_the_runs_forward_tokens_and_its_best_score(run):
+    state, _ = load_state(run)
+    ff = load_factors(run)
+    tokens, scores = work_curve(state)
+    assert len(tokens) == state.generation + 1 == 3
+    assert tokens[-1] == ff.search.forward_tokens > tokens[0] > 0  # every evaluation's tokens, generation 0 first
+    assert all(a <= b for a, b in zip(tokens, tokens[1:]))
+    assert all(a >= b for a, b in zip(scores, scores[1:]))  # the best so far never gets worse
+    assert scores[-1] == min(e.ppl for e in state.history if not e.rejected)
 
 
 def test_eval_without_passkey_skips_the_passkey_plot(run_copy):
@@ -110,7 +124,7 @@ def test_damaged_newest_checkpoint_warns_and_plots_the_one_before(run_copy):
     newest = sorted((run_copy / "state").glob("gen_*.json"))[-1]
     newest.write_text("{torn")
     warnings: list[str] = []
-    assert len(plot_run(run_copy, warn=warnings.append)) == 2
+    assert len(plot_run(run_copy, warn=warnings.append)) == 3
     assert len(warnings) == 1 and newest.name in warnings[0]
 
 

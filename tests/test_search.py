@@ -22,6 +22,7 @@ from longrope_search import checkpoint
 from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.errors import CheckpointError, ConfigError
+from longrope_search.factors import load_factors
 from longrope_search.evolution import SearchSpace
 from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup as make_plan
@@ -113,6 +114,8 @@ def test_truncated_newest_checkpoint_falls_back_with_warning(setup, tmp_path):
     assert result.exit_code == 0, result.output
     assert "warning: gen_00003.json is damaged" in result.output
     assert final_history(tmp_path / "run") == reference  # scores reused from the log, same trajectory
+    record = load_factors(tmp_path / "run").search  # the final report states the work the run spent
+    assert f"work: {record.evaluations} evaluations, {record.forward_tokens / 1e6:.2f}M forward tokens" in result.output
 
 
 def test_resume_with_more_generations_extends_the_run(setup, tmp_path):
