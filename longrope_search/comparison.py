@@ -19,6 +19,7 @@ from longrope_search.search_setup import SearchSetup
 # The columns of the comparison: the fitness on the search and held-out samples; "heldout_ppl" the plain perplexity
 # of the held-out windows (a needle search only); "needle" the share of held-out needles answered exactly.
 SCORES = ("search", "heldout", "heldout_ppl")
+SEARCH_BEST = "search best"  # the row of the best search score, when validation chose another winner
 NEEDLE = "needle"
 
 
@@ -46,11 +47,12 @@ class NeedleCheck:
 
 def compare_methods(
     setup: SearchSetup, best: Candidate, evaluators: dict[str, Evaluator], needles: NeedleCheck | None,
-    ctx: distributed.Context = distributed.SINGLE_PROCESS,
+    ctx: distributed.Context = distributed.SINGLE_PROCESS, others: dict[str, Candidate] | None = None,
 ) -> Comparison:
     """Every column (the keys of `evaluators`, and NEEDLE when `needles` is given) for the winner and each reference
     method with its own mscale, spread over the ranks like the search's own evaluations. The winner's score on the
-    search samples is already known."""
+    search samples is already known. `others` adds rows for further searched candidates (the search's own best when
+    validation chose another)."""
     # (baseline name or None for the winner, column, key, factors, n_hat, mscale)
     jobs: list[tuple[str | None, str, str, Any, int, float]] = []
     winner = (best.key, setup.factors(best.genes), best.n_hat, setup.mscale_of(best))
@@ -58,6 +60,8 @@ def compare_methods(
     jobs += [(None, column, *winner) for column in columns if column != "search"]
     for name, (factors, mscale) in setup.comparisons().items():
         jobs += [(name, column, f"baseline:{name}", factors, 0, mscale) for column in columns]
+    for name, c in (others or {}).items():
+        jobs += [(name, column, c.key, setup.factors(c.genes), c.n_hat, setup.mscale_of(c)) for column in columns]
 
     def run(job: tuple[str | None, str, str, Any, int, float]) -> float:
         _, column, key, factors, n_hat, mscale = job

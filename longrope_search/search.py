@@ -21,7 +21,7 @@ import numpy as np
 from longrope_search import checkpoint, context_parallel, data, distributed, evolution
 from longrope_search.attention import fit_attention, long_heldout
 from longrope_search.checkpoint import Evaluation, SearchState
-from longrope_search.comparison import Comparison, NeedleCheck, compare_methods
+from longrope_search.comparison import SEARCH_BEST, Comparison, NeedleCheck, compare_methods
 from longrope_search.config import Config
 from longrope_search.errors import CheckpointError, ConfigError, DataError
 from longrope_search.factors import (
@@ -430,7 +430,9 @@ def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed
     winner, validation = state.best(), None
     if search.validator is not None:
         winner, validation = search.validator.select(state)
-    comparison = compare_methods(setup, winner.candidate, evaluators, needles, ctx)
+    # when validation chose another candidate, the search's own best is reported beside it: what selection changed
+    others = {} if winner.candidate.key == state.best().candidate.key else {SEARCH_BEST: state.best().candidate}
+    comparison = compare_methods(setup, winner.candidate, evaluators, needles, ctx, others)
     if validation is not None:
         comparison.ppl["validation"] = validation
     if loaded.long_samples is not None and loaded.long_samples.heldout.shape[0] > 0:

@@ -4,6 +4,7 @@ chosen on validation among the top candidates, early stopping (exact on resume),
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -69,6 +70,12 @@ def test_the_winner_is_the_validation_best_of_the_top_candidates(setup, tmp_path
     assert final.ppl["validation"] == validated[best]
     assert final.ppl["search"] == dict(ranked)[best]
     assert final.search.validation == [[g, k, p] for g, k, p in state.validation]
+    # the search's own best is reported beside the winner when validation chose another, else not repeated
+    row = final.baselines.get("search best")
+    if best == top[0]:
+        assert row is None
+    else:
+        assert row["search"] == dict(ranked)[top[0]] < final.ppl["search"] and math.isfinite(row["heldout"])
 
 
 def test_early_stopping_saves_evaluations_and_a_rerun_resumes_to_the_same_result(setup, tmp_path):
