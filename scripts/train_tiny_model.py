@@ -324,6 +324,15 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, out: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
+def keep_rope_theta_for_4x(out: Path) -> None:
+    """transformers 5 saves the base only in rope_parameters; 4.x reads the top-level rope_theta and would fall
+    back to its class default (10000) without it, silently wrong for any other base. Write both."""
+    path = out / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["rope_theta"] = cfg["rope_parameters"]["rope_theta"]
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def write_corpus(path: Path, docs: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"text": text, "source": rel}, ensure_ascii=False) + "\n" for rel, text in docs)
@@ -524,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(args.out)
         # fp16 halves the shipped size; the values are small, so the round trip costs almost nothing.
         model.half().save_pretrained(args.out)
+        keep_rope_theta_for_4x(args.out)
         save_tokenizer(tok, args.out)
         write_corpus(args.corpus_out, [d for d, _ in long_docs])
         write_license(args.corpus_out.parent / "LICENSE", stdlib, len(long_docs))

@@ -1,7 +1,8 @@
 """The model and corpora shipped inside the package, so LongRoPE runs with no GPU and no network.
 
-Owns the registries of built-in names (`builtin:tiny`, `builtin:cpython`, `builtin:cpython-train`) and their paths
-on disk, and the rule that splits the standard library into the tiny model's training files and the held-out ones.
+Owns the registries of built-in names (`builtin:tiny`, `builtin:tiny-qwen2`, `builtin:cpython`,
+`builtin:cpython-train`) and their paths on disk, and the rule that splits the standard library into the tiny
+models' training files and the held-out ones.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 PREFIX = "builtin:"
 
 # name -> directory (relative to ROOT) holding a Hugging Face model and its tokenizer
-MODELS = {"tiny": "tiny-llama-cpython"}
+MODELS = {"tiny": "tiny-llama-cpython", "tiny-qwen2": "tiny-qwen2-cpython"}
 # name -> JSON-lines file (relative to ROOT) with "text" and "source" fields
 CORPORA = {"cpython": "corpus/cpython_heldout.jsonl.gz"}
 # name -> what a corpus generated on first use holds (written into the cache directory, never shipped)
