@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
 from longrope_search.builtin import is_heldout  # the one home of the train/held-out split
 from longrope_search.needle import NeedleSample, build_sample, draw_needles, greedy_answer, is_retrieved
@@ -112,9 +112,21 @@ def read_sources(stdlib: Path, rels: list[str]) -> list[tuple[str, str]]:
     return docs
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: list[str], vocab_size: int, arch: str = "llama") -> PreTrainedTokenizerFast:
+    """Byte-level BPE. For qwen2, Qwen2's own normaliser and pre-tokeniser (one digit per token, its split regex):
+    transformers 5 loads every qwen2 model's tokenizer as Qwen2Tokenizer, which rebuilds those two from its code
+    whatever tokenizer.json says, so a tokenizer trained any other way would be run differently than it trained."""
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if arch == "qwen2":
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        tk.normalizer = normalizers.NFC()
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -333,6 +345,16 @@ def keep_rope_theta_for_4x(out: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def check_auto_tokenizer(out: Path, tok: PreTrainedTokenizerFast, texts: list[str]) -> None:
+    """The tokenizer AutoTokenizer builds from `out` (what longrope and every user load) must give the ids the model
+    trained on; transformers picks the class by model type for some (Qwen2, Phi-3) and rebuilds parts of it."""
+    auto = AutoTokenizer.from_pretrained(out)
+    for text in texts:
+        if auto(text, add_special_tokens=False)["input_ids"] != tok(text, add_special_tokens=False)["input_ids"]:
+            raise SystemExit(f"AutoTokenizer loads {out} as {type(auto).__name__}, which tokenises differently from "
+                             "the tokenizer the model trained with; fix train_tokenizer for this architecture.")
+
+
 def write_corpus(path: Path, docs: list[tuple[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps({"text": text, "source": rel}, ensure_ascii=False) + "\n" for rel, text in docs)
@@ -455,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
         tok = PreTrainedTokenizerFast.from_pretrained(args.out)
     else:
         t0 = time.time()
-        tok = train_tokenizer([t for _, t in train_docs], args.vocab_size)
+        tok = train_tokenizer([t for _, t in train_docs], args.vocab_size, args.arch)
         print(f"tokenizer: vocab {len(tok)} in {time.time() - t0:.0f}s")
 
     train_ids = encode(tok, [t for _, t in train_docs])
@@ -535,6 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         model.half().save_pretrained(args.out)
         keep_rope_theta_for_4x(args.out)
         save_tokenizer(tok, args.out)
+        check_auto_tokenizer(args.out, tok, [d for _, d in long_docs[:8]])
         write_corpus(args.corpus_out, [d for d, _ in long_docs])
         write_license(args.corpus_out.parent / "LICENSE", stdlib, len(long_docs))
 
