@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
         model.half().save_pretrained(args.out)
         keep_rope_theta_for_4x(args.out)
         save_tokenizer(tok, args.out)
-        check_auto_tokenizer(args.out, tok, [d for _, d in long_docs[:8]])
+        check_auto_tokenizer(args.out, tok, [text for (_, text), _ in long_docs[:8]])
         write_corpus(args.corpus_out, [d for d, _ in long_docs])
         write_license(args.corpus_out.parent / "LICENSE", stdlib, len(long_docs))
 
