@@ -244,7 +244,7 @@ def show_result(final: Any, run_dir: Path) -> None:
     for column in shown:
         table.add_column(columns[column], justify="right")
     for name, row in rows.items():
-        table.add_row(name, *(f"{row.get(c, float('nan')):{'.0%' if c == 'needle' else '.4f'}}" for c in shown))
+        table.add_row(name, *(f"{row[c]:{'.0%' if c == 'needle' else '.4f'}}" if c in row else "-" for c in shown))
     console.print(table)
     record = final.search
     stopped = f", {record.rejected} stopped early by search.race_margin" if record.rejected else ""

@@ -169,3 +169,19 @@ def test_model_retrieves_a_needle_inside_its_window(docs):
     multikey = mean_over_depths(accuracy["multikey"]["none"][CONTEXT])
     # measured: 100% single, 99% with 4 keys (the training script's own check, 40 other prompts per depth: 100%, 92.5%)
     assert single >= 0.95 and multikey >= 0.80, (single, multikey)
+
+
+def test_the_second_model_has_another_geometry_and_loads_the_tokenizer_it_trained_with(docs):
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+    path = builtin.resolve_model("builtin:tiny-qwen2")
+    cfg = AutoConfig.from_pretrained(path)
+    assert cfg.model_type == "qwen2" and cfg.max_position_embeddings == CONTEXT
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 2)  # grouped-query attention
+    assert cfg.rope_parameters["rope_theta"] == 500000.0 and cfg.hidden_size // cfg.num_attention_heads == 32
+    # transformers 5 builds every qwen2 tokenizer as Qwen2Tokenizer with its own pre-tokeniser: the shipped one was
+    # trained with that pre-tokeniser, so what AutoTokenizer (longrope, users) runs is what the model saw
+    auto, trained = AutoTokenizer.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+    for text in [d["text"][:4000] for d in docs[:5]]:
+        assert auto(text, add_special_tokens=False)["input_ids"] == trained(text, add_special_tokens=False)["input_ids"]
+    assert auto.bos_token_id == trained.bos_token_id is not None
