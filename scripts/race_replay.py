@@ -1,0 +1,54 @@
+"""What early rejection would have stopped, replayed offline on a plain run (search.race_margin 0), whose every
+candidate was scored on every sample (log.jsonl keeps each one's per-sample losses).
+
+For each generation g >= 1 the bar is the worst of the parents chosen from generations before g (the `parents`
+best), as the search sets it; a child is stopped at the first sample after which `fitness.Race` says it lost. For
+each margin it prints how many children would have been stopped, how many of those would have become parents had
+they been scored in full, whether a generation's best child or the run's winner would have been lost, and the
+share of the children's samples that would have been scored.
+
+Run: python scripts/race_replay.py RUN [PARENTS (default 16)] [MARGINS (default 0.01,0.02,0.05,0.1,0.2)]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from longrope_search import checkpoint, evolution
+from longrope_search.fitness import Race
+
+run = Path(sys.argv[1]); k = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+margins = [float(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0.01,0.02,0.05,0.1,0.2").split(",")]
+nlls = {}
+for line in (run / "log.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    if r.get("event") == "eval" and not r["key"].startswith(("validation|", "baseline:", "attention:")):
+        nlls[r["key"]] = r["nlls"]
+state, _ = checkpoint.load_state(run)
+entries = state.history
+gens = max(e.generation for e in entries)
+winner = min(entries, key=lambda e: e.ppl).candidate.key
+n = len(next(iter(nlls.values())))
+print(f"{run}: {len(entries)} evaluations, {gens} generations, {n} samples, parents {k}")
+for m in margins:
+    stopped = would_be_parents = 0; best_lost = winner_lost = False; samples_used = 0; children_total = 0
+    for g in range(1, gens + 1):
+        before = [(e.candidate, e.ppl) for e in entries if e.generation < g]
+        parents = evolution.select(before, k)
+        race = Race(tuple(nlls[parents[-1].key]), m)
+        children = [e for e in entries if e.generation == g]
+        children_total += len(children)
+        nxt = {c.key for c in evolution.select(before + [(e.candidate, e.ppl) for e in children], k)}
+        best_child = min(children, key=lambda e: e.ppl).candidate.key
+        for e in children:
+            seq = nlls[e.candidate.key]
+            j = next((j for j in range(1, n) if race.lost(seq[:j])), None)
+            samples_used += n if j is None else j
+            if j is not None:
+                stopped += 1
+                would_be_parents += e.candidate.key in nxt
+                best_lost |= e.candidate.key == best_child
+                winner_lost |= e.candidate.key == winner
+    print(f"margin {m:g}: stopped {stopped}/{children_total} children, of them {would_be_parents} would have been parents; "
+          f"a generation's best child stopped: {best_lost}; the winner stopped: {winner_lost}; "
+          f"child samples scored {samples_used}/{children_total * n} ({samples_used / (children_total * n):.2f})")
