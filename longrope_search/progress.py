@@ -226,11 +226,7 @@ class RichReporter:
         )
         if not self.live:
             return
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("evals"),
-            TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"),
-            console=self.console, transient=True,
-        )
+        self.progress = self._bar("evals")
         self.task = self.progress.add_task(self._description(), total=self.total, completed=self.done)
         self.progress.start()
 
@@ -275,11 +271,7 @@ class RichReporter:
         self.last_line = time.monotonic()
         if not self.live:
             return
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-            TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"),
-            console=self.console, transient=True,
-        )
+        self.progress = self._bar("steps")
         self.task = self.progress.add_task("fine-tuning", total=steps, completed=done)
         self.progress.start()
 
@@ -298,6 +290,14 @@ class RichReporter:
                 f", {clock(elapsed)} elapsed{left}")
         (self.progress.console if self.progress is not None else self.console).print(line, markup=False,
                                                                                      highlight=False)
+
+    def _bar(self, unit: str) -> Progress:
+        """The live bar: what runs, done of total `unit`, elapsed and remaining; gone from the screen when stopped."""
+        return Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+            TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(), TextColumn("left"),
+            console=self.console, transient=True,
+        )
 
     def stop(self) -> None:
         """The bar and the status gone (a next stage's `start` brings them back)."""

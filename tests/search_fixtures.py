@@ -65,3 +65,13 @@ def write_code_corpus(root: Path, documents: int = 10, lines: int = 150) -> Path
     for i in range(documents):
         (path / f"doc{i:02d}.txt").write_text(code_text(lines, seed=i))
     return path
+
+
+def one_line_error(result, *expected: str) -> str:
+    """A CliRunner result that failed as a user mistake: exit code 2 and one `error: ...` line holding `expected`."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for part in expected:
+        assert part in lines[0], lines[0]
+    return lines[0]

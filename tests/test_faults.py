@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from search_fixtures import comparable, search_config, write_config, write_corpus, write_model
+from search_fixtures import comparable, one_line_error, search_config, write_config, write_corpus, write_model
 from typer.testing import CliRunner
 
 from longrope_search import checkpoint
@@ -88,15 +88,6 @@ def assert_same_as(reference: Path, run_dir: Path) -> None:
     assert history(run_dir) == history(reference)
     assert canonical_log(run_dir) == canonical_log(reference)
     assert temp_files(run_dir) == [] and not (run_dir / LOCK_FILE).exists()
-
-
-def one_line_error(result, *expected: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for part in expected:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def resume(run_dir: Path, *more: str):

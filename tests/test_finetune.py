@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from search_fixtures import search_config, write_corpus, write_model
+from search_fixtures import one_line_error, search_config, write_corpus, write_model
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -62,15 +62,6 @@ def settings(setup, *more: str) -> list[str]:
 
 def run_cli(*argv: str):
     return runner.invoke(app, ["finetune", *argv])
-
-
-def one_line_error(result, *expected: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for part in expected:
-        assert part in lines[0], lines[0]
-    return lines[0]
 
 
 def planned_rows(config) -> list[dict[str, torch.Tensor]]:
