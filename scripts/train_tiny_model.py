@@ -26,9 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
 from longrope_search.builtin import is_heldout  # the one home of the train/held-out split
+from longrope_search.export import PORTABLE_TOKENIZER_CLASS  # the class name export writes too
+from longrope_search.model import load_tokenizer  # what longrope (and AutoTokenizer) builds from a directory
 from longrope_search.needle import NeedleSample, build_sample, draw_needles, greedy_answer, is_retrieved
 
 BUILTIN = Path(__file__).resolve().parent.parent / "longrope_search" / "builtin"
@@ -332,7 +334,7 @@ def save_tokenizer(tok: PreTrainedTokenizerFast, out: Path) -> None:
     tok.save_pretrained(out)
     path = out / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -348,7 +350,7 @@ def keep_rope_theta_for_4x(out: Path) -> None:
 def check_auto_tokenizer(out: Path, tok: PreTrainedTokenizerFast, texts: list[str]) -> None:
     """The tokenizer AutoTokenizer builds from `out` (what longrope and every user load) must give the ids the model
     trained on; transformers picks the class by model type for some (Qwen2, Phi-3) and rebuilds parts of it."""
-    auto = AutoTokenizer.from_pretrained(out)
+    auto = load_tokenizer(str(out))
     for text in texts:
         if auto(text, add_special_tokens=False)["input_ids"] != tok(text, add_special_tokens=False)["input_ids"]:
             raise SystemExit(f"AutoTokenizer loads {out} as {type(auto).__name__}, which tokenises differently from "
