@@ -63,6 +63,29 @@ def interrupted_exit(exc: KeyboardInterrupt) -> typer.Exit:
     return typer.Exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
 
 
+@contextlib.contextmanager
+def saved_on_stop(reporter: Any, saved: str, resume: Callable[[], str | None],
+                  resume_after_disk_error: Callable[[], str | None] | None = None) -> Iterator[None]:
+    """Ctrl-C or SIGTERM: stop the live display, say what is `saved` and the command `resume()` returns (None:
+    nothing to continue), exit 130 or 143. A full disk (StorageError): its one line gains the same command
+    (`resume_after_disk_error`, default `resume`), since what was finished is on disk."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if reporter is not None:
+            reporter.stop()
+        command = resume()
+        if command is not None:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            err_console.print(f"{what}: {saved}; continue with {command}", markup=False, soft_wrap=True)
+        raise interrupted_exit(exc) from None
+    except StorageError as exc:
+        command = (resume_after_disk_error or resume)()
+        if command is None:
+            raise
+        raise StorageError(f"{str(exc).rstrip('.')}; then continue with {command}.") from None
+
+
 def fail(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises the error; one line is enough
         err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
@@ -181,20 +204,12 @@ def search(
     reporter = RichReporter(console) if ctx.is_main else None
     planned = None
     try:
-        planned = job.prepare(config, resume, out, overrides, target is not None or init_from is not None or short, ctx)
-        result = job.run(planned, reporter, ctx)
-    except KeyboardInterrupt as exc:
-        if reporter is not None:
-            reporter.stop()
-        if ctx.is_main and planned is not None:
-            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-            err_console.print(f"{what}: finished generations and evaluations are saved; continue with "
-                              f"{planned.continue_command}", markup=False, soft_wrap=True)
-        raise interrupted_exit(exc) from None
-    except StorageError as exc:  # disk full, say: what was finished is saved, the run continues once fixed
-        if planned is None or not planned.resumable:
-            raise
-        raise StorageError(f"{str(exc).rstrip('.')}; then continue with {planned.continue_command}.") from None
+        with saved_on_stop(reporter, "finished generations and evaluations are saved",
+                           lambda: planned.continue_command if ctx.is_main and planned is not None else None,
+                           lambda: planned.continue_command if planned is not None and planned.resumable else None):
+            planned = job.prepare(config, resume, out, overrides,
+                                  target is not None or init_from is not None or short, ctx)
+            result = job.run(planned, reporter, ctx)
     finally:
         if reporter is not None:
             reporter.stop()
@@ -304,24 +319,19 @@ def finetune(
         raise ConfigError("pass the search run to fine-tune: longrope finetune RUN --out DIR (or --resume DIR).")
     reporter = RichReporter(console)
     folder = resume
+
+    def resume_command() -> str | None:  # once the fine-tune's folder holds its config, it can be continued
+        saved = folder is not None and (folder / CONFIG_FILE).is_file()
+        return f"`longrope finetune --resume {folder}`" if saved else None
+
     try:
-        if resume is not None:
-            result = run_finetune(None, resume, resume=True, overrides=overrides, reporter=reporter)
-        else:
-            settings = finetune_config(run, find_config(config) if config is not None else None, overrides)
-            folder = out or (Path(settings.output.dir) if settings.output.dir else None)
-            result = run_finetune(settings, folder, reporter=reporter)
-    except KeyboardInterrupt as exc:
-        reporter.stop()
-        if folder is not None and (folder / CONFIG_FILE).is_file():
-            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-            err_console.print(f"{what}: the steps up to the last checkpoint are saved; continue with `longrope "
-                              f"finetune --resume {folder}`", markup=False, soft_wrap=True)
-        raise interrupted_exit(exc) from None
-    except StorageError as exc:
-        if folder is None or not (folder / CONFIG_FILE).is_file():
-            raise
-        raise StorageError(f"{str(exc).rstrip('.')}; then continue with `longrope finetune --resume {folder}`.") from None
+        with saved_on_stop(reporter, "the steps up to the last checkpoint are saved", resume_command):
+            if resume is not None:
+                result = run_finetune(None, resume, resume=True, overrides=overrides, reporter=reporter)
+            else:
+                settings = finetune_config(run, find_config(config) if config is not None else None, overrides)
+                folder = out or (Path(settings.output.dir) if settings.output.dir else None)
+                result = run_finetune(settings, folder, reporter=reporter)
     finally:
         reporter.stop()
     show_finetune(result)
