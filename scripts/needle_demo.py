@@ -5,6 +5,7 @@ Run: python scripts/needle_demo.py models/tiny-8x [--chars 2600]
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -14,8 +15,13 @@ p.add_argument("model", help="an exported model directory (longrope export ... -
 p.add_argument("--chars", type=int, default=2600, help="characters of code between the number and the question")
 args = p.parse_args()
 
-tokenizer = AutoTokenizer.from_pretrained(args.model)
-model = AutoModelForCausalLM.from_pretrained(args.model)
+try:
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+except (OSError, ValueError) as exc:
+    print(f"error: cannot load {args.model!r} ({str(exc).splitlines()[0]}); pass the folder "
+          "`longrope export RUN --out DIR` wrote.", file=sys.stderr)
+    sys.exit(2)
 code = (Path(__file__).resolve().parent.parent / "longrope_search" / "evolution.py").read_text()
 prompt = "\nSECRET_CODE = 48213\n" + code[: args.chars] + "\nassert SECRET_CODE =="
 ids = tokenizer(prompt, return_tensors="pt").input_ids
