@@ -157,6 +157,9 @@ class SearchSection(Section):
     mscale: float | Literal["auto", "keep", "search"] = "auto"
     long_tolerance: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)  # short search: allowed rise of the long PPL, 0.02 = 2%
     seeds: list[Literal["none", "pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
+    # The initial population's mutants: null: of every seed (the paper); a number: the seeds are scored first and
+    # only those within this many nats (log PPL) of the best seed are mutated (a far-behind seed breeds only losers).
+    seed_margin: float | None = Field(None, ge=0.0, allow_inf_nan=False)
     init_factors: str | None = None  # a factors.json whose factors join the initial population
     # Progressive extension: a run directory (or factors.json) whose long factors the model already runs
     # with; this search multiplies its own factors onto them. A LongRoPE-extended model needs none.

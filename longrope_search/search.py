@@ -106,12 +106,19 @@ class Search:
         rng = np.random.default_rng(s.seed)
         seeds = self.setup.seeds
         named = evolution.seed_candidates(self.setup.space, seeds)
-        population = evolution.initial_population(self.setup.space, seeds, s.population, rng, s.mutation_prob)
         origin = {c.key: name for name, c in reversed(list(named.items()))}
         state = SearchState(0, [], [], {}, self.identity)
-        batch = [(c, origin.get(c.key, "mutation")) for c in population]
-        scores = self._evaluate(state, batch, 0)
-        state.population = list(zip(population, scores))
+        scored: dict[str, float] = {}  # key -> selection score
+        breed = None  # every seed breeds
+        if s.seed_margin is not None:  # score the seeds first, then mutate only the competitive ones
+            distinct = list({c.key: c for c in named.values()}.values())
+            scored = dict(zip([c.key for c in distinct],
+                              self._evaluate(state, [(c, origin[c.key]) for c in distinct], 0)))
+            breed = evolution.competitive_seeds({n: scored[c.key] for n, c in named.items()}, s.seed_margin)
+        population = evolution.initial_population(self.setup.space, seeds, s.population, rng, s.mutation_prob, breed)
+        batch = [(c, origin.get(c.key, "mutation")) for c in population if c.key not in scored]
+        scored.update(zip([c.key for c, _ in batch], self._evaluate(state, batch, 0)))
+        state.population = [(c, scored[c.key]) for c in population]
         state.rng_state = rng.bit_generator.state
         return state
 
