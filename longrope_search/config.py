@@ -156,7 +156,9 @@ class SearchSection(Section):
     # the search, on a 0.01 grid (LongRoPE2).
     mscale: float | Literal["auto", "keep", "search"] = "auto"
     long_tolerance: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)  # short search: allowed rise of the long PPL, 0.02 = 2%
-    seeds: list[Literal["none", "pi", "ntk", "yarn"]] = Field(default_factory=lambda: ["pi", "ntk", "yarn"])
+    # yarn-family: 11 more YaRN vectors, the ramp's ends moved by octaves of rotations (rope.YARN_FAMILY)
+    seeds: list[Literal["none", "pi", "ntk", "yarn", "yarn-family"]] = Field(
+        default_factory=lambda: ["pi", "ntk", "yarn"])
     # The initial population's mutants: null: of every seed (the paper); a number: the seeds are scored first and
     # only those within this many nats (log PPL) of the best seed are mutated (a far-behind seed breeds only losers).
     seed_margin: float | None = Field(None, ge=0.0, allow_inf_nan=False)

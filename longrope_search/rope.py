@@ -112,6 +112,19 @@ def yarn_factors(spec: RopeSpec, scale: float, beta_fast: float = 32.0, beta_slo
     return 1.0 / ((1.0 - ramp) + ramp / float(scale))
 
 
+# The YaRN family around its published (beta_fast 32, beta_slow 1): the ramp's fast end moved an octave of rotations
+# either way, its slow end one or two octaves later or one earlier. LongRoPE's winners look like such a ramp moved and
+# reshaped, so the family spreads the initial population along the direction the search moves in (search.seeds:
+# yarn-family). In a short window the fast end sits at pair 0 for every beta_fast and the variants collapse to fewer.
+YARN_FAMILY = tuple((fast, slow) for fast in (16.0, 32.0, 64.0) for slow in (0.25, 0.5, 1.0, 2.0)
+                    if (fast, slow) != (32.0, 1.0))
+
+
+def yarn_family(spec: RopeSpec, scale: float) -> dict[str, torch.Tensor]:
+    """The YARN_FAMILY variants by name, e.g. "yarn@16,0.5" (beta_fast 16, beta_slow 0.5).  # each (d/2,)"""
+    return {f"yarn@{fast:g},{slow:g}": yarn_factors(spec, scale, fast, slow) for fast, slow in YARN_FAMILY}
+
+
 def none_factors(spec: RopeSpec, scale: float) -> torch.Tensor:
     """No rescaling: the model's original RoPE extrapolated past its window.  # (d/2,)"""
     return torch.ones(spec.num_factors, dtype=torch.float64)

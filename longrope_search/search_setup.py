@@ -277,7 +277,12 @@ def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
         spec, scale = setup.spec, setup.space.max_factor / 1.25  # the mildest set that still spans the space
     else:
         spec, scale = setup.spec, setup.scale
-    seeds = {name: rope.baseline(name)(spec, scale).numpy() for name in setup.config.search.seeds}
+    seeds: dict[str, np.ndarray] = {}
+    for name in setup.config.search.seeds:
+        if name == "yarn-family":
+            seeds.update({n: v.numpy() for n, v in rope.yarn_family(spec, scale).items()})
+        else:
+            seeds[name] = rope.baseline(name)(spec, scale).numpy()
     if setup.short:
         seeds.setdefault("none", np.ones(spec.num_factors))  # "keep the original RoPE" is the natural start
     if setup.config.search.init_factors:

@@ -34,12 +34,15 @@ from longrope_search.search_setup import make_setup, resolve_prior
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
+FAMILY = "[pi,ntk,yarn,yarn-family]"  # search.seeds with the YaRN family
 SEED_MARGIN = 0.5  # nats: at 8x on the shipped model PI's seed is 1.6 and NTK's 0.7 behind YaRN's
 VARIANTS = {
     "plain": ["search.race_margin=0", "search.seed_margin=null"],
     "race": [f"search.race_margin={DEFAULT_RACE_MARGIN}", "search.seed_margin=null"],
     "seeds": ["search.race_margin=0", f"search.seed_margin={SEED_MARGIN}"],
     "race+seeds": [f"search.race_margin={DEFAULT_RACE_MARGIN}", f"search.seed_margin={SEED_MARGIN}"],
+    "family": ["search.race_margin=0", "search.seed_margin=null", f"search.seeds={FAMILY}"],
+    "all": [f"search.race_margin={DEFAULT_RACE_MARGIN}", f"search.seed_margin={SEED_MARGIN}", f"search.seeds={FAMILY}"],
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from longrope_search.errors import LongRopeError, SearchError
 from longrope_search.evolution import (
+    competitive_seeds,
     Candidate,
     SearchSpace,
     crossover,
@@ -268,6 +269,33 @@ def test_initial_population_is_deterministic():
     b = initial_population(space, baseline_seeds(16), 32, np.random.default_rng(7), 0.3)
     c = initial_population(space, baseline_seeds(16), 32, np.random.default_rng(8), 0.3)
     assert a == b and a != c
+
+
+def test_competitive_seeds_keep_those_within_the_margin_of_the_best():
+    scores = {"pi": 49.08, "ntk": 21.05, "yarn": 9.93, "file": math.inf}
+    assert competitive_seeds(scores, 0.5) == ["yarn"]
+    assert competitive_seeds(scores, math.log(21.05 / 9.93) + 1e-9) == ["ntk", "yarn"]  # ln(21.05/9.93) = 0.751 nats
+    assert competitive_seeds(scores, 0.0) == ["yarn"]
+    assert competitive_seeds({"pi": math.inf, "ntk": math.nan}, 0.5) == ["pi", "ntk"]  # nothing tells them apart
+
+
+def test_initial_population_breeds_only_the_named_seeds():
+    space = space_for()
+    seeds = baseline_seeds(16)
+    rng = lambda: np.random.default_rng(9)  # noqa: E731
+    plain = initial_population(space, seeds, 32, rng(), 0.3)
+    assert initial_population(space, seeds, 32, rng(), 0.3, breed=["pi", "ntk", "ramp"]) == plain  # same draws
+    only_ramp = initial_population(space, seeds, 32, rng(), 0.3, breed=["ramp"])
+    named = seed_candidates(space, seeds)
+    assert only_ramp[:3] == plain[:3] == list(named.values())  # every seed is still in the population
+
+    def closest(cand):  # the seed sharing most genes: the one it was mutated from (p 0.3 keeps ~70% of them)
+        return max(named, key=lambda n: sum(a == b for a, b in zip(cand.genes, named[n].genes)))
+
+    assert {closest(c) for c in only_ramp[3:]} == {"ramp"}
+    assert {closest(c) for c in plain[3:]} == {"pi", "ntk", "ramp"}
+    with pytest.raises(ValueError, match="names none of the seeds"):
+        initial_population(space, seeds, 32, rng(), 0.3, breed=["yarn"])
 
 
 def test_initial_population_errors_are_helpful():

@@ -48,6 +48,26 @@ def test_yarn_equals_transformers_yarn(scale):
     assert factors[0] == 1.0 and factors[-1] == pytest.approx(scale)
 
 
+def test_the_yarn_family_moves_the_ramp_ends_around_yarn():
+    spec = RopeSpec(base=10000.0, rotary_dim=128, original_length=4096)  # Llama 2's geometry
+    family = rope.yarn_family(spec, 16.0)
+    assert len(family) == len(rope.YARN_FAMILY) == 11 and "yarn@32,1" not in family  # the published one is "yarn"
+    assert len({tuple(v.tolist()) for v in family.values()}) == 11  # at a 4k window every variant differs
+    for name, factors in family.items():
+        fast, slow = (float(x) for x in name.removeprefix("yarn@").split(","))
+        torch.testing.assert_close(factors, rope.yarn_factors(spec, 16.0, fast, slow))
+        assert factors[0] == 1.0 and factors[-1] == pytest.approx(16.0)  # the same ends as YaRN
+
+    def kept(fast, slow=1.0):  # pairs left as they are
+        return int((rope.yarn_ramp(spec, fast, slow) == 0).sum())
+
+    def full(slow, fast=32.0):  # pairs interpolated by the whole scale
+        return int((rope.yarn_ramp(spec, fast, slow) == 1).sum())
+
+    assert kept(16.0) > kept(32.0) > kept(64.0)  # fewer rotations required: more pairs kept
+    assert full(0.25) < full(0.5) < full(1.0) < full(2.0)  # a later slow end: fewer pairs fully interpolated
+
+
 @pytest.mark.parametrize("scale", [4.0, 32.0])
 def test_longrope_inv_freq_and_mscale_equal_transformers(scale):
     long_factor = searched_like_factors(scale).tolist()

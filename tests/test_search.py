@@ -362,6 +362,30 @@ def test_resume_of_a_run_stopped_during_generation_0_reuses_its_logged_scores(se
     assert len(keys) == len(set(keys)) == len(final_history(ref))  # nothing scored twice
 
 
+@pytest.mark.parametrize("logged", [2, 6])  # stopped while scoring the seeds, then while scoring their mutants
+def test_seed_margin_scores_the_seeds_first_breeds_the_best_and_resumes_exactly(setup, tmp_path, logged):
+    model, corpus = setup
+    config = from_dict(search_config(model, corpus, generations=1, seed_margin=0.0))
+    final, ref = run_search(config, tmp_path / "ref")
+    gen0 = [e for e in checkpoint.load_state(ref)[0].history if e.generation == 0]
+    assert [e.origin for e in gen0[:3]] == ["pi", "ntk", "yarn"]  # the seeds, scored before any mutant
+    best = min(gen0[:3], key=lambda e: e.ppl)
+
+    def closest(cand):  # the seed sharing most genes: the one it was mutated from
+        return max(gen0[:3], key=lambda e: sum(a == b for a, b in zip(cand.genes, e.candidate.genes))).origin
+
+    assert {closest(e.candidate) for e in gen0[3:]} == {best.origin}  # margin 0: only the best seed breeds
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ref / "config.resolved.yaml", run)
+    lines = (ref / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text("\n".join(lines[:1 + logged]) + "\n")
+    result = runner.invoke(app, ["search", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert comparable(json.loads((run / "factors.json").read_text())) == comparable(
+        json.loads((ref / "factors.json").read_text()))
+
+
 def test_a_short_search_stopped_during_its_attention_fit_resumes_without_rescoring(setup, finished_run, tmp_path):
     model, corpus = setup
     config = from_dict(search_config(model, corpus, target="1x", generations=1, short=True,
