@@ -5,12 +5,15 @@ For each generation g >= 1 the bar is the worst of the parents chosen from gener
 best), as the search sets it; a child is stopped at the first sample after which `fitness.Race` says it lost. For
 each margin it prints how many children would have been stopped, how many of those would have become parents had
 they been scored in full, whether a generation's best child or the run's winner would have been lost, and the
-share of the children's samples that would have been scored.
+share of the children's samples that would have been scored. First it prints why a margin cannot go lower: how
+many children became parents, how close to the bar the others were (mean over all samples), and the spread of one
+sample's paired difference (the noise a race has to see through after one sample).
 
 Run: python scripts/race_replay.py RUN [PARENTS (default 16)] [MARGINS (default 0.01,0.02,0.05,0.1,0.2)]
 """
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,6 +33,23 @@ gens = max(e.generation for e in entries)
 winner = min(entries, key=lambda e: e.ppl).candidate.key
 n = len(next(iter(nlls.values())))
 print(f"{run}: {len(entries)} evaluations, {gens} generations, {n} samples, parents {k}")
+became, others, spreads = 0, [], []  # children that became parents; the others' mean gap to the bar; per-sample sd
+for g in range(1, gens + 1):
+    before = [(e.candidate, e.ppl) for e in entries if e.generation < g]
+    bar = nlls[evolution.select(before, k)[-1].key]
+    children = [e for e in entries if e.generation == g]
+    nxt = {c.key for c in evolution.select(before + [(e.candidate, e.ppl) for e in children], k)}
+    for e in children:
+        gaps = [a - b for a, b in zip(nlls[e.candidate.key], bar)]
+        spreads.append(statistics.stdev(gaps))
+        if e.candidate.key in nxt:
+            became += 1
+        else:
+            others.append(statistics.mean(gaps))
+total = became + len(others)
+print(f"{became} of {total} children became parents; of the other {len(others)}, {sum(g <= 0.02 for g in others)} "
+      f"were at most 0.02 nats above the bar over all {n} samples (median {statistics.median(others):+.4f}); one sample's "
+      f"gap to the bar varies by {statistics.median(spreads):.4f} nats (median sd)")
 for m in margins:
     stopped = would_be_parents = 0; best_lost = winner_lost = False; samples_used = 0; children_total = 0
     for g in range(1, gens + 1):
