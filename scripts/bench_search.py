@@ -43,6 +43,7 @@ VARIANTS = {
     "race+seeds": [f"search.race_margin={DEFAULT_RACE_MARGIN}", f"search.seed_margin={SEED_MARGIN}"],
     "family": ["search.race_margin=0", "search.seed_margin=null", f"search.seeds={FAMILY}"],
     "all": [f"search.race_margin={DEFAULT_RACE_MARGIN}", f"search.seed_margin={SEED_MARGIN}", f"search.seeds={FAMILY}"],
+    "samples2": ["search.race_margin=0", "search.seed_margin=null", "data.samples=2"],  # a quarter of the windows
 }
 
 
@@ -57,17 +58,31 @@ def parse_args() -> argparse.Namespace:
 
 
 def best_so_far(run_dir: Path) -> list[tuple[int, Evaluation]]:
-    """(forward tokens spent, best evaluation so far) after each generation, from the run's checkpoint history."""
+    """(forward tokens spent, best evaluation so far) after each generation. The tokens are every score in
+    log.jsonl, the search's and the validation's (both are work the search needs), in the order they were spent; the
+    final comparison on the held-out samples is reporting, not search work, and is not logged."""
     state, _ = checkpoint.load_state(run_dir)
-    out, spent, best = [], 0, None
-    for generation in range(state.generation + 1):
-        entries = [e for e in state.history if e.generation == generation]
-        spent += sum(e.tokens for e in entries)
-        for e in entries:
-            if not e.rejected and (best is None or (e.ppl, e.candidate.key) < (best.ppl, best.candidate.key)):
+    spent, at_generation = 0, []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] == "eval":
+            spent += record["tokens"]
+        elif record["event"] == "generation":
+            at_generation.append(spent)
+    out, best = [], None
+    for generation, tokens in enumerate(at_generation):
+        for e in state.history:
+            if e.generation == generation and not e.rejected and (
+                    best is None or (e.ppl, e.candidate.key) < (best.ppl, best.candidate.key)):
                 best = e
-        out.append((spent, best))
+        out.append((tokens, best))
     return out
+
+
+def work_tokens(run_dir: Path) -> int:
+    """Forward tokens of the whole search: its evaluations and the validation's, with the final selection's."""
+    return sum(r["tokens"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+               if r["event"] == "eval")
 
 
 def heldout_curve(config: Config, run_dir: Path) -> list[tuple[int, float]]:
@@ -111,7 +126,7 @@ def main() -> None:
             wall = time.perf_counter() - began
             curve = heldout_curve(config, run_dir)
             (run_dir / "bench_curve.json").write_text(json.dumps(curve))
-            heldout, tokens = final.ppl["heldout"], final.search.forward_tokens
+            heldout, tokens = final.ppl["heldout"], work_tokens(run_dir)
             plain = plain or (tokens, heldout)
             reach = next((t for t, ppl in curve if ppl <= plain[1] * (1 + 1e-9)), None)
             row = (target, variant, final.search.evaluations, final.search.rejected, f"{tokens / 1e6:.2f}",
