@@ -16,20 +16,25 @@ another in this process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
 import time
 from pathlib import Path
 
-from longrope_search import checkpoint, data
+from longrope_search import checkpoint
 from longrope_search.checkpoint import Evaluation
 from longrope_search.config import DEFAULT_RACE_MARGIN, Config, load_config
 from longrope_search.fitness import Evaluator
 from longrope_search.model import load_config as load_model_config
 from longrope_search.model import load_model, rope_spec
+from longrope_search.factors import load_factors
+from longrope_search.rundir import FACTORS_FILE, LOG_FILE
+from longrope_search.sample_sets import sample_sets
 from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup, resolve_prior
+from longrope_search.validation import KEY_PREFIX, Validator
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
@@ -54,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}; the first is the reference")
     p.add_argument("--generations", type=int, default=None, help="override search.generations")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true", help="take finished runs in --out as they are (the wall time "
+                   "they recorded) and only redo the held-out curves")
     return p.parse_args()
 
 
@@ -86,19 +93,29 @@ def work_tokens(run_dir: Path) -> int:
 
 
 def heldout_curve(config: Config, run_dir: Path) -> list[tuple[int, float]]:
-    """(forward tokens spent, held-out PPL of the best so far) after each generation."""
+    """(forward tokens spent, held-out PPL of the winner the search would have returned had it stopped there) after
+    each generation: the validation best of the search.select_top best by search score, picked by the search's own
+    rule (Validator.select); the search's best where there is no validation set. Validation scores the run logged are
+    reused; the others are scored here (a few evaluations on the validation windows, logged beside the run)."""
     model_config = load_model_config(config.model.name)
     spec = rope_spec(model_config)
     setup = make_setup(config, spec, resolve_prior(config, model_config, spec))
     model, tokenizer = load_model(config.model.name, device="cpu", dtype="float32", mlp_chunk=config.search.mlp_chunk)
-    d = config.data
-    samples = data.build_samples(tokenizer, data.CorpusSpec.of(d), setup.target_length, d.samples,
-                                 d.heldout_samples, d.seed, d.cache_dir)
-    evaluator = Evaluator(model, samples.heldout, config.search.chunk_size)
+    sets = sample_sets(tokenizer, config, setup.target_length)
+    heldout = Evaluator(model, sets.heldout.ids, config.search.chunk_size, targets=sets.heldout.targets)
+    validator = None
+    if sets.validation is not None:
+        scores = Evaluator(model, sets.validation.ids, config.search.chunk_size, targets=sets.validation.targets)
+        scores.preload({r["key"]: r["ppl"] for r in map(json.loads, (run_dir / LOG_FILE).read_text().splitlines())
+                        if r["event"] == "eval" and r["key"].startswith(KEY_PREFIX)})
+        validator = Validator(setup, scores, run_dir / "bench_validation.jsonl")
+    state, _ = checkpoint.load_state(run_dir)
     curve = []
-    for tokens, best in best_so_far(run_dir):
-        c = best.candidate
-        curve.append((tokens, evaluator.score(c.key, setup.factors(c.genes), c.n_hat, setup.mscale_of(c)).ppl))
+    for generation, (tokens, _) in enumerate(best_so_far(run_dir)):
+        so_far = dataclasses.replace(state, generation=generation,
+                                     history=[e for e in state.history if e.generation <= generation])
+        c = (validator.select(so_far)[0] if validator is not None else so_far.best()).candidate
+        curve.append((tokens, heldout.score(c.key, setup.factors(c.genes), c.n_hat, setup.mscale_of(c)).ppl))
     return curve
 
 
@@ -121,9 +138,14 @@ def main() -> None:
                 overrides.append(f"search.generations={args.generations}")
             config = load_config(args.config, overrides)
             run_dir = root / f"{target}-{variant}"
-            began = time.perf_counter()
-            final, _ = run_search(config, run_dir)
-            wall = time.perf_counter() - began
+            wall_file = run_dir / "bench_wall.json"
+            if args.reuse and (run_dir / FACTORS_FILE).exists() and wall_file.exists():
+                final, wall = load_factors(run_dir / FACTORS_FILE), json.loads(wall_file.read_text())["seconds"]
+            else:
+                began = time.perf_counter()
+                final, _ = run_search(config, run_dir)
+                wall = time.perf_counter() - began
+                wall_file.write_text(json.dumps({"seconds": wall}))
             curve = heldout_curve(config, run_dir)
             (run_dir / "bench_curve.json").write_text(json.dumps(curve))
             heldout, tokens = final.ppl["heldout"], work_tokens(run_dir)
