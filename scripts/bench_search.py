@@ -1,16 +1,23 @@
 """The search's savings measured side by side: the same search (same config, seed and budget) with each saving off
-and on, on the shipped model at 8x and 16x. The variants (--variants): plain (search.race_margin 0, every seed
-mutated), race (early rejection at the default margin), seeds (the initial mutants only of seeds within
-search.seed_margin of the best, SEED_MARGIN here), race+seeds (both). The first variant is the reference.
+and on, on the shipped model at 8x and 16x. The variants (--variants, the first is the reference):
+  plain       search.race_margin 0, every seed mutated: the paper's search
+  race        early rejection at --race-margin (default: the config default)
+  seeds       the initial mutants only of seeds within SEED_MARGIN nats of the best (search.seed_margin)
+  race+seeds  both
+  family      the YaRN family among the seeds (search.seeds: [pi, ntk, yarn, yarn-family])
+  all         race, seeds and family together
+  samples2    a quarter of the search windows (data.samples 2), the winner still picked on the validation windows
 
-For each run it prints the evaluations, the candidates stopped early, the forward tokens (the work), the wall time,
-the held-out PPL of the winner and its needle retrieval on the held-out samples (the search's final comparison), and
-the forward tokens each run needed to reach the held-out PPL of the plain search's final winner: the best-so-far of
-every generation is scored on the held-out samples afterwards (that scoring is not search work).
+For each run it prints the evaluations, the candidates stopped early, the forward tokens (every score the run logged,
+validation included: the work), the wall time, the held-out PPL of the winner and its needle retrieval on the held-out
+samples (the search's final comparison), and the forward tokens the run needed to reach the held-out PPL of the
+reference's final winner: after each generation the winner the search would have returned had it stopped there is
+scored on the held-out samples afterwards (that scoring is not search work).
 
-Run: `python scripts/bench_search.py` (about 80 minutes on one core; two processes, `--targets 8x` and
-`--targets 16x`, halve it on 2 cores); `--targets 8x --generations 6` for a quick look. Searches run one after
-another in this process.
+Run: `python scripts/bench_search.py` (the default five variants: about 40 minutes on one core at 8x, 80 at 16x; run
+`--targets 8x` and `--targets 16x` as two processes on 2 cores); `--targets 8x --generations 6` for a quick look.
+Searches run one after another in a process; `--out DIR --reuse` adds variants to finished runs without rerunning
+them (each keeps the wall time it recorded).
 """
 
 from __future__ import annotations
@@ -41,13 +48,14 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 FAMILY = "[pi,ntk,yarn,yarn-family]"  # search.seeds with the YaRN family
 SEED_MARGIN = 0.5  # nats: at 8x on the shipped model PI's seed is 1.6 and NTK's 0.7 behind YaRN's
+RACE = "search.race_margin={margin}"  # filled with --race-margin
 VARIANTS = {
     "plain": ["search.race_margin=0", "search.seed_margin=null"],
-    "race": [f"search.race_margin={DEFAULT_RACE_MARGIN}", "search.seed_margin=null"],
+    "race": [RACE, "search.seed_margin=null"],
     "seeds": ["search.race_margin=0", f"search.seed_margin={SEED_MARGIN}"],
-    "race+seeds": [f"search.race_margin={DEFAULT_RACE_MARGIN}", f"search.seed_margin={SEED_MARGIN}"],
+    "race+seeds": [RACE, f"search.seed_margin={SEED_MARGIN}"],
     "family": ["search.race_margin=0", "search.seed_margin=null", f"search.seeds={FAMILY}"],
-    "all": [f"search.race_margin={DEFAULT_RACE_MARGIN}", f"search.seed_margin={SEED_MARGIN}", f"search.seeds={FAMILY}"],
+    "all": [RACE, f"search.seed_margin={SEED_MARGIN}", f"search.seeds={FAMILY}"],
     "samples2": ["search.race_margin=0", "search.seed_margin=null", "data.samples=2"],  # a quarter of the windows
 }
 
@@ -56,7 +64,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=TINY, help="the search to run (default: configs/tiny.yaml)")
     p.add_argument("--targets", default="8x,16x")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS)}; the first is the reference")
+    p.add_argument("--variants", default="plain,race,seeds,family,all",
+                   help=f"of {', '.join(VARIANTS)}; the first is the reference")
+    p.add_argument("--race-margin", type=float, default=DEFAULT_RACE_MARGIN, help="the racing variants' margin")
     p.add_argument("--generations", type=int, default=None, help="override search.generations")
     p.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--reuse", action="store_true", help="take finished runs in --out as they are (the wall time "
@@ -133,7 +143,7 @@ def main() -> None:
     for target in args.targets.split(","):
         plain = None  # (forward tokens, held-out PPL) of the reference (first) variant's run
         for variant in variants:
-            overrides = [f"search.target={target}", *VARIANTS[variant]]
+            overrides = [f"search.target={target}", *(o.format(margin=args.race_margin) for o in VARIANTS[variant])]
             if args.generations is not None:
                 overrides.append(f"search.generations={args.generations}")
             config = load_config(args.config, overrides)
