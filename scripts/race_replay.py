@@ -9,21 +9,36 @@ share of the children's samples that would have been scored. First it prints why
 many children became parents, how close to the bar the others were (mean over all samples), and the spread of one
 sample's paired difference (the noise a race has to see through after one sample).
 
-Run: python scripts/race_replay.py RUN [PARENTS (default 16)] [MARGINS (default 0.01,0.02,0.05,0.1,0.2)]
+Run: python scripts/race_replay.py RUN [--parents K (default: the run's search.parents)] [--margins 0.01,0.05]
 """
 
+import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
+
+import yaml
 
 from longrope_search import checkpoint, evolution
 from longrope_search.fitness import Race
+from longrope_search.rundir import CONFIG_FILE, LOG_FILE
 
-run = Path(sys.argv[1]); k = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-margins = [float(x) for x in (sys.argv[3] if len(sys.argv) > 3 else "0.01,0.02,0.05,0.1,0.2").split(",")]
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+parser.add_argument("run", type=Path, help="a finished search run with search.race_margin 0 (e.g. bench_search's plain run)")
+parser.add_argument("--parents", type=int, default=None, help="parents per generation (default: the run's own)")
+parser.add_argument("--margins", default="0.01,0.02,0.05,0.1,0.2", help="race margins to replay, in nats")
+args = parser.parse_args()
+run = args.run
+if not (run / LOG_FILE).exists() or not (run / CONFIG_FILE).exists():
+    parser.error(f"{run} is not a search run (no {LOG_FILE} or {CONFIG_FILE}); pass the folder a search wrote.")
+ran = yaml.safe_load((run / CONFIG_FILE).read_text())["search"]
+if ran.get("race_margin"):
+    parser.error(f"{run} ran with search.race_margin {ran['race_margin']}: its stopped candidates have no full "
+                 "scores to replay; rerun it with --set search.race_margin=0.")
+k = args.parents or ran["parents"]
+margins = [float(x) for x in args.margins.split(",")]
 nlls = {}
-for line in (run / "log.jsonl").read_text().splitlines():
+for line in (run / LOG_FILE).read_text().splitlines():
     r = json.loads(line)
     if r.get("event") == "eval" and not r["key"].startswith(("validation|", "baseline:", "attention:")):
         nlls[r["key"]] = r["nlls"]

@@ -68,9 +68,16 @@ def test_the_seed_settings_change_the_initial_population(bench):
 
 def test_race_replay_reads_the_plain_run(bench):
     runs, _, env = bench
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "race_replay.py"), str(runs / "4x-plain"), "4",
-                          "1e-6,1"], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "race_replay.py"), str(runs / "4x-plain"),
+                          "--margins", "1e-6,1"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert "children became parents" in lines[1]
     assert lines[2].startswith("margin 1e-06: stopped") and lines[3].startswith("margin 1: stopped 0/")
+
+
+def test_race_replay_refuses_a_raced_run(bench):
+    runs, _, env = bench
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "race_replay.py"), str(runs / "4x-race")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "search.race_margin=0" in out.stderr.splitlines()[-1]
