@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,10 @@ def torchrun(*args: str, cwd: Path, timeout: float = 600, ranks: int = 2) -> lis
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the two ranks it started
         _, err = proc.communicate()
         pytest.fail(f"torchrun did not finish in {timeout} s: {err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
+    # a failing rank's own last words come before torchrun's report of it, which alone fills a short tail
+    report = re.search(r"^[WE]\d{4} .*elastic/multiprocessing/api\.py", err, re.MULTILINE)
+    ranks_said = err[:report.start()] if report else ""
+    assert proc.returncode == 0, f"{ranks_said[-3000:]}\n--- torchrun ---\n{err[-1500:]}"
     return [json.loads((cwd / f"{args[0]}-rank{rank}.json").read_text()) for rank in range(ranks)]
 
 
