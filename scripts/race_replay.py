@@ -13,38 +13,48 @@ Run: python scripts/race_replay.py RUN [--parents K (default: the run's search.p
 """
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-import yaml
-
 from longrope_search import checkpoint, evolution
+from longrope_search.errors import LongRopeError
 from longrope_search.fitness import Race
-from longrope_search.rundir import CONFIG_FILE, LOG_FILE
+from longrope_search.rundir import LOG_FILE, read_run_config
+
+
+def margin_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give margins in nats separated by commas, e.g. 0.01,0.05")
+
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-parser.add_argument("run", type=Path, help="a finished search run with search.race_margin 0 (e.g. bench_search's plain run)")
+parser.add_argument("run", type=Path,
+                    help="a finished search run with search.race_margin 0 (e.g. bench_search's plain run)")
 parser.add_argument("--parents", type=int, default=None, help="parents per generation (default: the run's own)")
-parser.add_argument("--margins", default="0.01,0.02,0.05,0.1,0.2", help="race margins to replay, in nats")
+parser.add_argument("--margins", type=margin_list, default="0.01,0.02,0.05,0.1,0.2",
+                    help="race margins to replay, in nats")
 args = parser.parse_args()
-run = args.run
-if not (run / LOG_FILE).exists() or not (run / CONFIG_FILE).exists():
-    parser.error(f"{run} is not a search run (no {LOG_FILE} or {CONFIG_FILE}); pass the folder a search wrote.")
-ran = yaml.safe_load((run / CONFIG_FILE).read_text())["search"]
+run, margins = args.run, args.margins
+try:
+    ran = read_run_config(run)["search"]
+except LongRopeError as e:
+    parser.error(str(e))
 if ran.get("race_margin"):
     parser.error(f"{run} ran with search.race_margin {ran['race_margin']}: its stopped candidates have no full "
                  "scores to replay; rerun it with --set search.race_margin=0.")
-k = args.parents or ran["parents"]
-margins = [float(x) for x in args.margins.split(",")]
-nlls = {}
-for line in (run / LOG_FILE).read_text().splitlines():
-    r = json.loads(line)
-    if r.get("event") == "eval" and not r["key"].startswith(("validation|", "baseline:", "attention:")):
-        nlls[r["key"]] = r["nlls"]
-state, _ = checkpoint.load_state(run)
+k = ran["parents"] if args.parents is None else args.parents
+nlls = {r["key"]: r["nlls"] for r in checkpoint.log_records(run / LOG_FILE)
+        if r["event"] == "eval" and not r["key"].startswith(("validation|", "baseline:", "attention:"))}
+try:
+    state, _ = checkpoint.load_state(run)
+except LongRopeError as e:
+    parser.error(str(e))
 entries = state.history
 gens = max(e.generation for e in entries)
+if gens < 1:
+    parser.error(f"{run} has no generation after the initial population yet; replay it once it has children.")
 winner = min(entries, key=lambda e: e.ppl).candidate.key
 n = len(next(iter(nlls.values())))
 print(f"{run}: {len(entries)} evaluations, {gens} generations, {n} samples, parents {k}")
