@@ -228,6 +228,34 @@ def needle_fillers(tokenizer: Any, inputs: EvalInputs, longest: int, shortest: i
     return fillers
 
 
+def checked_inputs(lengths: Sequence[str | int], run_dir: Path | None, model: str | None,
+                   factors: str | Path | None, data: str | None, samples: int | None, passkey_trials: int,
+                   needle: NeedleSettings | None, placement: tuple[str | None, str | None, str | None],
+                   progress: Progress | None) -> tuple[EvalInputs, list[int]]:
+    """What `evaluate` will run on and its lengths in tokens, after every check that needs no weights (the model's
+    config only): a mistake is one error before a long load. placement: (device, dtype, device_map)."""
+    if not lengths:
+        raise ConfigError("no lengths to evaluate; pass --lengths, e.g. --lengths 1x,8x,16x or 4k,32k.")
+    if run_dir is not None and (factors is not None or data is not None):
+        raise ConfigError(
+            "RUN_DIR evaluates the run's factors on its own corpus; to use other factors or data, drop RUN_DIR and "
+            "pass --model, --factors (a run directory or factors.json) and --data."
+        )
+    inputs = (run_inputs(run_dir, model, samples, *placement) if run_dir is not None
+              else flag_inputs(model, factors, data, samples, *placement))
+    if inputs.samples < 1:
+        raise ConfigError(f"cannot evaluate on {inputs.samples} samples; pass --samples 1 or more.")
+    if passkey_trials < 0:
+        raise ConfigError(f"cannot run {passkey_trials} passkey trials; pass --trials 1 or more.")
+    if needle is not None:
+        needle.check()
+    if progress is not None:
+        progress(f"reading the config of {inputs.model}")
+    check_geometry(inputs.factors.rope, rope_spec(load_config(inputs.model, inputs.options)),
+                   str(inputs.factors_file), inputs.model, "evaluate them on the searched model.")
+    return inputs, [parse_length(n, inputs.factors.rope.original_length) for n in lengths]
+
+
 def evaluate(
     lengths: Sequence[str | int],
     run_dir: str | Path | None = None,
@@ -252,30 +280,10 @@ def evaluate(
     passkey trials, and the documents without a run (a run's held-out windows follow its own data.seed).
     needle: measure needle retrieval with these settings (retrieval.py) on held-out documents too.
     """
-    if not lengths:
-        raise ConfigError("no lengths to evaluate; pass --lengths, e.g. --lengths 1x,8x,16x or 4k,32k.")
-    if run_dir is not None and (factors is not None or data is not None):
-        raise ConfigError(
-            "RUN_DIR evaluates the run's factors on its own corpus; to use other factors or data, drop RUN_DIR and "
-            "pass --model, --factors (a run directory or factors.json) and --data."
-        )
     run_dir = Path(run_dir) if run_dir is not None else None
-    inputs = (run_inputs(run_dir, model, samples, device, dtype, device_map) if run_dir is not None
-              else flag_inputs(model, factors, data, samples, device, dtype, device_map))
-    if inputs.samples < 1:
-        raise ConfigError(f"cannot evaluate on {inputs.samples} samples; pass --samples 1 or more.")
-    if passkey_trials < 0:
-        raise ConfigError(f"cannot run {passkey_trials} passkey trials; pass --trials 1 or more.")
-    if needle is not None:
-        needle.check()
-
-    ff = inputs.factors
-    spec = ff.rope  # carries a window override (model.original_length) the model's config does not know
-    if progress is not None:
-        progress(f"reading the config of {inputs.model}")
-    check_geometry(ff.rope, rope_spec(load_config(inputs.model, inputs.options)), str(inputs.factors_file),
-                   inputs.model, "evaluate them on the searched model.")
-    resolved = [parse_length(n, spec.original_length) for n in lengths]
+    inputs, resolved = checked_inputs(lengths, run_dir, model, factors, data, samples, passkey_trials, needle,
+                                      (device, dtype, device_map), progress)
+    ff, spec = inputs.factors, inputs.factors.rope  # the spec carries a window override the model's config lacks
 
     if progress is not None:
         progress(f"loading {inputs.model} (downloads, if any, show their own progress)")
