@@ -384,6 +384,16 @@ def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[f
 # --- export -----------------------------------------------------------------------------------------------
 
 
+def _check_verify_settings(tolerance: float, dtype: str) -> None:
+    """The logit check's own settings, refused before anything is read or written."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ExportError(f"--tolerance {tolerance} is not a finite number >= 0; the default 1e-4 suits float32 "
+                          "(bfloat16 needs about 1e-1).")
+    if dtype not in VERIFY_DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(VERIFY_DTYPES)}; float32 checks exactly, "
+                          "bfloat16 halves the memory of the check.")
+
+
 def export(
     source: str | Path,
     out: Path,
@@ -414,12 +424,7 @@ def export(
         if progress is not None:
             progress(line)
 
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ExportError(f"--tolerance {tolerance} is not a finite number >= 0; the default 1e-4 suits float32 "
-                          "(bfloat16 needs about 1e-1).")
-    if dtype not in VERIFY_DTYPES:
-        raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(VERIFY_DTYPES)}; float32 checks exactly, "
-                          "bfloat16 halves the memory of the check.")
+    _check_verify_settings(tolerance, dtype)
     ff = load_factors(source)  # a run directory (not a stages folder) or a factors.json
     source_file = factors_path(source)
     if ff.n_hat > 0 and not drop_n_hat:
@@ -436,7 +441,6 @@ def export(
     if verify and length <= original:
         raise ExportError(f"--verify-length {length} must exceed the original window {original} to test the long "
                           "factors; pass a longer --verify-length.")
-
     if verify:
         check_device_map(device_map)
 
@@ -446,12 +450,10 @@ def export(
     if verify:
         phase(f"checking {out}: reloading it with plain transformers and comparing logits with the searched model")
         ref = _verified(report, src, ff, length, tolerance, device, dtype, device_map, options)
-        if ff.n_hat > 0:
-            cost = n_hat_cost(source_file.parent, src, ref, ff)
-            if cost is not None:
-                kept, dropped = cost
-                notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
-                             f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
+        if ff.n_hat > 0 and (cost := n_hat_cost(source_file.parent, src, ref, ff)) is not None:
+            kept, dropped = cost
+            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
+                         f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
     if push_to_hub is not None:
         phase(f"uploading {out} to {push_to_hub}")
         report.pushed = hub.push_folder(out, push_to_hub, private)
