@@ -36,7 +36,6 @@ class SearchSpace:
     step: float = 0.01
     monotonic: bool = True  # factors non-decreasing with the pair index (the paper's constraint)
     n_hat_choices: tuple[int, ...] = (0,)
-    strict: bool = False  # factors strictly increasing (LongRoPE2); implies monotonic
     mscale_choices: tuple[float, ...] = ()  # ascending; empty: the attention factor is not searched
     mscale_start: int = 0  # index of the seeds' attention factor in mscale_choices
 
@@ -77,17 +76,11 @@ class SearchSpace:
             )
         if len(set(choices)) != len(choices):
             raise SearchError(f"n_hat_choices repeats values {list(choices)}; list each value once.")
-        if self.strict and self.num_levels() < self.num_factors:
-            raise SearchError(
-                f"{self.num_factors} strictly increasing factors need at least as many grid values, but "
-                f"[{self.min_factor}, {self.max_factor}] holds {self.num_levels()}; {EXHAUSTED_FIX}."
-            )
         if self.mscale_choices and not 0 <= self.mscale_start < len(self.mscale_choices):
             raise SearchError(f"mscale_start {self.mscale_start} is not an index of the {len(self.mscale_choices)} "
                               "attention-factor choices.")
         object.__setattr__(self, "num_factors", int(self.num_factors))
         object.__setattr__(self, "n_hat_choices", tuple(sorted(int(n) for n in choices)))
-        object.__setattr__(self, "monotonic", self.monotonic or self.strict)
         object.__setattr__(self, "mscale_choices", tuple(float(m) for m in self.mscale_choices))
 
     def num_levels(self) -> int:
@@ -114,6 +107,14 @@ class SearchSpace:
         genes = np.rint((factors - self.min_factor) / self.step)
         return np.clip(genes, 0, self.num_levels() - 1).astype(np.int64)  # (num_factors,)
 
+    def holds(self, factors: Sequence[float] | np.ndarray) -> bool:
+        """True when `factors` (num_factors,), rounded to the grid, is a member as it is: in range and, in a monotonic
+        space, non-decreasing, with nothing clipped or repaired (what `seed_candidates` does to a vector that is not)."""
+        genes = np.rint((np.asarray(factors, dtype=np.float64) - self.min_factor) / self.step)  # (num_factors,)
+        if genes.shape != (self.num_factors,) or genes.min() < 0 or genes.max() > self.num_levels() - 1:
+            return False
+        return not self.monotonic or bool(np.all(np.diff(genes) >= 0))
+
     def is_valid(self, cand: Candidate) -> bool:
         if len(cand.genes) != self.num_factors or cand.n_hat not in self.n_hat_choices:
             return False
@@ -123,8 +124,6 @@ class SearchSpace:
         genes = np.asarray(cand.genes, dtype=np.int64)  # (num_factors,)
         if genes.min() < 0 or genes.max() >= self.num_levels():
             return False
-        if self.strict:
-            return bool(np.all(np.diff(genes) > 0))
         return not self.monotonic or bool(np.all(np.diff(genes) >= 0))
 
     def mscale(self, cand: Candidate) -> float | None:
@@ -208,9 +207,7 @@ def seed_candidates(space: SearchSpace, seeds: dict[str, np.ndarray]) -> dict[st
         if not np.all(np.isfinite(vec)):
             raise SearchError(f"seed {name!r} contains NaN or inf; fix or drop that factor vector.")
         genes = space.to_genes(vec)  # (num_factors,)
-        if space.strict:
-            genes = _strictly_increasing(genes, space.num_levels() - 1)
-        elif space.monotonic:
+        if space.monotonic:
             genes = np.maximum.accumulate(genes)
         mscale = space.mscale_start if space.mscale_choices else None
         out[name] = Candidate(tuple(genes), space.n_hat_choices[0], mscale)
@@ -226,19 +223,6 @@ def competitive_seeds(scores: dict[str, float], margin: float) -> list[str]:
         return list(scores)
     best = min(finite.values())
     return [name for name, nll in finite.items() if nll <= best + margin]
-
-
-def _strictly_increasing(genes: np.ndarray, top: int) -> np.ndarray:
-    """The smallest raise that makes genes strictly increasing, then lowered from the top where that overflows.
-
-    The space holds at least as many levels as genes, so the result is valid.
-    """
-    genes = genes.copy()  # (n,)
-    for i in range(1, len(genes)):
-        genes[i] = max(genes[i], genes[i - 1] + 1)
-    for i in range(len(genes) - 1, -1, -1):
-        genes[i] = min(genes[i], top if i == len(genes) - 1 else genes[i + 1] - 1)
-    return genes
 
 
 def initial_population(space: SearchSpace, seeds: dict[str, np.ndarray], size: int,
@@ -291,7 +275,7 @@ def mutate(cand: Candidate, space: SearchSpace, rng: np.random.Generator, p: flo
     """Each gene with probability p is resampled uniformly on the grid; n_hat moves with probability p.
 
     Monotonic space: a gene is drawn within its neighbours' corridor [genes[i-1], genes[i+1]]
-    (the reference code's move; strictly inside it in a strict space), so the child stays valid. Genes are visited in one direction and
+    (the reference code's move), so the child stays valid. Genes are visited in one direction and
     each sees its already-moved neighbour, so a run of equal factors (the PI seed) can open up from
     its end; the direction is drawn at random so runs spread up and down alike. Otherwise a gene
     is drawn from the whole grid. n_hat steps to a neighbouring choice in sorted order (a local
@@ -307,12 +291,11 @@ def mutate(cand: Candidate, space: SearchSpace, rng: np.random.Generator, p: flo
     genes = np.array(cand.genes, dtype=np.int64)  # (n,)
     hit = rng.random(n) < p  # (n,) genes to resample
     if space.monotonic:
-        gap = 1 if space.strict else 0  # a strict space keeps neighbours apart
         order = range(n) if rng.random() < 0.5 else range(n - 1, -1, -1)
         for i in order:
             if hit[i]:
-                lo = genes[i - 1] + gap if i > 0 else 0
-                hi = genes[i + 1] - gap if i < n - 1 else top
+                lo = genes[i - 1] if i > 0 else 0
+                hi = genes[i + 1] if i < n - 1 else top
                 genes[i] = rng.integers(lo, hi + 1)
     else:
         genes[hit] = rng.integers(0, top + 1, size=int(hit.sum()))

@@ -51,13 +51,6 @@ def critical_pair(spec: RopeSpec) -> int:
     return min(max(math.ceil(pairs), 0), spec.num_factors)
 
 
-def critical_prefix(num_pairs: int, scale: float) -> torch.Tensor:
-    """The factors of the pairs below a critical dimension cd: an NTK-style curve that reaches `scale` at cd,
-    lambda_i = scale^(i / cd) (LongRoPE2).  # (cd,)"""
-    i = torch.arange(num_pairs, dtype=torch.float64)
-    return float(scale) ** (i / num_pairs) if num_pairs else i
-
-
 def longrope_mscale(scale: float, original_length: int) -> float:
     """LongRoPE's attention temperature sqrt(1 + ln s / ln L); transformers' default `attention_factor`."""
     if scale <= 1.0:

@@ -52,7 +52,7 @@ class SearchSetup:
     prior: Prior | None = None
     short: bool = False
     attention_fit: AttentionFit | None = None  # a short search: how the shared mscale was lowered
-    critical_dim: int | None = None  # pairs below it follow rope.critical_prefix; the space holds the rest
+    critical_dim: int | None = None  # LongRoPE2's: seeds that reach the scale at this pair, a wider space above it
 
     @property
     def scale(self) -> float:
@@ -76,11 +76,8 @@ class SearchSetup:
         return self.scale
 
     def factors(self, genes: Sequence[int]) -> np.ndarray:
-        """What the model runs with for a candidate: stage factors (below a critical dimension the fixed NTK-style
-        prefix, the searched genes from it on) composed with the prior's (long mode)."""
-        stage = self.space.factors(genes)  # (searched pairs,)
-        if self.critical_dim is not None:
-            stage = np.concatenate([rope.critical_prefix(self.critical_dim, self.stage_scale).numpy(), stage])  # (d/2,)
+        """What the model runs with for a candidate: its stage factors composed with the prior's (long mode)."""
+        stage = self.space.factors(genes)  # (d/2,)
         if self.prior is not None and not self.short:
             return stage * self.prior.factors  # lambda_total = lambda_stage2 * lambda_stage1
         return stage
@@ -217,17 +214,13 @@ def _long_space(config: Config, spec: RopeSpec, prior: Prior | None, critical: i
     # n_hat positions keep the original rotation; values at or beyond the window would mean "no scaling".
     n_hat = tuple(v for v in s.n_hat if v < spec.original_length) or (0,)
     choices, start = _mscale_choices(mscale) if s.mscale == "search" else ((), 0)
-    if critical is None:
-        space = SearchSpace(
-            num_factors=spec.num_factors, max_factor=s.max_factor or 1.25 * stage_scale, step=s.step,
-            monotonic=s.monotonic, n_hat_choices=n_hat, mscale_choices=choices, mscale_start=start,
-        )
-    else:  # LongRoPE2: the pairs from the critical dimension on, at least the scale, strictly increasing
-        space = SearchSpace(
-            num_factors=spec.num_factors - critical, min_factor=stage_scale,
-            max_factor=s.max_factor or 2.0 * stage_scale, step=s.step, strict=True, n_hat_choices=n_hat,
-            mscale_choices=choices, mscale_start=start,
-        )
+    # One space for every method, holding every seed as it is: each pair searched, factors non-decreasing in [1,
+    # max_factor]. A critical dimension (LongRoPE2) adds seeds that reach the scale there and a wider range above it.
+    top = s.max_factor or (2.0 if critical is not None else 1.25) * stage_scale
+    space = SearchSpace(
+        num_factors=spec.num_factors, max_factor=top, step=s.step, monotonic=s.monotonic, n_hat_choices=n_hat,
+        mscale_choices=choices, mscale_start=start,
+    )
     return target, space, mscale
 
 
@@ -267,8 +260,8 @@ CRITICAL_SEED_SCALES = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5)
 
 
 def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
-    """Named seed vectors of the initial population, in the space's terms: a later stage's own factors, and with a
-    critical dimension only the pairs from it on."""
+    """Named seed vectors of the initial population, in the space's terms (a later stage's own factors), each a member
+    of the space as it is; with a critical dimension also LongRoPE2's curves that reach the scale there."""
     if setup.prior is not None and not setup.short:
         # a later stage starts from the previous stage's window, extending it by target / previous target
         spec = RopeSpec(setup.spec.base, setup.spec.rotary_dim, setup.prior.target_length)
@@ -296,13 +289,13 @@ def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
             seeds["init"] = np.asarray(init.factors, dtype=np.float64) / setup.prior.factors
         else:
             seeds["init"] = np.asarray(init.factors, dtype=np.float64)
-    if setup.critical_dim is None:
-        return seeds
-    critical, pairs = setup.critical_dim, np.arange(spec.num_factors)
-    for m in CRITICAL_SEED_SCALES:  # t^(i / cd): the prefix's curve continued past the critical dimension
-        t = scale * m
-        seeds[f"ntk@{m:g}"] = t ** (pairs / critical) if critical else np.full(spec.num_factors, t)
-    return {name: vector[critical:] for name, vector in seeds.items()}
+    if setup.critical_dim is not None:
+        critical, pairs = setup.critical_dim, np.arange(spec.num_factors)
+        for m in CRITICAL_SEED_SCALES:  # t^(i / cd): an NTK-style curve reaching t at the critical dimension
+            t = scale * m
+            curve = t ** (pairs / critical) if critical else np.full(spec.num_factors, t)
+            seeds[f"ntk@{m:g}"] = np.minimum(curve, setup.space.max_factor)  # the curve runs on past the top
+    return seeds
 
 
 # --- identity -------------------------------------------------------------------------------------------
@@ -374,12 +367,13 @@ def identity(setup: SearchSetup, model_id: str, data_fingerprint: str, tokenizer
         extra["weights"] = weights  # checkpoint.ADDED_IDENTITY: a run from before it resumes without the check
     if setup.critical_dim is not None:
         extra["critical_dim"] = setup.critical_dim
-    if space.strict:
-        extra["strict"] = True
     if space.mscale_choices:
         extra["mscale_search"] = [space.mscale_choices[0], space.mscale_choices[-1], space.mscale_start]
     if setup.config.search.fitness != "ppl":
         extra["fitness"] = setup.config.search.fitness
+        extra["needles_per_window"] = setup.config.search.needles
+    if setup.config.search.fitness == "joint":
+        extra["needle_weight"] = setup.config.search.needle_weight
     return extra | {
         "model": model_id,
         "target_length": setup.target_length,
