@@ -247,8 +247,10 @@ def show_result(final: Any, run_dir: Path) -> None:
 
     length = final.scored_length
     kind = "short-context set" if final.search.mode == "short" else "factors"
-    needle = final.search.settings.get("fitness") == "needle"
-    fitness = "needle perplexity (loss on the hidden number's answer)" if needle else "perplexity"
+    settings = final.search.settings
+    fitness = {"needle": "needle perplexity (loss on the hidden numbers' answers)",
+               "joint": f"joint score (exp of the text's mean NLL + {settings.get('needle_weight')} x the answers')"
+               }.get(settings.get("fitness"), "perplexity")
     table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
                         f"{fitness}, lower is better; needles found, higher is better")
     columns = {"search": "search samples", "validation": "validation samples", "heldout": "held-out samples",

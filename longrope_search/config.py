@@ -32,6 +32,11 @@ MIN_STEP = 1e-6  # the finest factor grid search.step may set
 # Early rejection's margin in nats per sample (see search.race_margin); measured in README ("Search efficiency").
 DEFAULT_RACE_MARGIN = 0.05
 
+# The joint fitness (search.fitness: joint): needles per search window and the answers' weight, chosen by measurement
+# on both shipped models (README, "The joint fitness").
+DEFAULT_NEEDLES = 4
+DEFAULT_NEEDLE_WEIGHT = 0.25
+
 # The paper's n_hat candidates (LongRoPE, section 4.1); those not below the window are dropped at search time.
 PAPER_N_HAT = [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256]
 
@@ -122,11 +127,15 @@ class SearchSection(Section):
     # longrope: the paper's search (LongRoPE, 2024); longrope2: the LONGROPE2 settings as defaults
     method: Literal["longrope", "longrope2"] = "longrope"
     target: str | int | None = None  # 256k, 2m, 131072, or 8x the window; None: 8x (1x with short: true)
-    # ppl: perplexity of whole windows; needle: loss on the answer of a number hidden in each window (LongRoPE2)
-    fitness: Literal["ppl", "needle"] = "ppl"
-    # Pairs from this one on are searched in [scale, max_factor], strictly increasing; the pairs below follow an
-    # NTK-style curve that reaches the scale there. auto: LongRoPE2's theoretical value from the model's base and
-    # window; a list: one search per value, the best by held-out fitness kept. null: every pair is searched (v1).
+    # joint (a long search's default): each window holds `needles` numbers asked at its end; the score is the text's
+    # mean NLL plus needle_weight times the answers' (README "The joint fitness"). ppl: perplexity of whole windows
+    # (the paper's v1; a short search's default). needle: the answers' loss alone (LongRoPE2's needle-driven PPL).
+    fitness: Literal["joint", "ppl", "needle"] = "joint"
+    needles: int = Field(DEFAULT_NEEDLES, ge=1, le=16)  # numbers hidden in each window (joint, needle), all asked
+    needle_weight: float = Field(DEFAULT_NEEDLE_WEIGHT, gt=0.0, allow_inf_nan=False)  # joint: the answers' weight
+    # LongRoPE2's critical dimension: adds seeds on NTK-style curves that reach the scale at this pair (and at 1.1-1.5
+    # times it) and widens the space to 2 * scale; every pair is still searched and every seed kept. auto: the
+    # paper's value from the model's base and window; a list: one search per value, the best by held-out fitness.
     critical_dim: int | list[int] | Literal["auto"] | None = None
     population: int = Field(64, ge=2)  # P
     generations: int = Field(40, ge=0)  # T
@@ -156,9 +165,10 @@ class SearchSection(Section):
     # the search, on a 0.01 grid (LongRoPE2).
     mscale: float | Literal["auto", "keep", "search"] = "auto"
     long_tolerance: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)  # short search: allowed rise of the long PPL, 0.02 = 2%
-    # yarn-family: 11 more YaRN vectors, the ramp's ends moved by octaves of rotations (rope.YARN_FAMILY)
+    # yarn-family: 11 more YaRN vectors, the ramp's ends moved by octaves of rotations (rope.YARN_FAMILY); in the
+    # default because they retrieve better than YaRN itself on the shipped Llama (README, "The joint fitness")
     seeds: list[Literal["none", "pi", "ntk", "yarn", "yarn-family"]] = Field(
-        default_factory=lambda: ["pi", "ntk", "yarn"])
+        default_factory=lambda: ["pi", "ntk", "yarn", "yarn-family"])
     # The initial population's mutants: null: of every seed (the paper); a number: the seeds are scored first and
     # only those within this many nats (log PPL) of the best seed are mutated (a far-behind seed breeds only losers).
     seed_margin: float | None = Field(None, ge=0.0, allow_inf_nan=False)
@@ -213,7 +223,9 @@ class SearchSection(Section):
     @classmethod
     def _method_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("method") == "longrope2":
-            return {**LONGROPE2, **data}
+            data = {**LONGROPE2, **data}
+        if isinstance(data, dict) and "fitness" not in data and data.get("short"):
+            data = {**data, "fitness": "ppl"}  # short inputs: plain perplexity, a window too short for needles
         return data
 
     @model_validator(mode="after")
@@ -224,9 +236,9 @@ class SearchSection(Section):
             raise ValueError("mutations + crossovers must be > 0 when generations > 0")
         if self.mscale == "keep" and not self.short:
             raise ValueError("mscale: keep applies to a short search (--short); use auto or a number")
-        if self.short and (self.mscale == "search" or self.critical_dim is not None):
-            raise ValueError("a short-context search has its own space and attention-factor fit; drop mscale: search "
-                             "and critical_dim (method longrope2 sets them) for --short")
+        if self.short and (self.mscale == "search" or self.critical_dim is not None or self.fitness != "ppl"):
+            raise ValueError("a short-context search has its own space, fitness (ppl) and attention-factor fit; drop "
+                             "mscale: search, critical_dim and fitness (method longrope2 sets them) for --short")
         return self
 
     @property

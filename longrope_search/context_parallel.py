@@ -186,21 +186,22 @@ class ContextParallelEvaluator(fitness.Evaluator):
     """
 
     def __init__(self, model: Any, samples: torch.Tensor, cp: CPGroup, chunk_size: int = fitness.CHUNK_SIZE,
-                 targets: torch.Tensor | None = None) -> None:
+                 targets: torch.Tensor | None = None, joint: fitness.Joint | None = None) -> None:
         _require_sdpa(model)
-        super().__init__(model, samples, chunk_size, targets=targets)  # checks the head on each rank (no collective)
+        super().__init__(model, samples, chunk_size, targets=targets, joint=joint)  # checks the head (no collective)
         _ring()
         self.cp = cp
         self.mesh = DeviceMesh.from_group(cp.group, model.get_input_embeddings().weight.device.type)
-        self.fitness = functools.partial(fitness.perplexity, nll=functools.partial(sequence_nll, mesh=self.mesh),
-                                         targets=targets)
+        nll = functools.partial(sequence_nll, mesh=self.mesh)
+        self.fitness = functools.partial(fitness.perplexity, nll=nll, targets=targets, joint=joint,
+                                         parts=functools.partial(fitness.two_pass_parts, nll=nll))
 
 
 def make_evaluator(
     model: Any, samples: torch.Tensor, ctx: Context, chunk_size: int = fitness.CHUNK_SIZE,
-    targets: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None, joint: fitness.Joint | None = None,
 ) -> fitness.Evaluator:
     """The evaluator `ctx` calls for: fitness.Evaluator as before when `ctx.cp` is None, else its CP group's."""
     if ctx.cp is None:
-        return fitness.Evaluator(model, samples, chunk_size=chunk_size, targets=targets)
-    return ContextParallelEvaluator(model, samples, ctx.cp, chunk_size, targets)
+        return fitness.Evaluator(model, samples, chunk_size=chunk_size, targets=targets, joint=joint)
+    return ContextParallelEvaluator(model, samples, ctx.cp, chunk_size, targets, joint)

@@ -28,6 +28,8 @@ class FitnessResult:
     error: str | None = None
     rejected: bool = False  # stopped early by a Race: ppl and nlls cover only the samples scored
     forward_tokens: int = 0  # tokens the decoder ran: the work this score cost
+    # the joint fitness: {"text": [...], "answer": [...]}, each sample's two mean NLLs (nlls = text + weight * answer)
+    parts: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,19 @@ class Race:
         if not 0 < done < len(self.bar):
             return False
         return (sum(nlls) - sum(self.bar[:done])) / done > self.margin
+
+
+@dataclass(frozen=True)
+class Joint:
+    """The joint fitness (search.fitness: joint): each window holds needles asked at its end, and one decoder pass
+    gives two mean NLLs per window, the text's (every prediction but the answers') and the answers'. The window's
+    score is text + weight * answer, so a candidate must keep long text fluent AND find what lies far back."""
+
+    answer_rows: torch.Tensor  # (n, L-1) bool: the predictions of answer tokens
+    weight: float
+
+    def combine(self, text: float, answer: float) -> float:
+        return text + self.weight * answer
 
 
 def _decoder(model: Any) -> Any:
@@ -121,6 +136,30 @@ def sequence_nll(model: Any, input_ids: torch.Tensor, chunk_size: int = CHUNK_SI
     return total.item() / max(scored.numel(), 1)
 
 
+def sequence_parts(model: Any, input_ids: torch.Tensor, chunk_size: int, targets: torch.Tensor,
+                   answer_rows: torch.Tensor) -> tuple[float, float]:
+    """(mean NLL of the text rows, mean NLL of the answer rows) of one sequence (L,), from one decoder pass: the
+    joint fitness's two parts. targets (L-1,) what each position predicts; answer_rows (L-1,) bool."""
+    ids = input_ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, L)
+    with torch.inference_mode():
+        hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H), final norm applied
+        rows = answer_rows.to(hidden.device)
+        targets = targets.to(hidden.device)
+        means = []
+        for picked in (~rows).nonzero().squeeze(1), rows.nonzero().squeeze(1):  # text, then answers
+            means.append(nll_sum(model, hidden[picked], targets[picked], chunk_size).item() / max(picked.numel(), 1))
+    return means[0], means[1]
+
+
+def two_pass_parts(model: Any, input_ids: torch.Tensor, chunk_size: int, targets: torch.Tensor,
+                   answer_rows: torch.Tensor, nll: Callable[..., float]) -> tuple[float, float]:
+    """`sequence_parts` through a per-sequence NLL that scores one target set per pass (context parallelism's): the
+    same two means, at twice the forward cost."""
+    ignore = torch.full_like(targets, IGNORE)
+    return (nll(model, input_ids, chunk_size, torch.where(answer_rows, ignore, targets)),
+            nll(model, input_ids, chunk_size, torch.where(answer_rows, targets, ignore)))
+
+
 def scored_tokens(samples: torch.Tensor, targets: torch.Tensor | None) -> int:
     """Predictions a fitness pass scores: every next token, or the targets that are not IGNORE."""
     return samples.shape[0] * (samples.shape[1] - 1) if targets is None else int((targets != IGNORE).sum())
@@ -129,17 +168,27 @@ def scored_tokens(samples: torch.Tensor, targets: torch.Tensor | None) -> int:
 def perplexity(
     model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE,
     nll: Callable[..., float] = sequence_nll, targets: torch.Tensor | None = None, race: Race | None = None,
+    joint: Joint | None = None, parts: Callable[..., tuple[float, float]] = sequence_parts,
 ) -> FitnessResult:
     """exp(mean over samples (n, L) of each sample's mean NLL); a non-finite loss gives ppl inf, not a raise.
 
     `nll(model, row, chunk_size, row_targets)` scores one sample: `sequence_nll` here, a context-parallel one for a
     CP group. `targets` (n, L-1): what each position predicts, IGNORE where nothing is scored (the needle fitness
     scores only the answer); None: every next token. `race`: stop early (rejected) once the candidate lost it.
+    `joint`: each sample scores `joint.combine` of its text and answer means (`parts(model, row, chunk_size,
+    row_targets, row_answer_rows)`, one pass), both kept in the result's `parts`.
     """
     began = time.perf_counter()
     nlls: list[float] = []
+    halves: dict[str, list[float]] = {"text": [], "answer": []} if joint is not None else {}
     for i, row in enumerate(samples):
-        value = nll(model, row, chunk_size, None if targets is None else targets[i])
+        if joint is None:
+            value = nll(model, row, chunk_size, None if targets is None else targets[i])
+        else:
+            text, answer = parts(model, row, chunk_size, targets[i], joint.answer_rows[i])
+            halves["text"].append(text)
+            halves["answer"].append(answer)
+            value = joint.combine(text, answer)
         nlls.append(value)
         broken = not math.isfinite(value)  # the candidate is broken: the other samples cannot redeem it
         if broken or (race is not None and race.lost(nlls)):
@@ -149,10 +198,10 @@ def perplexity(
                 math.inf if broken else _ppl(mean), nlls,
                 scored_tokens(samples[:done], None if targets is None else targets[:done]), time.perf_counter() - began,
                 error=f"loss is {value} on sample {i}" if broken else None, rejected=not broken,
-                forward_tokens=done * samples.shape[1],
+                forward_tokens=done * samples.shape[1], parts=halves,
             )
     return FitnessResult(_ppl(sum(nlls) / len(nlls)), nlls, scored_tokens(samples, targets),
-                         time.perf_counter() - began, forward_tokens=samples.numel())
+                         time.perf_counter() - began, forward_tokens=samples.numel(), parts=halves)
 
 
 def _ppl(mean_nll: float) -> float:
@@ -182,14 +231,17 @@ class Evaluator:
     score only these predictions (IGNORE elsewhere), e.g. a needle's answer; None: every next token."""
 
     def __init__(self, model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE, kind: str = "ppl",
-                 targets: torch.Tensor | None = None) -> None:
+                 targets: torch.Tensor | None = None, joint: Joint | None = None) -> None:
         if kind not in FITNESS:
             raise ConfigError(f"unknown fitness {kind!r}; use one of: {', '.join(FITNESS)}.")
+        if joint is not None and targets is None:
+            raise ValueError("the joint fitness needs the windows' targets beside their answer rows")
         self.model = model
         self.samples = samples  # (n, L)
         self.targets = targets  # (n, L-1) or None
+        self.joint = joint
         self.chunk_size = chunk_size
-        self.fitness = functools.partial(FITNESS[kind], targets=targets)
+        self.fitness = functools.partial(FITNESS[kind], targets=targets, joint=joint)
         self.results: dict[str, FitnessResult] = {}
         self.evaluations = 0
         check_head(model, samples[0, :64])
@@ -220,5 +272,7 @@ class Evaluator:
         for key, ppl in scores.items():
             line = details.get(key, {})
             nlls = [math.inf if v is None else float(v) for v in line.get("nlls", [])]
+            parts = {name: [math.inf if v is None else float(v) for v in values]
+                     for name, values in (line.get("parts") or {}).items()}
             self.results.setdefault(key, FitnessResult(float(ppl), nlls, rejected=bool(line.get("rejected", False)),
-                                                       forward_tokens=int(line.get("tokens", 0))))
+                                                       forward_tokens=int(line.get("tokens", 0)), parts=parts))

@@ -92,11 +92,12 @@ def question_and_answer(tokenizer: Any, needle: Needle) -> tuple[list[int], list
     return q, _encode(tokenizer, answer)  # a tokeniser that merges across the boundary: encode apart
 
 
-def needle_overhead(tokenizer: Any, needles: Sequence[Needle], asked: int = 0) -> int:
-    """Tokens a sample spends on anything but filler: bos, the bindings, the question and the answer."""
+def needle_overhead(tokenizer: Any, needles: Sequence[Needle], asked: int | Sequence[int] = 0) -> int:
+    """Tokens a sample spends on anything but filler: bos, the bindings, and each asked question with its answer."""
     bos = 1 if tokenizer.bos_token_id is not None else 0
-    q, a = question_and_answer(tokenizer, needles[asked])
-    return bos + sum(len(_encode(tokenizer, BINDING.format(name=n.name, value=n.value))) for n in needles) + len(q) + len(a)
+    asked = [asked] if isinstance(asked, int) else list(asked)
+    bindings = sum(len(_encode(tokenizer, BINDING.format(name=n.name, value=n.value))) for n in needles)
+    return bos + bindings + sum(len(q) + len(a) for q, a in (question_and_answer(tokenizer, needles[j]) for j in asked))
 
 
 def _line_break(tokenizer: Any, filler: Sequence[int], want: int) -> int:
@@ -115,16 +116,11 @@ def _line_break(tokenizer: Any, filler: Sequence[int], want: int) -> int:
     return want
 
 
-def build_sample(
-    tokenizer: Any, filler: Sequence[int], length: int, needles: Sequence[Needle], depths: Sequence[float],
-    asked: int = 0,
-) -> NeedleSample:
-    """A sample of `length` tokens: the first tokens of `filler` with needle j placed at `depths[j]` of it (at the
-    nearest line break), then the question for needle `asked`, then its answer.
-
-    filler: token ids of one document (no bos); it must hold at least length - overhead tokens.
-    """
-    if len(depths) != len(needles) or not 0 <= asked < len(needles):
+def _filled(tokenizer: Any, filler: Sequence[int], length: int, needles: Sequence[Needle], depths: Sequence[float],
+            asked: Sequence[int]) -> tuple[list[int], list[float]]:
+    """[bos] + the filler's first tokens with needle j bound at `depths[j]` of it (at the nearest line break), leaving
+    exactly the room the questions and answers of `asked` take; and where each needle landed (share of the filler)."""
+    if len(depths) != len(needles) or not asked or any(not 0 <= j < len(needles) for j in asked):
         raise ConfigError("give one depth per needle and ask for one of them.")
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ConfigError(f"needle depths are shares of the context, from 0 to 1; got {list(depths)}.")
@@ -146,13 +142,51 @@ def build_sample(
     for j in order:
         ids += filler[done : places[j]] + _encode(tokenizer, BINDING.format(name=needles[j].name, value=needles[j].value))
         done = places[j]
+    return ids + filler[done:], [p / room if room else 0.0 for p in places]
+
+
+def build_sample(
+    tokenizer: Any, filler: Sequence[int], length: int, needles: Sequence[Needle], depths: Sequence[float],
+    asked: int = 0,
+) -> NeedleSample:
+    """A sample of `length` tokens: the first tokens of `filler` with needle j placed at `depths[j]` of it (at the
+    nearest line break), then the question for needle `asked`, then its answer.
+
+    filler: token ids of one document (no bos); it must hold at least length - overhead tokens.
+    """
+    ids, landed = _filled(tokenizer, filler, length, needles, depths, [asked])
     question, answer = question_and_answer(tokenizer, needles[asked])
-    ids += filler[done:] + question
+    ids += question
     answer_start = len(ids)
     ids += answer
     assert len(ids) == length, (len(ids), length)  # overhead counted exactly the tokens added
-    return NeedleSample(torch.tensor(ids, dtype=torch.long), answer_start, needles[asked].value,
-                        places[asked] / room if room else 0.0)
+    return NeedleSample(torch.tensor(ids, dtype=torch.long), answer_start, needles[asked].value, landed[asked])
+
+
+@dataclass(frozen=True)
+class AskedWindow:
+    """A window of exactly `length` tokens with several needles, every one of them asked at its end in turn:
+    [bos] filler-with-needles, then `assert NAME == VALUE` for each, in `asked` order. What the joint fitness scores:
+    the answers' tokens (several per window, so more retrieval evidence per forward token) and the rest as text."""
+
+    ids: torch.Tensor  # (length,) int64
+    answer_rows: torch.Tensor  # (length - 1,) bool: the positions whose next token is an answer token
+    depths: tuple[float, ...]  # where each needle landed, in needle order
+
+
+def build_window(tokenizer: Any, filler: Sequence[int], length: int, needles: Sequence[Needle],
+                 depths: Sequence[float], asked: Sequence[int]) -> AskedWindow:
+    """`build_sample` with every needle of `asked` questioned at the end, one line after the other, each followed by
+    its answer."""
+    ids, landed = _filled(tokenizer, filler, length, needles, depths, asked)
+    rows = torch.zeros(length - 1, dtype=torch.bool)  # (L-1,)
+    for j in asked:
+        question, answer = question_and_answer(tokenizer, needles[j])
+        ids += question
+        rows[len(ids) - 1 : len(ids) - 1 + len(answer)] = True  # position i predicts token i + 1
+        ids += answer
+    assert len(ids) == length, (len(ids), length)  # overhead counted exactly the tokens added
+    return AskedWindow(torch.tensor(ids, dtype=torch.long), rows, tuple(landed))
 
 
 def leading_number(text: str) -> str | None:
@@ -187,11 +221,37 @@ def needle_samples(tokenizer: Any, windows: torch.Tensor, rng: np.random.Generat
                          [i / (n - 1) if n > 1 else 0.5]) for i in range(n)]
 
 
-def scored_answers(samples: Sequence[NeedleSample]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The needle fitness's input: the samples' ids (n, L) and targets (n, L-1) that score only the answer tokens
-    (IGNORE everywhere else). All samples have one length."""
-    ids = torch.stack([s.ids for s in samples])  # (n, L)
-    targets = torch.full((len(samples), ids.shape[1] - 1), IGNORE, dtype=torch.long)  # (n, L-1)
-    for i, sample in enumerate(samples):
-        targets[i, sample.predicting] = sample.answer
-    return ids, targets
+def asked_windows(tokenizer: Any, windows: torch.Tensor, rng: np.random.Generator, keys: int = 1) -> list[AskedWindow]:
+    """`keys` needles in each window, all asked at its end (in an order drawn from `rng` when there are several):
+    needle j of window i at depth (j * n + i) / (keys * n - 1), so the n * keys needles of the set spread evenly over
+    the depths. With one key this is `needle_samples` token for token.
+
+    windows: (n, L) [bos] + a document's first tokens (data.build_samples); the needles come from `rng`, in order.
+    """
+    n, length = windows.shape
+    skip = 1 if tokenizer.bos_token_id is not None else 0
+    spread = keys * n - 1
+    out = []
+    for i in range(n):
+        needles = draw_needles(rng, keys)
+        order = [0] if keys == 1 else [int(j) for j in rng.permutation(keys)]
+        depths = [(j * n + i) / spread if spread else 0.5 for j in range(keys)]
+        out.append(build_window(tokenizer, windows[i, skip:].tolist(), length, needles, depths, order))
+    return out
+
+
+def answer_targets(windows: Sequence[AskedWindow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The windows' ids (n, L), their next tokens (n, L-1) and the answer rows among them (n, L-1) bool. All windows
+    have one length."""
+    ids = torch.stack([w.ids for w in windows])  # (n, L)
+    return ids, ids[:, 1:].clone(), torch.stack([w.answer_rows for w in windows])
+
+
+def answers_only(targets: torch.Tensor, answer_rows: torch.Tensor) -> torch.Tensor:
+    """`targets` (n, L-1) scored only at the answer rows (IGNORE elsewhere): the needle fitness's targets."""
+    return torch.where(answer_rows, targets, torch.full_like(targets, IGNORE))
+
+
+def text_only(targets: torch.Tensor, answer_rows: torch.Tensor) -> torch.Tensor:
+    """`targets` (n, L-1) scored everywhere but at the answer rows: the text half of the joint fitness."""
+    return torch.where(answer_rows, torch.full_like(targets, IGNORE), targets)

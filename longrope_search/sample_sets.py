@@ -14,7 +14,8 @@ import torch
 from longrope_search import data
 from longrope_search.config import Config
 from longrope_search.errors import ConfigError
-from longrope_search.needle import NeedleSample, needle_samples, scored_answers
+from longrope_search.fitness import Joint
+from longrope_search.needle import NeedleSample, answer_targets, answers_only, asked_windows, needle_samples
 
 # Needles of each set come from their own generator: (data.seed, NEEDLE_STREAMS[set]).
 NEEDLE_STREAMS = {"search": 1, "heldout": 2, "validation": 3}
@@ -22,10 +23,12 @@ NEEDLE_STREAMS = {"search": 1, "heldout": 2, "validation": 3}
 
 @dataclass(frozen=True)
 class Scored:
-    """Windows as a fitness scores them: ids (n, L) and the targets (n, L-1) it scores (None: every next token)."""
+    """Windows as a fitness scores them: ids (n, L), the targets (n, L-1) it scores (None: every next token) and, for
+    the joint fitness, which of them are answers."""
 
     ids: torch.Tensor
     targets: torch.Tensor | None = None
+    joint: Joint | None = None
 
     @property
     def count(self) -> int:
@@ -51,12 +54,21 @@ def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:
                                  d.heldout_samples + d.validation_samples, d.seed, d.cache_dir)
     heldout_plain = windows.heldout[: d.heldout_samples]  # (m, L)
     validation_plain = windows.heldout[d.heldout_samples:]  # (v, L)
-    needle = config.search.fitness == "needle"
+    s = config.search
+    needle = s.fitness != "ppl"  # the windows hold needles
 
     def scored(ids: torch.Tensor, name: str) -> Scored:
         if not needle:
             return Scored(ids)
-        return Scored(*scored_answers(needle_samples(tokenizer, ids, _needle_rng(d.seed, name))))
+        try:
+            windows = asked_windows(tokenizer, ids, _needle_rng(d.seed, name), s.needles)
+        except ConfigError as exc:
+            raise ConfigError(f"search.fitness {s.fitness} hides {s.needles} needles in each {length}-token window: "
+                              f"{str(exc).rstrip('.')}; lower search.needles, or set search.fitness: ppl.") from None
+        ids, targets, rows = answer_targets(windows)
+        if s.fitness == "joint":
+            return Scored(ids, targets, Joint(rows, s.needle_weight))
+        return Scored(ids, answers_only(targets, rows))
 
     search = scored(windows.search, "search")
     identity = {"data": windows.fingerprint}
@@ -71,7 +83,7 @@ def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:
     validation = scored(validation_plain, "validation") if d.validation_samples else None
     if validation is not None:
         identity["validation"] = data.ids_fingerprint(validation.ids)
-    heldout = Scored(*scored_answers(heldout_needles)) if needle and heldout_needles else Scored(heldout_plain)
+    heldout = scored(heldout_plain, "heldout") if needle and heldout_needles else Scored(heldout_plain)
     return SampleSets(windows, search, heldout, heldout_plain, heldout_needles, validation, identity)
 
 

@@ -33,6 +33,8 @@ def score_logged(
     def log(i: int, result: FitnessResult) -> None:
         record = {"event": "eval", "key": fresh[i][0], "ppl": result.ppl, "seconds": round(result.seconds, 4),
                   "tokens": result.forward_tokens, "nlls": result.nlls}
+        if result.parts:
+            record["parts"] = result.parts
         if result.rejected:
             record["rejected"] = True
         if result.error:

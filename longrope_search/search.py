@@ -334,7 +334,7 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context, report
                             "before lowering its attention factor; or set search.mscale: keep)") from None
         ident["long_data"] = long_samples.fingerprint
     evaluator = context_parallel.make_evaluator(model, sets.search.ids, ctx, config.search.chunk_size,
-                                                sets.search.targets)
+                                                sets.search.targets, sets.search.joint)
     return Loaded(model, tokenizer, sets, long_samples, ident, evaluator)
 
 
@@ -412,7 +412,7 @@ def validator(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: R
         return None
     sets = loaded.sets
     evaluator = context_parallel.make_evaluator(loaded.model, sets.validation.ids, ctx, setup.config.search.chunk_size,
-                                                sets.validation.targets)
+                                                sets.validation.targets, sets.validation.joint)
     evaluator.preload(opened.logged, opened.details)
     return Validator(setup, evaluator, opened.run_dir / LOG_FILE, ctx, reporter)
 
@@ -429,8 +429,8 @@ def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed
     sets = loaded.sets
     if sets.heldout.count:
         evaluators["heldout"] = context_parallel.make_evaluator(loaded.model, sets.heldout.ids, ctx, chunk,
-                                                                sets.heldout.targets)
-        if sets.heldout.targets is not None:  # the needle fitness: the plain perplexity too
+                                                                sets.heldout.targets, sets.heldout.joint)
+        if sets.heldout.targets is not None:  # a fitness on needle windows: the plain perplexity too
             evaluators["heldout_ppl"] = context_parallel.make_evaluator(loaded.model, sets.heldout_plain, ctx, chunk)
     if sets.heldout_needles and ctx.cp is None:  # greedy decoding runs on one rank: not under context parallelism
         needles = NeedleCheck(loaded.model, loaded.tokenizer, sets.heldout_needles)

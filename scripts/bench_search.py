@@ -114,10 +114,11 @@ def heldout_curve(config: Config, run_dir: Path) -> list[tuple[int, float]]:
     setup = make_setup(config, spec, resolve_prior(config, model_config, spec))
     model, tokenizer = load_model(config.model.name, device="cpu", dtype="float32", mlp_chunk=config.search.mlp_chunk)
     sets = sample_sets(tokenizer, config, setup.target_length)
-    heldout = Evaluator(model, sets.heldout.ids, config.search.chunk_size, targets=sets.heldout.targets)
+    heldout = Evaluator(model, sets.heldout_plain, config.search.chunk_size)  # plain PPL, whatever the fitness
     validator = None
     if sets.validation is not None:
-        scores = Evaluator(model, sets.validation.ids, config.search.chunk_size, targets=sets.validation.targets)
+        scores = Evaluator(model, sets.validation.ids, config.search.chunk_size, targets=sets.validation.targets,
+                           joint=sets.validation.joint)
         scores.preload({r["key"]: r["ppl"] for r in map(json.loads, (run_dir / LOG_FILE).read_text().splitlines())
                         if r["event"] == "eval" and r["key"].startswith(KEY_PREFIX)})
         validator = Validator(setup, scores, run_dir / "bench_validation.jsonl")
@@ -160,7 +161,7 @@ def main() -> None:
                 wall_file.write_text(json.dumps({"seconds": wall}))
             curve = heldout_curve(config, run_dir)
             (run_dir / "bench_curve.json").write_text(json.dumps(curve))
-            heldout, tokens = final.ppl["heldout"], work_tokens(run_dir)
+            heldout, tokens = final.ppl.get("heldout_ppl", final.ppl["heldout"]), work_tokens(run_dir)
             plain = plain or (tokens, heldout)
             reach = next((t for t, ppl in curve if ppl <= plain[1] * (1 + 1e-9)), None)
             row = (target, variant, final.search.evaluations, final.search.rejected, f"{tokens / 1e6:.2f}",

@@ -29,8 +29,10 @@ def write_corpus(root: Path, documents: int = 10, words: int = 400, seed: int = 
 
 
 def search_config(model: Path, corpus: Path, **search) -> dict:
+    """A small search on `model` and `corpus`. fitness ppl unless a test asks for another: the loop's tests run on
+    word corpora without line breaks and windows too short for the joint fitness's needles (tests/test_joint.py)."""
     settings = dict(target="4x", population=8, parents=4, mutations=3, crossovers=3, generations=3,
-                    n_hat=[0, 2, 4], seed=0, chunk_size=48)
+                    n_hat=[0, 2, 4], seed=0, chunk_size=48, fitness="ppl")
     settings.update(search)
     return {
         "model": {"name": str(model), "device": "cpu"},

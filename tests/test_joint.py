@@ -1,0 +1,207 @@
+"""The joint fitness and the one search space: windows with several needles all asked at the end (every answer
+scored, nothing else), the joint score equal to its two halves scored apart, every seed a member of every method's
+space, the winner never worse than the best seed, and a kill -9 resuming to the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from search_fixtures import (CODE, comparable, one_line_error, search_config, write_code_corpus, write_config,
+                             write_model)
+from tiny_models import tiny_model, tiny_tokenizer
+from typer.testing import CliRunner
+
+from longrope_search import checkpoint, rope
+from longrope_search.cli import app
+from longrope_search.config import from_dict
+from longrope_search.evolution import seed_candidates
+from longrope_search.fitness import IGNORE, Evaluator, Joint
+from longrope_search.model import load_config, rope_spec
+from longrope_search.needle import answer_targets, answers_only, asked_windows, needle_samples, text_only
+from longrope_search.search import run_search
+from longrope_search.search_setup import make_setup
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model with a 64-token window and a code corpus: 4x windows of 256 tokens hold two needles."""
+    root = tmp_path_factory.mktemp("joint")
+    return write_model(root, window=64), write_code_corpus(root, documents=12)
+
+
+def joint_config(model: Path, corpus: Path, **search) -> dict:
+    return search_config(model, corpus, **{"fitness": "joint", "needles": 2, "n_hat": [0], **search})
+
+
+def code_windows(n: int, length: int) -> torch.Tensor:
+    tokenizer = tiny_tokenizer()
+    doc = tokenizer("\n".join(CODE * 80), add_special_tokens=False)["input_ids"]
+    return torch.tensor([[tokenizer.bos_token_id] + doc[i * 7 : i * 7 + length - 1] for i in range(n)])  # (n, L)
+
+
+# --- windows with several needles ----------------------------------------------------------------------------
+
+
+def test_one_key_per_window_is_the_needle_fitness_window_token_for_token():
+    tokenizer = tiny_tokenizer()
+    windows = code_windows(3, 200)
+    asked = asked_windows(tokenizer, windows, np.random.default_rng(0), keys=1)
+    single = needle_samples(tokenizer, windows, np.random.default_rng(0))
+    for window, sample in zip(asked, single):
+        assert torch.equal(window.ids, sample.ids)
+        assert window.answer_rows.nonzero().squeeze(1).tolist() == sample.predicting.tolist()
+
+
+def test_every_needle_is_asked_and_only_the_answers_are_answer_rows():
+    tokenizer = tiny_tokenizer()
+    windows = asked_windows(tokenizer, code_windows(2, 400), np.random.default_rng(1), keys=3)
+    ids, targets, rows = answer_targets(windows)
+    assert ids.shape == (2, 400) and targets.shape == rows.shape == (2, 399)
+    depths = sorted(d for w in windows for d in w.depths)
+    assert depths[0] < 0.1 and depths[-1] > 0.9  # the 6 needles spread over the depths
+    for i in range(2):
+        text = tokenizer.decode(ids[i])
+        asserts = [line for line in text.splitlines() if line.startswith("assert ")]
+        assert len(asserts) == 3  # every needle asked, one line each
+        bound = {line.split(" = ")[0]: line.split(" = ")[1] for line in text.splitlines() if " = " in line
+                 and line.split(" = ")[0].isupper()}
+        answers = tokenizer.decode(targets[i][rows[i]]).split()
+        assert answers == [bound[a.split()[1]] for a in asserts]  # the scored tokens are exactly the asked values
+    only = answers_only(targets, rows)
+    assert torch.equal(only != IGNORE, rows) and torch.equal(text_only(targets, rows) != IGNORE, ~rows)
+
+
+def test_a_window_too_short_for_its_needles_is_one_line_naming_the_fix(setup, tmp_path):
+    model, corpus = setup
+    cfg = write_config(tmp_path / "cfg.yaml", joint_config(model, corpus, target="2x", needles=8))
+    runner = CliRunner()
+    runner.invoke(app, ["search", "--config", str(cfg), "--out", str(tmp_path / "warm")])  # the corpus read once
+    result = runner.invoke(app, ["search", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    one_line_error(result, "hides 8 needles in each 128-token window", "lower search.needles")
+    assert not (tmp_path / "run").exists()
+
+
+# --- the joint score --------------------------------------------------------------------------------------------
+
+
+def test_the_joint_score_equals_its_two_halves_scored_apart():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", max_position_embeddings=512)
+    ids, targets, rows = answer_targets(asked_windows(tokenizer, code_windows(3, 300), np.random.default_rng(2), 2))
+    factors = [1.0, 1.2, 1.5, 1.5, 2.0, 2.0, 2.5, 3.0]
+    joint = Evaluator(model, ids, 64, targets=targets, joint=Joint(rows, 0.3)).score("c", factors, 0, 1.1)
+    text = Evaluator(model, ids, 64, targets=text_only(targets, rows)).score("c", factors, 0, 1.1)
+    answer = Evaluator(model, ids, 64, targets=answers_only(targets, rows)).score("c", factors, 0, 1.1)
+    assert joint.parts["text"] == pytest.approx(text.nlls, abs=1e-6)
+    assert joint.parts["answer"] == pytest.approx(answer.nlls, abs=1e-6)
+    expected = [t + 0.3 * a for t, a in zip(text.nlls, answer.nlls)]
+    assert joint.nlls == pytest.approx(expected, abs=1e-6)
+    assert math.log(joint.ppl) == pytest.approx(np.mean(expected), abs=1e-6)
+    assert answer.nlls[0] > 0.5 and text.nlls[0] != answer.nlls[0]  # two different measures, both non-trivial
+
+
+# --- one space for every method ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("search", [
+    dict(),  # the default: every pair, [1, 1.25 s]
+    dict(method="longrope2", needles=1),  # the critical dimension's seeds and [1, 2 s]
+    dict(critical_dim=1, max_factor=4.5),
+    dict(fitness="ppl", n_hat=[0, 2]),
+], ids=["default", "longrope2", "critical-1", "v1"])
+def test_every_seed_is_a_member_of_every_methods_space(setup, search):
+    model, corpus = setup
+    config = joint_config(model, corpus, seeds=["pi", "ntk", "yarn", "yarn-family"], **search)
+    if search.get("method"):
+        config["search"].pop("fitness")
+        config["search"].pop("n_hat")
+    setup_ = make_setup(from_dict(config), rope_spec(load_config(str(model))))
+    space = setup_.space
+    assert space.num_factors == setup_.spec.num_factors  # every pair is searched
+    assert {"pi", "ntk", "yarn", "yarn@16,0.25", "yarn@64,2"} <= set(setup_.seeds)
+    candidates = seed_candidates(space, setup_.seeds)
+    for name, vector in setup_.seeds.items():
+        assert space.holds(vector), name  # on the grid as it is: nothing clipped, nothing repaired
+        assert np.abs(setup_.factors(candidates[name].genes) - vector).max() <= space.step / 2 + 1e-12, name
+
+
+def test_a_search_never_ends_worse_than_its_best_seed(setup, tmp_path):
+    model, corpus = setup
+    seeds = ["pi", "ntk", "yarn"]
+    # generation 0 holds the seeds alone: the winner is the best of them
+    zero, _ = run_search(from_dict(joint_config(model, corpus, population=3, parents=2, generations=0, seeds=seeds)),
+                         tmp_path / "zero")
+    log = [json.loads(line) for line in (tmp_path / "zero" / "log.jsonl").read_text().splitlines()]
+    scores = [e["ppl"] for e in log if e["event"] == "eval"]
+    assert len(scores) == 3 and zero.ppl["search"] == min(scores)
+    assert zero.search.best_origin in seeds
+    best_seed = zero.search.best_origin
+    expected = rope.baseline(best_seed)(rope_spec(load_config(str(model))), 4.0).numpy()
+    assert np.abs(np.asarray(zero.factors) - expected).max() <= 0.005 + 1e-12
+    # with generations, elitism keeps it: the winner scores no worse than that seed
+    final, run_dir = run_search(from_dict(joint_config(model, corpus, generations=3, seeds=seeds)), tmp_path / "run")
+    history = checkpoint.state_to_json(checkpoint.load_state(run_dir)[0])["history"]
+    seed_scores = [e["ppl"] for e in history if e["origin"] in seeds]
+    assert final.ppl["search"] <= min(seed_scores) and final.ppl["search"] <= zero.ppl["search"] + 1e-12
+
+
+def test_the_run_records_both_halves_and_the_plain_perplexity(setup, tmp_path):
+    model, corpus = setup
+    final, run_dir = run_search(from_dict(joint_config(model, corpus, generations=1)), tmp_path / "run")
+    evals = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert all(len(e["parts"]["text"]) == len(e["parts"]["answer"]) == len(e["nlls"]) for e in evals)
+    assert all(n == pytest.approx(t + 0.25 * a) for e in evals
+               for n, t, a in zip(e["nlls"], e["parts"]["text"], e["parts"]["answer"]))
+    assert {"search", "heldout", "heldout_ppl", "needle"} <= set(final.ppl) <= set(final.baselines["yarn"]) | {"validation"}
+    start = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])
+    assert start["fingerprint"]["fitness"] == "joint" and start["fingerprint"]["needles_per_window"] == 2
+    assert start["fingerprint"]["needle_weight"] == 0.25
+
+
+# --- resume --------------------------------------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "longrope_search", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted_with_the_joint_fitness(setup, tmp_path):
+    model, corpus = setup
+    cfg = write_config(tmp_path / "cfg.yaml", joint_config(model, corpus, generations=6))
+    reference = cli("search", "--config", str(cfg), "--out", "ref", cwd=tmp_path)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    seed = random.randrange(1_000_000)
+    delay = random.Random(seed).uniform(0.0, 1.0)
+    victim = cli("search", "--config", str(cfg), "--out", "run", cwd=tmp_path)
+    state_dir = tmp_path / "run" / "state"
+    deadline = time.time() + 120
+    while not any(state_dir.glob("gen_*.json")) and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    resumed = cli("search", "--resume", "run", cwd=tmp_path)
+    assert resumed.wait(timeout=300) == 0, f"seed {seed}: {resumed.stderr.read()}"
+    ref = json.loads((tmp_path / "ref" / "factors.json").read_text())
+    run = json.loads((tmp_path / "run" / "factors.json").read_text())
+    ref.pop("model"), run.pop("model")
+    assert comparable(run) == comparable(ref), f"kill after {delay:.2f}s (seed {seed})"
+    histories = [checkpoint.state_to_json(checkpoint.load_state(tmp_path / d)[0])["history"] for d in ("ref", "run")]
+    assert histories[0] == histories[1]
