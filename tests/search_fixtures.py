@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -78,3 +84,37 @@ def one_line_error(result, *expected: str) -> str:
     for part in expected:
         assert part in lines[0], lines[0]
     return lines[0]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.Popen:
+    """`longrope ARGS` in a subprocess (one thread), its output piped."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "longrope_search", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_9_then_resume(cfg: Path, root: Path, latest: float = 1.5) -> tuple[dict, dict, str]:
+    """The search of `cfg` run whole in root/ref, and in root/run killed with SIGKILL at a random moment (up to
+    `latest` s after its first checkpoint) then resumed: both factors.json documents (without the model path) and
+    what the kill was, for the failure message."""
+    reference = cli("search", "--config", str(cfg), "--out", "ref", cwd=root)
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    seed = random.randrange(1_000_000)
+    delay = random.Random(seed).uniform(0.0, latest)
+    victim = cli("search", "--config", str(cfg), "--out", "run", cwd=root)
+    state_dir = root / "run" / "state"
+    deadline = time.time() + 120
+    while not any(state_dir.glob("gen_*.json")) and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    resumed = cli("search", "--resume", "run", cwd=root)
+    _, err = resumed.communicate(timeout=300)
+    what = f"kill after {delay:.2f}s (seed {seed})"
+    assert resumed.returncode == 0, f"{what}: {err}"
+    docs = [json.loads((root / name / "factors.json").read_text()) for name in ("ref", "run")]
+    for doc in docs:
+        doc.pop("model")
+    return docs[0], docs[1], what

@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from search_fixtures import (CODE, comparable, one_line_error, search_config, write_code_corpus, write_config,
-                             write_model)
+from search_fixtures import (CODE, comparable, kill_9_then_resume, one_line_error, search_config, write_code_corpus,
+                             write_config, write_model)
 from tiny_models import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -175,33 +169,11 @@ def test_the_run_records_both_halves_and_the_plain_perplexity(setup, tmp_path):
 # --- resume --------------------------------------------------------------------------------------------------
 
 
-def cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "longrope_search", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted_with_the_joint_fitness(setup, tmp_path):
     model, corpus = setup
     cfg = write_config(tmp_path / "cfg.yaml", joint_config(model, corpus, generations=6))
-    reference = cli("search", "--config", str(cfg), "--out", "ref", cwd=tmp_path)
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()
-    seed = random.randrange(1_000_000)
-    delay = random.Random(seed).uniform(0.0, 1.0)
-    victim = cli("search", "--config", str(cfg), "--out", "run", cwd=tmp_path)
-    state_dir = tmp_path / "run" / "state"
-    deadline = time.time() + 120
-    while not any(state_dir.glob("gen_*.json")) and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.02)
-    time.sleep(delay)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    resumed = cli("search", "--resume", "run", cwd=tmp_path)
-    assert resumed.wait(timeout=300) == 0, f"seed {seed}: {resumed.stderr.read()}"
-    ref = json.loads((tmp_path / "ref" / "factors.json").read_text())
-    run = json.loads((tmp_path / "run" / "factors.json").read_text())
-    ref.pop("model"), run.pop("model")
-    assert comparable(run) == comparable(ref), f"kill after {delay:.2f}s (seed {seed})"
+    ref, run, what = kill_9_then_resume(cfg, tmp_path, latest=1.0)
+    assert comparable(run) == comparable(ref), what
     histories = [checkpoint.state_to_json(checkpoint.load_state(tmp_path / d)[0])["history"] for d in ("ref", "run")]
-    assert histories[0] == histories[1]
+    assert histories[0] == histories[1] and ref["search"]["settings"]["fitness"] == "joint"

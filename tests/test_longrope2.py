@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from search_fixtures import CODE, search_config, write_code_corpus, write_config, write_model
+from search_fixtures import CODE, cli, search_config, write_code_corpus, write_config, write_model
 from tiny_models import tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -203,12 +200,6 @@ def test_short_searches_refuse_longrope2_settings(setup):
 
 
 # --- the sweep ----------------------------------------------------------------------------------------------
-
-
-def cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "longrope_search", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow

@@ -4,18 +4,12 @@ every bad input as one line and exit code 2, constraint and no-re-evaluation inv
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from search_fixtures import comparable, search_config, write_config, write_corpus, write_model
+from search_fixtures import comparable, kill_9_then_resume, search_config, write_config, write_corpus, write_model
 from typer.testing import CliRunner
 
 from longrope_search import checkpoint
@@ -66,38 +60,12 @@ def test_search_writes_outputs_and_keeps_invariants(setup, tmp_path):
     assert events.count("eval") == len(history) and events.count("generation") == 5 and events[-1] == "done"
 
 
-def cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "longrope_search", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(setup, tmp_path):
     model, corpus = setup
     cfg = write_config(tmp_path / "cfg.yaml", search_config(model, corpus, generations=12))
-    reference = cli("search", "--config", str(cfg), "--out", "ref", cwd=tmp_path)
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err
-
-    seed = random.randrange(1_000_000)
-    delay = random.Random(seed).uniform(0.0, 1.5)
-    victim = cli("search", "--config", str(cfg), "--out", "run", cwd=tmp_path)
-    state_dir = tmp_path / "run" / "state"
-    deadline = time.time() + 120
-    while not any(state_dir.glob("gen_*.json")) and time.time() < deadline and victim.poll() is None:
-        time.sleep(0.02)
-    time.sleep(delay)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
-    resumed = cli("search", "--resume", "run", cwd=tmp_path)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, f"seed {seed}: {err}"
-
-    ref_factors = json.loads((tmp_path / "ref" / "factors.json").read_text())
-    run_factors = json.loads((tmp_path / "run" / "factors.json").read_text())
-    ref_factors.pop("model"), run_factors.pop("model")
-    assert comparable(run_factors) == comparable(ref_factors), f"kill after {delay:.2f}s (seed {seed})"
+    ref, run, what = kill_9_then_resume(cfg, tmp_path)
+    assert comparable(run) == comparable(ref), what
     assert final_history(tmp_path / "run") == final_history(tmp_path / "ref")
 
 
