@@ -215,6 +215,9 @@ def config_for_resume(run_dir: Path, overrides: list[str], generation_zero_done:
     """The run's saved config with budget overrides (`search.generations=60`) applied, and a note per change;
     any other override is refused."""
     saved = read_run_config(run_dir)
+    search = saved.get("search")
+    if isinstance(search, dict) and search.get("fitness") == "needle" and "needles" not in search:
+        saved = {**saved, "search": {**search, "needles": 1}}  # a needle run from before search.needles: one each
     for item in overrides:
         key = item.partition("=")[0].strip()
         section, _, name = key.partition(".")

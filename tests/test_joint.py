@@ -23,6 +23,7 @@ from longrope_search.evolution import seed_candidates
 from longrope_search.fitness import IGNORE, Evaluator, Joint
 from longrope_search.model import load_config, rope_spec
 from longrope_search.needle import answer_targets, answers_only, asked_windows, needle_samples, text_only
+from longrope_search.rundir import CONFIG_FILE, config_for_resume
 from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup
 
@@ -177,3 +178,14 @@ def test_kill_9_then_resume_equals_uninterrupted_with_the_joint_fitness(setup, t
     assert comparable(run) == comparable(ref), what
     histories = [checkpoint.state_to_json(checkpoint.load_state(tmp_path / d)[0])["history"] for d in ("ref", "run")]
     assert histories[0] == histories[1] and ref["search"]["settings"]["fitness"] == "joint"
+
+
+def test_a_needle_run_from_before_search_needles_resumes_with_its_one_needle(setup, tmp_path):
+    model, corpus = setup
+    saved = joint_config(model, corpus, fitness="needle")
+    saved["search"].pop("needles")  # what a run of an earlier version wrote
+    write_config(tmp_path / CONFIG_FILE, saved)
+    config, notes = config_for_resume(tmp_path, [])
+    assert config.search.needles == 1 and notes == []
+    write_config(tmp_path / CONFIG_FILE, joint_config(model, corpus))  # a joint run keeps what it wrote
+    assert config_for_resume(tmp_path, [])[0].search.needles == 2
