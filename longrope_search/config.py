@@ -33,7 +33,7 @@ MIN_STEP = 1e-6  # the finest factor grid search.step may set
 DEFAULT_RACE_MARGIN = 0.05
 
 # The joint fitness (search.fitness: joint): needles per search window and the answers' weight, chosen by measurement
-# on both shipped models (README, "The joint fitness").
+# on both shipped models (docs/retrieval.md).
 DEFAULT_NEEDLES = 4
 DEFAULT_NEEDLE_WEIGHT = 0.25
 
@@ -128,7 +128,7 @@ class SearchSection(Section):
     method: Literal["longrope", "longrope2"] = "longrope"
     target: str | int | None = None  # 256k, 2m, 131072, or 8x the window; None: 8x (1x with short: true)
     # joint (a long search's default): each window holds `needles` numbers asked at its end; the score is the text's
-    # mean NLL plus needle_weight times the answers' (README "The joint fitness"). ppl: perplexity of whole windows
+    # mean NLL plus needle_weight times the answers' (docs/retrieval.md). ppl: perplexity of whole windows
     # (the paper's v1; a short search's default). needle: the answers' loss alone (LongRoPE2's needle-driven PPL).
     fitness: Literal["joint", "ppl", "needle"] = "joint"
     needles: int = Field(DEFAULT_NEEDLES, ge=1, le=16)  # numbers hidden in each window (joint, needle), all asked
@@ -166,7 +166,7 @@ class SearchSection(Section):
     mscale: float | Literal["auto", "keep", "search"] = "auto"
     long_tolerance: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)  # short search: allowed rise of the long PPL, 0.02 = 2%
     # yarn-family: 11 more YaRN vectors, the ramp's ends moved by octaves of rotations (rope.YARN_FAMILY); in the
-    # default because they retrieve better than YaRN itself on the shipped Llama (README, "The joint fitness")
+    # default because they retrieve better than YaRN itself on the shipped Llama (docs/retrieval.md)
     seeds: list[Literal["none", "pi", "ntk", "yarn", "yarn-family"]] = Field(
         default_factory=lambda: ["pi", "ntk", "yarn", "yarn-family"])
     # The initial population's mutants: null: of every seed (the paper); a number: the seeds are scored first and
