@@ -141,14 +141,16 @@ def sequence_parts(model: Any, input_ids: torch.Tensor, chunk_size: int, targets
     """(mean NLL of the text rows, mean NLL of the answer rows) of one sequence (L,), from one decoder pass: the
     joint fitness's two parts. targets (L-1,) what each position predicts; answer_rows (L-1,) bool."""
     ids = input_ids.reshape(1, -1).to(model.get_input_embeddings().weight.device)  # (1, L)
+    length = ids.shape[1]
     with torch.inference_mode():
         hidden = _decoder(model)(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H), final norm applied
-        rows = answer_rows.to(hidden.device)
-        targets = targets.to(hidden.device)
-        means = []
-        for picked in (~rows).nonzero().squeeze(1), rows.nonzero().squeeze(1):  # text, then answers
-            means.append(nll_sum(model, hidden[picked], targets[picked], chunk_size).item() / max(picked.numel(), 1))
-    return means[0], means[1]
+        rows = answer_rows.to(hidden.device)  # (L-1,)
+        targets = targets.to(hidden.device)  # (L-1,)
+        # the text over a view of every row (answers IGNOREd): no (L, H) copy; then the few answer rows gathered
+        text = nll_sum(model, hidden[: length - 1], torch.where(rows, IGNORE, targets), chunk_size)
+        picked = rows.nonzero().squeeze(1)  # (a,)
+        answer = nll_sum(model, hidden[picked], targets[picked], chunk_size)
+    return text.item() / max(int((~rows).sum()), 1), answer.item() / max(picked.numel(), 1)
 
 
 def two_pass_parts(model: Any, input_ids: torch.Tensor, chunk_size: int, targets: torch.Tensor,
