@@ -20,7 +20,8 @@ def test_short_search_on_the_shipped_model_beats_pi_then_readjusts_short_inputs(
     final, run_dir = run_search(config, tmp_path / "run")
     heldout = final.ppl["heldout_ppl"]  # the default (joint) fitness: the plain held-out perplexity beside it
     assert final.search.settings["fitness"] == "joint" and final.ppl["needle"] >= final.baselines["yarn"]["needle"]
-    # measured: ~24 held-out against PI's ~50 (PI without fine-tuning is worse than no scaling here)
+    # measured: 5.6 held-out against PI's 25.8 and no scaling's 17.9 (PI without fine-tuning is worse than none here);
+    # needles 3 of 4 held-out windows, as YaRN
     assert heldout < final.baselines["pi"]["heldout_ppl"] * 0.7
     assert heldout < final.baselines["none"]["heldout_ppl"]
 
