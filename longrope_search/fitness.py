@@ -241,7 +241,6 @@ class Evaluator:
         self.model = model
         self.samples = samples  # (n, L)
         self.targets = targets  # (n, L-1) or None
-        self.joint = joint
         self.chunk_size = chunk_size
         self.fitness = functools.partial(FITNESS[kind], targets=targets, joint=joint)
         self.results: dict[str, FitnessResult] = {}

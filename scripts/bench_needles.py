@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from longrope_search import rope
 from longrope_search.comparison import NeedleCheck
 from longrope_search.config import find_config, load_config
 from longrope_search.errors import LongRopeError
@@ -29,8 +28,14 @@ from longrope_search.fitness import Evaluator
 from longrope_search.model import load_config as load_model_config
 from longrope_search.model import load_model, rope_spec
 from longrope_search.sample_sets import sample_sets
-from longrope_search.search_setup import make_setup, resolve_prior, seed_vectors
+from longrope_search.search_setup import make_setup, resolve_prior
 
+
+
+def fail(message: str) -> None:
+    """A user mistake: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 def ranks(values: list[float]) -> np.ndarray:
     order = np.argsort(values, kind="stable")
@@ -58,21 +63,26 @@ def main() -> None:
     parser.add_argument("--factors", nargs="*", default=[], help="runs or factors.json files added as candidates")
     parser.add_argument("--set", action="append", default=[], help="config override, key=value")
     args = parser.parse_args()
-    keys = [int(k) for k in args.keys.split(",")]
     try:
-        base = load_config(find_config(args.config), [*args.set, f"data.heldout_samples={args.heldout}", "search.fitness=needle"])
+        keys = [int(k) for k in args.keys.split(",")]
+    except ValueError:
+        fail(f"--keys {args.keys!r} is not a comma-separated list of counts, e.g. 1,2,4,8")
+    try:
+        overrides = [*args.set, f"data.heldout_samples={args.heldout}", "search.fitness=needle",
+                     "search.seeds=[pi,ntk,yarn,yarn-family]"]  # the candidates: every seed a search starts from
+        base = load_config(find_config(args.config), overrides)
         model_config = load_model_config(base.model.name)
         spec = rope_spec(model_config)
         setup = make_setup(base, spec, resolve_prior(base, model_config, spec))
         model, tokenizer = load_model(base.model.name, device="cpu", dtype=base.model.dtype)
-        vectors = dict(seed_vectors(setup)) | {n: v.numpy() for n, v in rope.yarn_family(spec, setup.scale).items()}
+        vectors = dict(setup.seeds)
         for path in args.factors:
             vectors[Path(path).name] = np.asarray(load_factors(path).factors)
         mscale = setup.mscale
         sets = {k: sample_sets(tokenizer, base.model_copy(update={"search": base.search.model_copy(
             update={"needles": k})}), setup.target_length) for k in keys}
     except LongRopeError as exc:
-        sys.exit(f"error: {exc}")
+        fail(f"{exc}")
     check = NeedleCheck(model, tokenizer, sets[keys[0]].heldout_needles)
     names = list(vectors)
     accuracy = [check.accuracy(vectors[n], 0, mscale) for n in names]

@@ -45,6 +45,12 @@ SEARCHED = "longrope"  # the searched factors' row in eval.json
 PPL_MARGIN = 0.03  # the default's bar: held-out PPL at least this much below YaRN's
 
 
+
+def fail(message: str) -> None:
+    """A user mistake: one line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
 def run(command: list[str], log: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with log.open("a") as out:
@@ -64,7 +70,7 @@ def search_and_eval(config: str, target: str, name: str, settings: list[str], ou
         command = ["longrope", "search", "--resume", str(run_dir)] if resume else \
             ["longrope", "search", "--config", config, "--out", str(run_dir), *overrides]
         run(command, log)
-    if not (reuse and _evaluated(run_dir, target)):
+    if not (reuse and _evaluated(run_dir)):
         run(["longrope", "eval", str(run_dir), "--lengths", target, "--needle"], log)
     return run_dir
 
@@ -74,9 +80,16 @@ def _finished(run_dir: Path) -> bool:
     return any(json.loads(line).get("event") == "done" for line in lines[-3:] if line.strip())
 
 
-def _evaluated(run_dir: Path, target: str) -> bool:
+def _evaluated(run_dir: Path) -> bool:
+    """eval.json holds PPL and both needle variants at the run's own target."""
     path = run_dir / "eval.json"
-    return path.is_file() and "needle" in json.loads(path.read_text())
+    if not path.is_file():
+        return False
+    doc = json.loads(path.read_text())
+    length = str(json.loads((run_dir / "factors.json").read_text())["target_length"])
+    needles = doc.get("needle", {})
+    return (all(length in row for row in doc.get("ppl", {}).values())
+            and all(length in row for v in ("single", "multikey") for row in needles.get(v, {"": {}}).values()))
 
 
 def scores(run_dir: Path) -> dict[str, tuple[float, float, float]]:
@@ -105,16 +118,16 @@ def main() -> None:
     variants = {}
     for name in args.variants.split(","):
         if name not in VARIANTS:
-            sys.exit(f"error: unknown variant {name!r}; use {', '.join(VARIANTS)} or --variant NAME=KEY=VALUE")
+            fail(f"unknown variant {name!r}; use {', '.join(VARIANTS)} or --variant NAME=KEY=VALUE")
         variants[name] = VARIANTS[name]
     for text in args.variant:
         name, sep, settings = text.partition("=")
         if not sep or not name or "=" not in settings:
-            sys.exit(f"error: --variant {text!r} is not NAME=KEY=VALUE[;KEY=VALUE]")
+            fail(f"--variant {text!r} is not NAME=KEY=VALUE[;KEY=VALUE]")
         variants[name] = settings.split(";")
     config = str(find_config(args.config))
     if not Path(config).is_file():
-        sys.exit(f"error: config {args.config} does not exist; give a path or a shipped name such as tiny")
+        fail(f"config {args.config} does not exist; give a path or a shipped name such as tiny")
     out = Path(args.out)
     targets = args.targets.split(",")
     jobs = [(t, n, s) for t in targets for n, s in variants.items()]
