@@ -27,7 +27,7 @@ class Evaluation:
     ppl: float  # inf when the loss was not finite; a rejected candidate's partial score
     generation: int
     origin: str  # pi | ntk | yarn | init | mutation | crossover
-    rejected: bool = False  # stopped early (search.race_margin): never a parent, never the winner
+    rejected: bool = False  # stopped early (race_margin, screen_windows): never a parent, never the winner
     tokens: int = 0  # forward tokens its score cost (0 when it was scored before, e.g. in an earlier stage)
 
     @property

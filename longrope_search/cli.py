@@ -264,7 +264,7 @@ def show_result(final: Any, run_dir: Path) -> None:
         table.add_row(name, *(f"{row[c]:{'.0%' if c == 'needle' else '.4f'}}" if c in row else "-" for c in shown))
     console.print(table)
     record = final.search
-    stopped = f", {record.rejected} stopped early by search.race_margin" if record.rejected else ""
+    stopped = f", {record.rejected} stopped early (search.race_margin, search.screen_windows)" if record.rejected else ""
     console.print(f"work: {record.evaluations} evaluations{stopped}, {record.forward_tokens / 1e6:.2f}M forward tokens, "
                   f"{record.seconds:.0f} s of scoring (`longrope plot` draws the best score against the tokens)",
                   markup=False)

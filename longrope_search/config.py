@@ -32,6 +32,14 @@ MIN_STEP = 1e-6  # the finest factor grid search.step may set
 # Early rejection's margin in nats per sample (see search.race_margin); measured in README ("Search efficiency").
 DEFAULT_RACE_MARGIN = 0.05
 
+# The initial population's seed margin in nats (search.seed_margin): a whole search improves on its best seed by
+# about 0.02 nats on both shipped models, so a seed 0.1 behind cannot breed the winner (docs/search-cost.md).
+DEFAULT_SEED_MARGIN = 0.1
+
+# Multi-fidelity scoring (search.screen_windows, search.screen_keep): measured in docs/search-cost.md.
+DEFAULT_SCREEN_WINDOWS = 2
+DEFAULT_SCREEN_KEEP = 0.25
+
 # The joint fitness (search.fitness: joint): needles per search window and the answers' weight, chosen by measurement
 # on both shipped models (docs/retrieval.md).
 DEFAULT_NEEDLES = 4
@@ -146,6 +154,11 @@ class SearchSection(Section):
     # Early rejection: a new candidate is scored sample by sample and stops once its mean NLL is this many nats above
     # the worst parent's on the same samples (it could not become a parent). 0: every candidate scored in full.
     race_margin: float = Field(DEFAULT_RACE_MARGIN, ge=0.0, allow_inf_nan=False)
+    # Multi-fidelity scoring (successive halving inside a generation): every new candidate is scored on the first
+    # screen_windows search windows, and only the screen_keep fraction of its batch with the lowest loss there on the
+    # rest; the others are stopped early. 0: every candidate on every window. The seeds are always scored in full.
+    screen_windows: int = Field(DEFAULT_SCREEN_WINDOWS, ge=0)
+    screen_keep: float = Field(DEFAULT_SCREEN_KEEP, gt=0.0, le=1.0, allow_inf_nan=False)
     # Generalisation (data.validation_samples): score the best-so-far on the validation samples every this many
     # generations (0: only at the end), pick the winner as the validation best among the select_top best candidates
     # by search score (1: the search's best), and stop once validation has not improved for `patience` validations
@@ -169,9 +182,10 @@ class SearchSection(Section):
     # default because they retrieve better than YaRN itself on the shipped Llama (docs/retrieval.md)
     seeds: list[Literal["none", "pi", "ntk", "yarn", "yarn-family"]] = Field(
         default_factory=lambda: ["pi", "ntk", "yarn", "yarn-family"])
-    # The initial population's mutants: null: of every seed (the paper); a number: the seeds are scored first and
-    # only those within this many nats (log PPL) of the best seed are mutated (a far-behind seed breeds only losers).
-    seed_margin: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    # The initial population: a number: the seeds are scored first, and only those within this many nats (log PPL)
+    # of the best seed join it and breed its mutants (a far-behind seed breeds only losers); null: every seed and
+    # mutants of every seed (the paper).
+    seed_margin: float | None = Field(DEFAULT_SEED_MARGIN, ge=0.0, allow_inf_nan=False)
     init_factors: str | None = None  # a factors.json whose factors join the initial population
     # Progressive extension: a run directory (or factors.json) whose long factors the model already runs
     # with; this search multiplies its own factors onto them. A LongRoPE-extended model needs none.

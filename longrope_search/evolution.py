@@ -227,8 +227,9 @@ def competitive_seeds(scores: dict[str, float], margin: float) -> list[str]:
 
 def initial_population(space: SearchSpace, seeds: dict[str, np.ndarray], size: int,
                        rng: np.random.Generator, p: float, breed: Collection[str] | None = None) -> list[Candidate]:
-    """The distinct seeds first (in the order given), then mutants of random seeds up to `size`: of every seed, or of
-    the seeds named in `breed` (see `competitive_seeds`); the draws are the same as without it when it names all.
+    """The distinct seeds first (in the order given), then mutants of random seeds up to `size`. With `breed` (see
+    `competitive_seeds`) only the seeds it names join the population and breed its mutants (the others were scored
+    and fell behind); the draws are the same as without it when it names all.
 
     Raises SearchError when the seeds alone exceed `size` or the space cannot supply `size`
     distinct candidates: at the start of a search that is a configuration mistake, not convergence.
@@ -244,8 +245,8 @@ def initial_population(space: SearchSpace, seeds: dict[str, np.ndarray], size: i
         )
     population: list[Candidate] = []
     keys: set[str] = set()  # membership only; order lives in `population`
-    for cand in named.values():
-        if cand.key not in keys:
+    for name, cand in named.items():
+        if cand.key not in keys and (breed is None or name in breed):
             population.append(cand)
             keys.add(cand.key)
     if len(population) > size:
@@ -253,7 +254,7 @@ def initial_population(space: SearchSpace, seeds: dict[str, np.ndarray], size: i
             f"{len(population)} distinct seeds do not fit a population of {size}; "
             "raise the population size or drop seeds."
         )
-    bases = list(population) if breed is None else list({named[n].key: named[n] for n in named if n in breed}.values())
+    bases = list(population)
     if not bases:
         raise ValueError(f"breed names none of the seeds {list(named)}")
     tries = 0

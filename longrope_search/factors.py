@@ -104,7 +104,7 @@ class SearchRecord:
     mode: str = "long"  # long | short
     forward_tokens: int = 0  # tokens every evaluation ran through the model: the search's work
     seconds: float = 0.0  # time spent scoring (wall clock; a resumed run adds its runs' times)
-    rejected: int = 0  # candidates stopped early by search.race_margin
+    rejected: int = 0  # candidates stopped early (search.race_margin, search.screen_windows)
     validation: list[list[Any]] = field(default_factory=list)  # [generation, best-so-far key, validation PPL]
     selected_by: str = "search"  # search: the best search score; validation: the best of the top on validation
     stopped_early: int | None = None  # the generation the search stopped at when validation stopped improving

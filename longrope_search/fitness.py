@@ -30,6 +30,8 @@ class FitnessResult:
     forward_tokens: int = 0  # tokens the decoder ran: the work this score cost
     # the joint fitness: {"text": [...], "answer": [...]}, each sample's two mean NLLs (nlls = text + weight * answer)
     parts: dict[str, list[float]] = field(default_factory=dict)
+    # scored on the first windows only (a Screen's first round); rejected until a promotion scores the rest
+    screened: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,23 @@ class Race:
         if not 0 < done < len(self.bar):
             return False
         return (sum(nlls) - sum(self.bar[:done])) / done > self.margin
+
+
+@dataclass(frozen=True)
+class Screen:
+    """Multi-fidelity scoring (successive halving inside a generation, search.screen_windows / screen_keep): every
+    new candidate of a batch is scored on the first `windows` samples only; the `keep` fraction of the batch with the
+    lowest mean NLL over those windows (at least one; ties by key) is scored on the rest, the others stay rejected at
+    their partial score. All are compared on the same windows, so the documents' own difficulty cancels."""
+
+    windows: int
+    keep: float
+
+    def promoted(self, partial: Mapping[str, Sequence[float]]) -> set[str]:
+        """The keys to score in full, of `partial`: each batch key -> its per-sample NLLs (at least `windows`)."""
+        ranked = sorted((sum(nlls[: self.windows]) / self.windows, key) for key, nlls in partial.items()
+                        if len(nlls) >= self.windows and all(map(math.isfinite, nlls[: self.windows])))
+        return {key for _, key in ranked[: max(1, math.ceil(self.keep * len(partial)))]}
 
 
 @dataclass(frozen=True)
@@ -171,6 +190,7 @@ def perplexity(
     model: Any, samples: torch.Tensor, chunk_size: int = CHUNK_SIZE,
     nll: Callable[..., float] = sequence_nll, targets: torch.Tensor | None = None, race: Race | None = None,
     joint: Joint | None = None, parts: Callable[..., tuple[float, float]] = sequence_parts,
+    upto: int | None = None, prior: FitnessResult | None = None,
 ) -> FitnessResult:
     """exp(mean over samples (n, L) of each sample's mean NLL); a non-finite loss gives ppl inf, not a raise.
 
@@ -178,12 +198,28 @@ def perplexity(
     CP group. `targets` (n, L-1): what each position predicts, IGNORE where nothing is scored (the needle fitness
     scores only the answer); None: every next token. `race`: stop early (rejected) once the candidate lost it.
     `joint`: each sample scores `joint.combine` of its text and answer means (`parts(model, row, chunk_size,
-    row_targets, row_answer_rows)`, one pass), both kept in the result's `parts`.
+    row_targets, row_answer_rows)`, one pass), both kept in the result's `parts`. `upto`: score only the first upto
+    samples (a Screen's first round: the result is `screened`); `prior`: a screened result to continue from.
     """
     began = time.perf_counter()
-    nlls: list[float] = []
+    count = samples.shape[0] if upto is None else min(upto, samples.shape[0])
+    nlls: list[float] = [] if prior is None else list(prior.nlls)
     halves: dict[str, list[float]] = {"text": [], "answer": []} if joint is not None else {}
-    for i, row in enumerate(samples):
+    if prior is not None:
+        halves = {name: list(values) for name, values in prior.parts.items()} or halves
+    earlier = 0 if prior is None else prior.forward_tokens  # a continued result counts the first round's work too
+    before = 0.0 if prior is None else prior.seconds
+
+    def result(done: int, ppl: float | None = None, **flags: Any) -> FitnessResult:
+        """The result after the first `done` samples (PPL over them unless given)."""
+        ran = done - (0 if prior is None else len(prior.nlls))  # samples this call scored
+        return FitnessResult(_ppl(sum(nlls) / done) if ppl is None else ppl, nlls,
+                             scored_tokens(samples[:done], None if targets is None else targets[:done]),
+                             before + time.perf_counter() - began, forward_tokens=earlier + ran * samples.shape[1],
+                             parts=halves, **flags)
+
+    for i in range(len(nlls), count):
+        row = samples[i]
         if joint is None:
             value = nll(model, row, chunk_size, None if targets is None else targets[i])
         else:
@@ -192,18 +228,13 @@ def perplexity(
             halves["answer"].append(answer)
             value = joint.combine(text, answer)
         nlls.append(value)
-        broken = not math.isfinite(value)  # the candidate is broken: the other samples cannot redeem it
-        if broken or (race is not None and race.lost(nlls)):
-            done = i + 1
-            mean = sum(nlls) / done
-            return FitnessResult(
-                math.inf if broken else _ppl(mean), nlls,
-                scored_tokens(samples[:done], None if targets is None else targets[:done]), time.perf_counter() - began,
-                error=f"loss is {value} on sample {i}" if broken else None, rejected=not broken,
-                forward_tokens=done * samples.shape[1], parts=halves,
-            )
-    return FitnessResult(_ppl(sum(nlls) / len(nlls)), nlls, scored_tokens(samples, targets),
-                         time.perf_counter() - began, forward_tokens=samples.numel(), parts=halves)
+        if not math.isfinite(value):  # the candidate is broken: the other samples cannot redeem it
+            return result(i + 1, ppl=math.inf, error=f"loss is {value} on sample {i}")
+        if race is not None and race.lost(nlls):
+            return result(i + 1, rejected=True)
+    if count < samples.shape[0]:
+        return result(count, rejected=True, screened=True)
+    return result(count)
 
 
 def _ppl(mean_nll: float) -> float:
@@ -249,14 +280,17 @@ class Evaluator:
 
     def score(
         self, key: str, factors: Sequence[float] | torch.Tensor, n_hat: int = 0, mscale: float = 1.0,
-        race: Race | None = None,
+        race: Race | None = None, upto: int | None = None,
     ) -> FitnessResult:
-        """The key's result: scored now (stopped early when it loses `race`), or the one already held, rejected or not:
-        a key is never scored twice."""
-        if key not in self.results:
+        """The key's result: scored now (stopped early when it loses `race`; on the first `upto` samples only, a
+        Screen's first round), continued over the rest when it was screened and more is asked, or the one already
+        held, rejected or not: no sample is ever scored twice for a key."""
+        if self.needs(key, upto):
+            held = self.results.get(key)
             install_rope(self.model, factors, n_hat, mscale)
             try:
-                self.results[key] = self.fitness(self.model, self.samples, self.chunk_size, race=race)
+                self.results[key] = self.fitness(self.model, self.samples, self.chunk_size, race=race, upto=upto,
+                                                 prior=held)
             except torch.OutOfMemoryError as exc:
                 raise ModelError(
                     f"out of device memory scoring {self.samples.shape[1]}-token samples; check `longrope plan` for "
@@ -264,6 +298,12 @@ class Evaluator:
                 ) from exc
             self.evaluations += 1
         return self.results[key]
+
+    def needs(self, key: str, upto: int | None = None) -> bool:
+        """Whether `score(key, upto=upto)` would run the model: the key is new, or screened short of `upto`."""
+        held = self.results.get(key)
+        upto = self.samples.shape[0] if upto is None else min(upto, self.samples.shape[0])
+        return held is None or (held.screened and len(held.nlls) < upto)
 
     def preload(self, scores: Mapping[str, float], details: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         """Reuse scores from a resumed search (with their per-sample NLLs and rejection from `details`, log lines);
@@ -276,4 +316,5 @@ class Evaluator:
             parts = {name: [math.inf if v is None else float(v) for v in values]
                      for name, values in (line.get("parts") or {}).items()}
             self.results.setdefault(key, FitnessResult(float(ppl), nlls, rejected=bool(line.get("rejected", False)),
-                                                       forward_tokens=int(line.get("tokens", 0)), parts=parts))
+                                                       forward_tokens=int(line.get("tokens", 0)), parts=parts,
+                                                       screened=bool(line.get("screened", False))))

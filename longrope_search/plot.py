@@ -198,7 +198,7 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
 def work_curve(state: SearchState) -> tuple[list[int], list[float]]:
     """(forward tokens spent, best search score so far) after each generation: what the search's work bought.
 
-    A candidate stopped early (search.race_margin) counts its tokens but never a score."""
+    A candidate stopped early (racing, screening) counts its tokens but never a score."""
     spent, best, tokens, scores = 0, math.inf, [], []
     for generation in range(state.generation + 1):
         for e in (e for e in state.history if e.generation == generation):

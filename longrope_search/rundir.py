@@ -179,7 +179,7 @@ def not_a_run(path: Path) -> str | None:
 
 MEMORY_KEYS = ("chunk_size", "mlp_chunk", "context_parallel")  # change memory use and speed, not scores
 BUDGET_KEYS = ("generations", "population", "parents", "mutations", "crossovers", "mutation_prob", "race_margin",
-               *MEMORY_KEYS)
+               "screen_windows", "screen_keep", *MEMORY_KEYS)
 POPULATION_DONE = ("search.population sizes generation 0 only, and this run has finished it; later generations are "
                    "parents + mutations + crossovers, so change those instead.")
 
@@ -218,6 +218,8 @@ def config_for_resume(run_dir: Path, overrides: list[str], generation_zero_done:
     search = saved.get("search")
     if isinstance(search, dict) and search.get("fitness") == "needle" and "needles" not in search:
         saved = {**saved, "search": {**search, "needles": 1}}  # a needle run from before search.needles: one each
+    if isinstance(search, dict) and "screen_windows" not in search:
+        saved = {**saved, "search": {**saved["search"], "screen_windows": 0}}  # a run from before screening: none
     for item in overrides:
         key = item.partition("=")[0].strip()
         section, _, name = key.partition(".")

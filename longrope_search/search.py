@@ -85,10 +85,11 @@ class Search:
 
     # one place that evaluates: logs every score as soon as it exists (the resume cache)
     def _evaluate(self, state: SearchState, batch: list[tuple[evolution.Candidate, str]], generation: int,
-                  bar: evolution.Candidate | None = None) -> list[float]:
-        """Scores of `batch` for selection (inf for a candidate rejected early against `bar`), recorded in history."""
+                  bar: evolution.Candidate | None = None, full: bool = False) -> list[float]:
+        """Scores of `batch` for selection (inf for a candidate stopped early: against `bar`, or by the screen unless
+        `full`), recorded in history."""
         started = time.perf_counter()
-        results = self.score_fn([c for c, _ in batch], bar)
+        results = self.score_fn([c for c, _ in batch], bar, full=full)
         state.seconds += time.perf_counter() - started
         for (cand, origin), result in zip(batch, results):
             state.history.append(Evaluation(cand, result.ppl, generation, origin, result.rejected, result.forward_tokens))
@@ -108,13 +109,13 @@ class Search:
         named = evolution.seed_candidates(self.setup.space, seeds)
         origin = {c.key: name for name, c in reversed(list(named.items()))}
         state = SearchState(0, [], [], {}, self.identity)
-        scored: dict[str, float] = {}  # key -> selection score
-        breed = None  # every seed breeds
-        if s.seed_margin is not None:  # score the seeds first, then mutate only the competitive ones
-            distinct = list({c.key: c for c in named.values()}.values())
-            scored = dict(zip([c.key for c in distinct],
-                              self._evaluate(state, [(c, origin[c.key]) for c in distinct], 0)))
-            breed = evolution.competitive_seeds({n: scored[c.key] for n, c in named.items()}, s.seed_margin)
+        # the seeds first, each on every window; then mutants of all of them (seed_margin null: the paper), or only
+        # of those competitive with the best, which alone stay in the population
+        distinct = list({c.key: c for c in named.values()}.values())
+        scored = dict(zip([c.key for c in distinct],
+                          self._evaluate(state, [(c, origin[c.key]) for c in distinct], 0, full=True)))
+        breed = None if s.seed_margin is None else evolution.competitive_seeds(
+            {n: scored[c.key] for n, c in named.items()}, s.seed_margin)
         population = evolution.initial_population(self.setup.space, seeds, s.population, rng, s.mutation_prob, breed)
         batch = [(c, origin.get(c.key, "mutation")) for c in population if c.key not in scored]
         scored.update(zip([c.key for c, _ in batch], self._evaluate(state, batch, 0)))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from longrope_search import checkpoint
 from longrope_search.checkpoint import Evaluation
-from longrope_search.config import DEFAULT_RACE_MARGIN, Config, load_config
+from longrope_search.config import DEFAULT_RACE_MARGIN, DEFAULT_SCREEN_WINDOWS, Config, load_config
 from longrope_search.fitness import Evaluator
 from longrope_search.model import load_config as load_model_config
 from longrope_search.model import load_model, rope_spec
@@ -51,15 +51,19 @@ PAPER_SEEDS, FAMILY = "search.seeds=[pi,ntk,yarn]", "search.seeds=[pi,ntk,yarn,y
 SEED_MARGIN = 0.5  # nats: at 8x on the shipped model PI's seed is 1.6 and NTK's 0.7 behind YaRN's
 NO_RACE, RACE = "search.race_margin=0", "search.race_margin={margin}"  # filled with --race-margin
 ALL_SEEDS, BEST_SEEDS = "search.seed_margin=null", f"search.seed_margin={SEED_MARGIN}"
+NO_SCREEN, SCREEN = "search.screen_windows=0", f"search.screen_windows={DEFAULT_SCREEN_WINDOWS}"
 PPL = "search.fitness=ppl"  # the savings were measured on the paper's fitness
-# every variant sets all four settings, so the table does not depend on the config's defaults
+# every variant but `default` sets all five settings, so the table does not depend on the config's defaults
 VARIANTS = {
-    "plain": [NO_RACE, ALL_SEEDS, PAPER_SEEDS, PPL],
-    "race": [RACE, ALL_SEEDS, PAPER_SEEDS, PPL],
-    "seeds": [NO_RACE, BEST_SEEDS, PAPER_SEEDS, PPL],
-    "race+seeds": [RACE, BEST_SEEDS, PAPER_SEEDS, PPL],
-    "family": [NO_RACE, ALL_SEEDS, FAMILY, PPL],
-    "all": [RACE, BEST_SEEDS, FAMILY, PPL],
+    "plain": [NO_RACE, ALL_SEEDS, PAPER_SEEDS, PPL, NO_SCREEN],
+    "race": [RACE, ALL_SEEDS, PAPER_SEEDS, PPL, NO_SCREEN],
+    "seeds": [NO_RACE, BEST_SEEDS, PAPER_SEEDS, PPL, NO_SCREEN],
+    "race+seeds": [RACE, BEST_SEEDS, PAPER_SEEDS, PPL, NO_SCREEN],
+    "family": [NO_RACE, ALL_SEEDS, FAMILY, PPL, NO_SCREEN],
+    "all": [RACE, BEST_SEEDS, FAMILY, PPL, NO_SCREEN],
+    "screen": [NO_RACE, ALL_SEEDS, PAPER_SEEDS, PPL, SCREEN],  # multi-fidelity alone, against race
+    "default": [],  # the config as it is: every default of this version
+    "default-ppl": [PPL],  # the defaults with the paper's fitness: what the cost savings do without the needles
 }
 
 
@@ -82,11 +86,12 @@ def best_so_far(run_dir: Path) -> list[tuple[int, Evaluation]]:
     log.jsonl, the search's and the validation's (both are work the search needs), in the order they were spent; the
     final comparison on the held-out samples is reporting, not search work, and is not logged."""
     state, _ = checkpoint.load_state(run_dir)
-    spent, at_generation = 0, []
+    spent, at_generation, counted = 0, [], {}
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if record["event"] == "eval":
-            spent += record["tokens"]
+        if record["event"] == "eval":  # a screened candidate's second line holds both rounds' tokens
+            spent += record["tokens"] - counted.get(record["key"], 0)
+            counted[record["key"]] = record["tokens"]
         elif record["event"] == "generation":
             at_generation.append(spent)
     out, best = [], None
@@ -100,9 +105,11 @@ def best_so_far(run_dir: Path) -> list[tuple[int, Evaluation]]:
 
 
 def work_tokens(run_dir: Path) -> int:
-    """Forward tokens of the whole search: its evaluations and the validation's, with the final selection's."""
-    return sum(r["tokens"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
-               if r["event"] == "eval")
+    """Forward tokens of the whole search: its evaluations and the validation's, with the final selection's (each key
+    once, at its last line: a screened candidate's second line holds both rounds' tokens)."""
+    last = {r["key"]: r["tokens"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+            if r["event"] == "eval"}
+    return sum(last.values())
 
 
 def heldout_curve(config: Config, run_dir: Path) -> list[tuple[int, float]]:

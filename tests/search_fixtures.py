@@ -35,11 +35,13 @@ def write_corpus(root: Path, documents: int = 10, words: int = 400, seed: int = 
 
 
 def search_config(model: Path, corpus: Path, **search) -> dict:
-    """A small search on `model` and `corpus`. fitness ppl and seeds PI, NTK, YaRN unless a test asks for others: the
-    loop's tests run on word corpora without line breaks, in windows too short for the joint fitness's needles
-    (tests/test_joint.py), and with populations too small for the YaRN family."""
+    """A small search on `model` and `corpus`: the paper's search (fitness ppl, seeds PI, NTK, YaRN, every seed in
+    the population, every candidate on every window) unless a test asks for more: the loop's tests run on word
+    corpora without line breaks, in windows too short for the joint fitness's needles (tests/test_joint.py), with
+    populations too small for the YaRN family, and on 2 windows, too few to screen (tests/test_screen.py)."""
     settings = dict(target="4x", population=8, parents=4, mutations=3, crossovers=3, generations=3,
-                    n_hat=[0, 2, 4], seed=0, chunk_size=48, fitness="ppl", seeds=["pi", "ntk", "yarn"])
+                    n_hat=[0, 2, 4], seed=0, chunk_size=48, fitness="ppl", seeds=["pi", "ntk", "yarn"],
+                    seed_margin=None, screen_windows=0)
     settings.update(search)
     return {
         "model": {"name": str(model), "device": "cpu"},

@@ -39,7 +39,7 @@ def test_a_rejected_candidate_is_never_a_parent_nor_the_winner(setup, tmp_path):
     search_setup = make_setup(config, rope_spec(load_config(str(model))))
     rejected: set[str] = set()
 
-    def score(candidates, bar=None):
+    def score(candidates, bar=None, full=False):
         out = []
         for cand in candidates:
             h = int(cand.key.encode().hex(), 16) % 1000

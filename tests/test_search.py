@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from search_fixtures import comparable, kill_9_then_resume, search_config, write_config, write_corpus, write_model
+from search_fixtures import (comparable, kill_9_then_resume, one_line_error, search_config, write_config, write_corpus,
+                             write_model)
 from typer.testing import CliRunner
 
 from longrope_search import checkpoint
@@ -279,7 +280,10 @@ def test_fit_attention_bisects_to_the_lowest_value_within_tolerance(tmp_path):
         def __init__(self):
             self.results, self.calls = {}, []
 
-        def score(self, key, factors, n_hat, mscale):
+        def needs(self, key, upto=None):
+            return key not in self.results
+
+        def score(self, key, factors, n_hat, mscale, race=None, upto=None):
             self.calls.append(mscale)
             return FitnessResult(10.0 + 20.0 * (1.3 - mscale) ** 2)
 
@@ -435,3 +439,11 @@ def test_a_long_stage_on_a_model_carrying_other_factors_than_init_from_is_warned
     assert warning and "differ from search.init_from's (by up to 10.0%)" in warning
     short = from_dict(search_config(model, corpus, target="1x", short=True, init_from=str(finished_run)))
     assert carried_mismatch(short, carrying(other), prior) is None  # a short set builds on the later, composed set
+
+
+def test_more_seeds_than_the_population_is_one_line_before_any_seed_is_scored(setup, tmp_path):
+    model, corpus = setup
+    cfg = write_config(tmp_path / "cfg.yaml", search_config(model, corpus, population=2, parents=2))
+    result = runner.invoke(app, ["search", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    one_line_error(result, "3 distinct seeds do not fit search.population 2", "raise search.population")
+    assert not (tmp_path / "run").exists()  # nothing scored, nothing left behind
