@@ -38,7 +38,7 @@ DEFAULT_SEED_MARGIN = 0.1
 
 # Multi-fidelity scoring (search.screen_windows, search.screen_keep): measured in docs/search-cost.md.
 DEFAULT_SCREEN_WINDOWS = 2
-DEFAULT_SCREEN_KEEP = 0.25
+DEFAULT_SCREEN_KEEP = 0.5
 
 # The joint fitness (search.fitness: joint): needles per search window and the answers' weight, chosen by measurement
 # on both shipped models (docs/retrieval.md).

@@ -38,14 +38,18 @@ class Budget:
     population: int
     generations: int
     per_generation: int
+    # the share of a full evaluation's forward passes a new candidate costs on average: with multi-fidelity scoring
+    # (search.screen_windows w of the n windows, screen_keep k of a batch on the rest) w/n + k (n-w)/n; else 1
+    share: float = 1.0
 
     @property
     def evaluations(self) -> int:
         return self.population + self.generations * self.per_generation
 
-    def rounds(self, parallel: int) -> int:
-        """Batches of `parallel` concurrent evaluations; a generation waits for its slowest rank."""
-        return math.ceil(self.population / parallel) + self.generations * math.ceil(self.per_generation / parallel)
+    def rounds(self, parallel: int) -> float:
+        """Batches of `parallel` concurrent full evaluations; a generation waits for its slowest rank."""
+        return self.share * (math.ceil(self.population / parallel)
+                             + self.generations * math.ceil(self.per_generation / parallel))
 
 
 def attention_fit_budget(long_length: int, original_length: int) -> Budget:
@@ -79,7 +83,10 @@ def search_inputs(config: Config, model: str | None = None, shape: ModelShape | 
     if config.model.original_length is not None:
         shape = replace(shape, original_length=config.model.original_length)
     s = config.search
-    budget = Budget(s.population, s.generations, s.mutations + s.crossovers)
+    windows = config.data.samples
+    share = (s.screen_windows + s.screen_keep * (windows - s.screen_windows)) / windows \
+        if 0 < s.screen_windows < windows else 1.0
+    budget = Budget(s.population, s.generations, s.mutations + s.crossovers, share)
     return shape, parse_length(s.target_or_default, shape.original_length), config.data.samples, budget
 
 
@@ -390,7 +397,9 @@ def rows(plan: Estimate) -> list[tuple[str, str]]:
         ("FLOPs per evaluation", f"{plan.flops_per_eval:.3g} ({plan.samples} samples)"),
         ("time per evaluation", f"{format_seconds(plan.seconds_per_eval)} at an assumed {plan.tflops:g} TFLOP/s per GPU"),
         ("search budget", f"{plan.budget.evaluations} evaluations (population {plan.budget.population} + "
-                          f"{plan.budget.generations} x {plan.budget.per_generation})"),
+                          f"{plan.budget.generations} x {plan.budget.per_generation})"
+                          + (f", about {plan.budget.share:.2f} of their forward passes with search.screen_windows"
+                             if plan.budget.share < 1 else "")),
         ("search time", f"{format_seconds(plan.search_seconds)} on {plan.gpus} GPU(s), "
                         f"{plan.parallel_evals} evaluation(s) at once"),
     ]

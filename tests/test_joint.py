@@ -113,7 +113,7 @@ def test_the_joint_score_equals_its_two_halves_scored_apart():
 
 @pytest.mark.parametrize("search", [
     dict(),  # the default: every pair, [1, 1.25 s]
-    dict(method="longrope2", needles=1),  # the critical dimension's seeds and [1, 2 s]
+    dict(method="longrope2", needles=1, population=16),  # the critical dimension's seeds and [1, 2 s]
     dict(critical_dim=1, max_factor=4.5),
     dict(fitness="ppl", n_hat=[0, 2]),
 ], ids=["default", "longrope2", "critical-1", "v1"])

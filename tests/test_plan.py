@@ -102,6 +102,11 @@ def test_budget_is_spread_over_gpus_by_generation():
     eight = estimate(PRESETS["mistral-7b"], 64 * K, gpus=8)
     assert eight.seconds_per_eval == one.seconds_per_eval
     assert eight.search_seconds == pytest.approx(one.search_seconds * 168 / 1344)
+    # multi-fidelity scoring: 2 of 8 windows for every candidate, a quarter of them on the other 6
+    config = load_config(CONFIGS / "tiny.yaml", ["search.screen_windows=2", "search.screen_keep=0.25"])
+    assert search_inputs(config, shape=PRESETS["mistral-7b"])[3].share == pytest.approx(2 / 8 + 0.25 * 6 / 8)
+    assert search_inputs(load_config(CONFIGS / "tiny.yaml", ["search.screen_windows=0"]),
+                         shape=PRESETS["mistral-7b"])[3].share == 1.0
 
 
 def test_shapes_from_presets_hub_ids_configs_and_local_directories(tmp_path):

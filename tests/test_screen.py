@@ -16,7 +16,7 @@ from tiny_models import tiny_model
 from longrope_search import checkpoint
 from longrope_search.config import from_dict
 from longrope_search.fitness import Evaluator, Race, Screen
-from longrope_search.rundir import FACTORS_FILE, LOG_FILE
+from longrope_search.rundir import CONFIG_FILE, FACTORS_FILE, LOG_FILE, config_for_resume
 from longrope_search.search import run_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,3 +126,15 @@ def test_kill_9_then_resume_equals_uninterrupted_with_screening(setup, tmp_path)
     assert comparable(run) == comparable(ref), what
     histories = [checkpoint.state_to_json(checkpoint.load_state(tmp_path / d)[0])["history"] for d in ("ref", "run")]
     assert histories[0] == histories[1]
+
+
+def test_a_run_from_before_screening_resumes_without_it(setup, tmp_path):
+    model, corpus = setup
+    saved = screened_config(model, corpus)
+    saved["search"].pop("screen_windows")  # what a run of an earlier version wrote
+    write_config(tmp_path / CONFIG_FILE, saved)
+    config, notes = config_for_resume(tmp_path, [])
+    assert config.search.screen_windows == 0 and notes == []
+    # a budget setting: a resume may change it, and says so
+    config, notes = config_for_resume(tmp_path, ["search.screen_windows=2", "search.screen_keep=0.25"])
+    assert (config.search.screen_windows, config.search.screen_keep) == (2, 0.25) and len(notes) == 2
