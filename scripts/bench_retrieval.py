@@ -4,9 +4,10 @@ held-out needle retrieval at the target, with no scaling, PI, NTK and YaRN as ro
 Each variant is `longrope search` on the config with a few settings changed, then `longrope eval RUN --lengths
 TARGET --needle` (16 held-out windows for PPL; 20 prompts at each of 5 depths per needle cell, one needle and 4 keys
 with one asked; documents no search decided with). The variants (--variants):
-  v1         search.fitness ppl with seeds PI, NTK, YaRN: the paper's search, perplexity of whole windows
+  v1         search.fitness ppl with seeds PI, NTK, YaRN, every seed bred, every candidate on every window:
+             the paper's search, perplexity of whole windows
   v1+family  the same with the YaRN family among the seeds
-  joint      the default: windows with search.needles numbers asked at the end, text NLL + weight x answer NLL
+  joint      the default (screening, seed margin): windows with search.needles numbers asked at the end, text NLL + weight x answer NLL
   needle     search.fitness needle: the answers' loss alone, in the same space
   longrope2  search.method longrope2 on the config's budget (needle fitness, critical-dimension seeds, mscale gene)
 (every variant but v1 seeds the YaRN family too, the default)
@@ -33,9 +34,10 @@ from longrope_search.config import find_config
 
 PAPER_SEEDS, FAMILY = "search.seeds=[pi,ntk,yarn]", "search.seeds=[pi,ntk,yarn,yarn-family]"
 # each variant pins the settings it is about, so its row does not move when a default does
+PAPER_COST = ["search.screen_windows=0", "search.seed_margin=null"]  # every candidate in full, every seed bred
 VARIANTS = {
-    "v1": ["search.fitness=ppl", PAPER_SEEDS],
-    "v1+family": ["search.fitness=ppl", FAMILY],
+    "v1": ["search.fitness=ppl", PAPER_SEEDS, *PAPER_COST],
+    "v1+family": ["search.fitness=ppl", FAMILY, *PAPER_COST],
     "joint": ["search.fitness=joint", FAMILY],
     "needle": ["search.fitness=needle", FAMILY],
     "longrope2": ["search.method=longrope2", "search.fitness=needle", "search.n_hat=[0]", FAMILY],
