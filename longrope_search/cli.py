@@ -250,6 +250,8 @@ def show_result(final: Any, run_dir: Path) -> None:
     settings = final.search.settings
     fitness = {"needle": "needle perplexity (loss on the hidden numbers' answers)",
                "joint": f"joint score (exp of the text's mean NLL + {settings.get('needle_weight')} x the answers')"
+               if settings.get("needle_weight") else "joint score with the answers at weight 0 (exp of the text's mean "
+               "NLL around the needles)"
                }.get(settings.get("fitness"), "perplexity")
     table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
                         f"{fitness}, lower is better; needles found, higher is better")

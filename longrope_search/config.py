@@ -140,7 +140,10 @@ class SearchSection(Section):
     # (the paper's v1; a short search's default). needle: the answers' loss alone (LongRoPE2's needle-driven PPL).
     fitness: Literal["joint", "ppl", "needle"] = "joint"
     needles: int = Field(DEFAULT_NEEDLES, ge=1, le=16)  # numbers hidden in each window (joint, needle), all asked
-    needle_weight: float = Field(DEFAULT_NEEDLE_WEIGHT, gt=0.0, allow_inf_nan=False)  # joint: the answers' weight
+    needle_weight: float = Field(DEFAULT_NEEDLE_WEIGHT, ge=0.0, allow_inf_nan=False)  # joint: the answers' weight
+    # joint: the seeds are scored first, and when none finds the answers better than chance (the model retrieves
+    # nothing at the target) the answers get weight 0: their loss is noise the search would fit (docs/search-cost.md)
+    needle_check: bool = True
     # LongRoPE2's critical dimension: adds seeds on NTK-style curves that reach the scale at this pair (and at 1.1-1.5
     # times it) and widens the space to 2 * scale; every pair is still searched and every seed kept. auto: the
     # paper's value from the model's base and window; a list: one search per value, the best by held-out fitness.

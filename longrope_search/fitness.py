@@ -6,6 +6,7 @@ positions, so L x vocab logits never exist. `Evaluator` installs candidates and 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -80,6 +81,9 @@ class Joint:
 
     def combine(self, text: float, answer: float) -> float:
         return text + self.weight * answer
+
+    def reweighed(self, weight: float) -> "Joint":
+        return Joint(self.answer_rows, weight)
 
 
 def _decoder(model: Any) -> Any:
@@ -298,6 +302,15 @@ class Evaluator:
                 ) from exc
             self.evaluations += 1
         return self.results[key]
+
+    def reweigh(self, joint: Joint) -> None:
+        """Score with `joint` from now on, and every result held so far as if it had been: each window's score
+        recombined from its two logged parts (so a resume that recombines again gets the same numbers)."""
+        self.fitness = functools.partial(self.fitness.func, **{**self.fitness.keywords, "joint": joint})
+        for key, held in self.results.items():
+            if held.parts and held.error is None:
+                nlls = [joint.combine(t, a) for t, a in zip(held.parts["text"], held.parts["answer"])]
+                self.results[key] = dataclasses.replace(held, nlls=nlls, ppl=_ppl(sum(nlls) / len(nlls)))
 
     def needs(self, key: str, upto: int | None = None) -> bool:
         """Whether `score(key, upto=upto)` would run the model: the key is new, or screened short of `upto`."""

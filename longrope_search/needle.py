@@ -8,6 +8,7 @@ eval --needle` and the needle fitness all build their samples here, so they meas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -31,6 +32,20 @@ BINDING = "\n{name} = {value}\n"  # inserted at a line break: the assignment on 
 QUESTION = "\nassert {name} =="
 ANSWER = " {value}"
 LINE_SEARCH = 64  # tokens either side of the wanted depth searched for a line break
+
+
+# The joint fitness's answers carry a signal only where some candidate finds them: a uniform guess of a number of
+# DIGITS[0] digits costs DIGITS[0] ln 10 nats whatever the tokenizer, and an answer loss above this share of it per
+# needle is treated as chance (docs/search-cost.md: the best of generation 0 reaches 0.12 of it on the shipped Llama at 8x,
+# 1.4 on the Qwen2).
+CHANCE_SHARE = 0.5
+
+
+def answers_found(answer_means: Sequence[float], answer_rows: torch.Tensor, needles: int) -> bool:
+    """Whether a candidate's answers beat chance: its mean answer loss per needle (each window's mean over its
+    answer rows (n, L-1) times their count, over its `needles`) below CHANCE_SHARE of a uniform guess's."""
+    per_window = [mean * float(rows.sum()) / needles for mean, rows in zip(answer_means, answer_rows)]
+    return sum(per_window) / len(per_window) < CHANCE_SHARE * DIGITS[0] * math.log(10)
 
 
 @dataclass(frozen=True)

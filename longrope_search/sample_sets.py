@@ -5,6 +5,7 @@ a needle in each window where the fitness or the final comparison asks for one.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,14 @@ class SampleSets:
     heldout_needles: list[NeedleSample]  # one needle per held-out window: the retrieval column of the comparison
     validation: Scored | None  # None: data.validation_samples is 0
     identity: dict[str, str]  # what a resume must find again: the windows (and needles) the scores depend on
+
+
+def reweighed(sets: SampleSets, weight: float) -> SampleSets:
+    """The sets with the joint fitness's answers at `weight` (search, validation and held-out alike)."""
+    def scored(s: Scored | None) -> Scored | None:
+        return s if s is None or s.joint is None else dataclasses.replace(s, joint=s.joint.reweighed(weight))
+    return dataclasses.replace(sets, search=scored(sets.search), heldout=scored(sets.heldout),
+                               validation=scored(sets.validation))
 
 
 def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:

@@ -18,6 +18,21 @@ Job = tuple[str, Any, int, float]
 ScoreFn = Callable[..., list[FitnessResult]]
 
 
+def eval_record(key: str, result: FitnessResult) -> dict[str, Any]:
+    """A score's line in log.jsonl: what a resume reads back (the last line of a key wins)."""
+    record = {"event": "eval", "key": key, "ppl": result.ppl, "seconds": round(result.seconds, 4),
+              "tokens": result.forward_tokens, "nlls": result.nlls}
+    if result.parts:
+        record["parts"] = result.parts
+    if result.rejected:
+        record["rejected"] = True
+    if result.screened:
+        record["screened"] = True
+    if result.error:
+        record["error"] = result.error
+    return record
+
+
 def score_logged(
     evaluator: Evaluator, jobs: Sequence[Job], log_path: Any, reporter: Reporter = SILENT,
     ctx: distributed.Context = distributed.SINGLE_PROCESS, race: Race | None = None, upto: int | None = None,
@@ -31,17 +46,7 @@ def score_logged(
             reporter.evaluated(evaluator.results[key].ppl, True)
 
     def log(i: int, result: FitnessResult) -> None:
-        record = {"event": "eval", "key": fresh[i][0], "ppl": result.ppl, "seconds": round(result.seconds, 4),
-                  "tokens": result.forward_tokens, "nlls": result.nlls}
-        if result.parts:
-            record["parts"] = result.parts
-        if result.rejected:
-            record["rejected"] = True
-        if result.screened:
-            record["screened"] = True
-        if result.error:
-            record["error"] = result.error
-        checkpoint.append_log(log_path, record)
+        checkpoint.append_log(log_path, eval_record(fresh[i][0], result))
         reporter.evaluated(result.ppl, False)
 
     def run(job: Job) -> FitnessResult:

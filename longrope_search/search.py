@@ -1,6 +1,7 @@
 """The generation loop (`Search`: evolve, score the new candidates, checkpoint, repeat) and the driver that runs
-one search in named phases: open the run directory, set up, load, check identity, fit the attention factor
-(short searches), loop, compare the winner with the reference methods.
+one search in named phases: open the run directory, set up, load, check identity, check that the needles can be
+found (the joint fitness), fit the attention factor (short searches), loop, compare the winner with the reference
+methods.
 
 Writes runs/<name>/ (see rundir.py). A resume continues from the newest complete state and gives the same
 result as an uninterrupted run.
@@ -46,8 +47,9 @@ from longrope_search.rundir import (
     default_run_dir,
     write_resolved_config,
 )
-from longrope_search.sample_sets import SampleSets, sample_sets
-from longrope_search.scoring import ScoreFn, logged_scorer
+from longrope_search.needle import answers_found
+from longrope_search.sample_sets import SampleSets, reweighed, sample_sets
+from longrope_search.scoring import ScoreFn, eval_record, logged_scorer
 from longrope_search.search_setup import (
     SearchSetup,
     carried_mismatch,
@@ -386,9 +388,37 @@ def record_start(opened: OpenedRun, loaded: Loaded, ctx: distributed.Context) ->
         opened.claim.keep()
 
 
+def check_needles(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporter,
+                  ctx: distributed.Context) -> tuple[SearchSetup, Loaded]:
+    """Phase 7 (the joint fitness with search.needle_check): the seeds are scored first (generation 0 reuses the
+    scores); when none finds the hidden numbers better than chance, the model retrieves nothing at this length and
+    the answers' loss is noise, so they weigh 0 from here on (the scores so far recombined from their parts). A
+    resume decides the same from the same logged parts."""
+    s = setup.config.search
+    joint = loaded.sets.search.joint
+    if joint is None or not s.needle_check or s.needle_weight == 0:
+        return setup, loaded
+    log_path = opened.run_dir / LOG_FILE
+    seeds = list({c.key: c for c in evolution.seed_candidates(setup.space, setup.seeds).values()}.values())
+    reporter.phase(f"scoring the {len(seeds)} seeds: do they find the hidden numbers better than chance?")
+    results = logged_scorer(loaded.evaluator, setup, log_path, SILENT, ctx)(seeds, full=True)
+    if any(r.parts and answers_found(r.parts["answer"], joint.answer_rows, s.needles) for r in results):
+        return setup, loaded
+    reporter.note("no seed finds the hidden numbers better than chance at this length: the search scores the text "
+                  "around them alone (the answers weigh 0; search.needle_check)")
+    sets = reweighed(loaded.sets, 0.0)
+    loaded.evaluator.reweigh(sets.search.joint)
+    if ctx.is_main:  # the seeds' lines again under the new weight: the log's last line of a key is its score
+        checkpoint.append_log(log_path, {"event": "needle_check", "needle_weight": 0.0})
+        for seed in seeds:
+            checkpoint.append_log(log_path, eval_record(seed.key, loaded.evaluator.results[seed.key]))
+    config = setup.config.model_copy(update={"search": s.model_copy(update={"needle_weight": 0.0})})
+    return dataclasses.replace(setup, config=config), dataclasses.replace(loaded, sets=sets)
+
+
 def fit(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporter,
         ctx: distributed.Context) -> SearchSetup:
-    """Phase 7 (short searches with mscale auto): the setup under the lowest attention factor the long set allows."""
+    """Phase 8 (short searches with mscale auto): the setup under the lowest attention factor the long set allows."""
     if loaded.long_samples is None:
         return setup
     log_path = opened.run_dir / LOG_FILE
@@ -408,7 +438,7 @@ def fit(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporte
 
 def validator(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: Reporter,
               ctx: distributed.Context) -> Validator | None:
-    """Phase 8: what scores the validation samples (None without any); a resume reuses the logged scores."""
+    """Phase 9: what scores the validation samples (None without any); a resume reuses the logged scores."""
     if loaded.sets.validation is None:
         return None
     sets = loaded.sets
@@ -420,7 +450,7 @@ def validator(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporter: R
 
 def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed.Context,
             reporter: Reporter = SILENT) -> FactorsFile:
-    """Phase 9: the winner against the reference methods on search and held-out samples (fitness, plain PPL, needle
+    """Phase 10: the winner against the reference methods on search and held-out samples (fitness, plain PPL, needle
     retrieval); the final factors.json."""
     setup, chunk = search.setup, search.setup.config.search.chunk_size
     reporter.phase(f"comparing the winner with {', '.join(setup.comparisons())} on {loaded.sets.heldout.count} "
@@ -478,6 +508,7 @@ def run_search(
         loaded = distributed.run_everywhere(functools.partial(load, setup, model_config, ctx, reporter), ctx)
         check_identity(opened, loaded.identity, ctx)
         record_start(opened, loaded, ctx)
+        setup, loaded = check_needles(setup, opened, loaded, reporter, ctx)
         scored = fit(setup, opened, loaded, reporter, ctx)  # a new setup; the identity keeps the configured one
         reporter.start(scored, opened.state)
         scorer = logged_scorer(loaded.evaluator, scored, opened.run_dir / LOG_FILE, reporter, ctx)

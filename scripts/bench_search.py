@@ -63,7 +63,8 @@ VARIANTS = {
     "all": [RACE, BEST_SEEDS, FAMILY, PPL, NO_SCREEN],
     "screen": [NO_RACE, ALL_SEEDS, PAPER_SEEDS, PPL, SCREEN],  # multi-fidelity alone, against race
     "default": [],  # the config as it is: every default of this version
-    "keep0.25": ["search.screen_keep=0.25"],  # the defaults with a harder screen: a quarter of each batch in full
+    "keep0.25": ["search.screen_keep=0.25", "search.needle_check=false"],  # a harder screen: a quarter in full
+    "no-check": ["search.needle_check=false"],  # the defaults with the answers weighed even at chance
     "default-ppl": [PPL],  # the defaults with the paper's fitness: what the cost savings do without the needles
 }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from longrope_search.config import from_dict
 from longrope_search.evolution import seed_candidates
 from longrope_search.fitness import IGNORE, Evaluator, Joint
 from longrope_search.model import load_config, rope_spec
-from longrope_search.needle import answer_targets, answers_only, asked_windows, needle_samples, text_only
+from longrope_search.needle import answer_targets, answers_found, answers_only, asked_windows, needle_samples, text_only
 from longrope_search.rundir import CONFIG_FILE, config_for_resume
 from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup
@@ -38,7 +39,10 @@ def setup(tmp_path_factory):
 
 
 def joint_config(model: Path, corpus: Path, **search) -> dict:
-    return search_config(model, corpus, **{"fitness": "joint", "needles": 2, "n_hat": [0], **search})
+    """A joint search whose answers keep their weight: the random test model finds no needle, so the chance check
+    (tests below) would drop them."""
+    return search_config(model, corpus, **{"fitness": "joint", "needles": 2, "n_hat": [0], "needle_check": False,
+                                           **search})
 
 
 def code_windows(n: int, length: int) -> torch.Tensor:
@@ -140,7 +144,7 @@ def test_a_search_never_ends_worse_than_its_best_seed(setup, tmp_path):
     zero, _ = run_search(from_dict(joint_config(model, corpus, population=3, parents=2, generations=0, seeds=seeds)),
                          tmp_path / "zero")
     log = [json.loads(line) for line in (tmp_path / "zero" / "log.jsonl").read_text().splitlines()]
-    scores = [e["ppl"] for e in log if e["event"] == "eval"]
+    scores = list({e["key"]: e["ppl"] for e in log if e["event"] == "eval"}.values())  # a key's last line wins
     assert len(scores) == 3 and zero.ppl["search"] == min(scores)
     assert zero.search.best_origin in seeds
     best_seed = zero.search.best_origin
@@ -189,3 +193,57 @@ def test_a_needle_run_from_before_search_needles_resumes_with_its_one_needle(set
     assert config.search.needles == 1 and notes == []
     write_config(tmp_path / CONFIG_FILE, joint_config(model, corpus))  # a joint run keeps what it wrote
     assert config_for_resume(tmp_path, [])[0].search.needles == 2
+
+
+# --- the chance check (search.needle_check) ------------------------------------------------------------------
+
+
+def test_answers_beat_chance_only_below_half_a_uniform_guess_per_needle():
+    rows = torch.zeros(2, 10, dtype=torch.bool)
+    rows[:, :6] = True  # 6 answer tokens per window, 2 needles: 3 per needle
+    chance = 5 * math.log(10)  # a uniform guess of a 5-digit number, in nats
+    assert answers_found([0.1, 0.2], rows, needles=2)  # 0.45 nats per needle
+    limit = 0.5 * chance / 3  # the mean per token at which a needle costs half a guess
+    assert answers_found([limit * 0.99] * 2, rows, 2) and not answers_found([limit * 1.01] * 2, rows, 2)
+    assert not answers_found([2.31, 2.30], rows, 2)  # a digit guessed: ln 10 per token
+
+
+def test_reweighing_equals_scoring_with_the_new_weight():
+    torch.manual_seed(0)
+    model = tiny_model("llama", max_position_embeddings=32).eval()
+    ids = code_windows(3, 64)
+    targets = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[:, :63]  # (n, L-1): any targets will do
+    rows = torch.zeros(3, 63, dtype=torch.bool)
+    rows[:, 50:56] = True
+    factors = [1.0 + 0.1 * i for i in range(8)]
+    before = Evaluator(model, ids, 16, targets=targets, joint=Joint(rows, 0.25))
+    before.score("k", factors, 0, 1.1)
+    before.reweigh(Joint(rows, 0.0))
+    direct = Evaluator(model, ids, 16, targets=targets, joint=Joint(rows, 0.0)).score("k", factors, 0, 1.1)
+    assert before.results["k"].nlls == pytest.approx(direct.nlls, abs=1e-12)
+    assert before.results["k"].ppl == pytest.approx(direct.ppl, rel=1e-12)
+    assert before.score("j", factors, 0, 1.2).nlls == pytest.approx(before.results["j"].parts["text"], abs=1e-12)
+
+
+def test_a_model_that_finds_no_needle_is_searched_on_the_text_and_resumes_the_same(setup, tmp_path):
+    """The random model answers at chance: the seeds are scored, the answers drop to weight 0, every score (and the
+    last log line of every key) is the text's alone; a resume cut anywhere in generation 0 ends the same."""
+    model, corpus = setup
+    config = joint_config(model, corpus, generations=1, needle_check=True)
+    final, ref = run_search(from_dict(config), tmp_path / "ref")
+    assert final.search.settings["needle_weight"] == 0.0
+    lines = (ref / "log.jsonl").read_text().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
+    assert [r["needle_weight"] for r in records if r["event"] == "needle_check"] == [0.0]
+    last = {r["key"]: r for r in records if r["event"] == "eval"}
+    assert all(r["nlls"] == pytest.approx(r["parts"]["text"], abs=1e-12) for r in last.values())
+    expected = comparable(json.loads((ref / "factors.json").read_text()))
+    first_generation = next(i for i, r in enumerate(records) if r["event"] == "generation")
+    for n in range(2, first_generation + 1, 3):  # from before the check to the end of generation 0
+        run = tmp_path / f"cut{n}"
+        shutil.copytree(ref, run)
+        shutil.rmtree(run / "state")
+        (run / "log.jsonl").write_text("".join(lines[:n]))
+        (run / "factors.json").unlink()
+        resumed, _ = run_search(None, run, resume=True)
+        assert comparable(resumed.to_json()) == expected, n
