@@ -1,11 +1,18 @@
 """The search's savings measured side by side: the same search (same config, seed and budget) with each saving off
 and on, on the shipped model at 8x and 16x. The variants (--variants, the first is the reference):
-  plain       search.race_margin 0, every seed mutated: the paper's search (every variant: search.fitness ppl)
-  race        early rejection at --race-margin (default: the config default)
-  seeds       the initial mutants only of seeds within SEED_MARGIN nats of the best (search.seed_margin)
+  plain       the paper's search: fitness ppl, seeds PI/NTK/YaRN, every seed mutated, every candidate on every window,
+              no racing
+  race        plain with early rejection at --race-margin (default: the config default)
+  seeds       plain with the initial mutants only of seeds within SEED_MARGIN nats of the best
   race+seeds  both
-  family      the YaRN family among the seeds (search.seeds: [pi, ntk, yarn, yarn-family])
+  family      plain with the YaRN family among the seeds
   all         race, seeds and family together
+  screen      plain with multi-fidelity scoring (search.screen_windows, the default 2 windows, half kept)
+  default     the config as it is: every default of this version (joint fitness, chance check, family, seed margin
+              0.1, screening, racing)
+  keep0.25    the default with a quarter of each batch kept (and no chance check, as first measured)
+  no-check    the default without the chance check (search.needle_check false)
+  default-ppl the default with the paper's fitness
 (Fewer search windows is not a variant: data.samples also moves which documents are held out, so the held-out PPLs
 would not compare.)
 
@@ -15,8 +22,9 @@ samples (the search's final comparison), and the forward tokens the run needed t
 reference's final winner: after each generation the winner the search would have returned had it stopped there is
 scored on the held-out samples afterwards (that scoring is not search work).
 
-Run: `python scripts/bench_search.py` (the default five variants: about 40 minutes on one core at 8x, 80 at 16x; run
-`--targets 8x` and `--targets 16x` as two processes on 2 cores); `--targets 8x --generations 6` for a quick look.
+Run: `python scripts/bench_search.py` (the paper's settings and the defaults, on both shipped models at 8x and 16x:
+about 50 minutes on one core; `--config tiny` and `--config tiny-qwen2` as two processes on 2 cores); `--targets 8x
+--generations 6` for a quick look.
 Searches run one after another in a process; `--out DIR --reuse` adds variants to finished runs without rerunning
 them (each keeps the wall time it recorded).
 """
@@ -33,18 +41,17 @@ from pathlib import Path
 
 from longrope_search import checkpoint
 from longrope_search.checkpoint import Evaluation
-from longrope_search.config import DEFAULT_RACE_MARGIN, DEFAULT_SCREEN_WINDOWS, Config, load_config
+from longrope_search.config import DEFAULT_RACE_MARGIN, DEFAULT_SCREEN_WINDOWS, Config, find_config, load_config
 from longrope_search.fitness import Evaluator
 from longrope_search.model import load_config as load_model_config
 from longrope_search.model import load_model, rope_spec
 from longrope_search.factors import load_factors
 from longrope_search.rundir import FACTORS_FILE, LOG_FILE
-from longrope_search.sample_sets import sample_sets
+from longrope_search.sample_sets import reweighed, sample_sets
 from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup, resolve_prior
 from longrope_search.validation import KEY_PREFIX, Validator
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 
 
 PAPER_SEEDS, FAMILY = "search.seeds=[pi,ntk,yarn]", "search.seeds=[pi,ntk,yarn,yarn-family]"
@@ -71,9 +78,10 @@ VARIANTS = {
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, default=TINY, help="the search to run (default: configs/tiny.yaml)")
+    p.add_argument("--config", default="tiny,tiny-qwen2",
+                   help="the searches to run, comma-separated config names or paths (default: both shipped models)")
     p.add_argument("--targets", default="8x,16x")
-    p.add_argument("--variants", default="plain,race,seeds,family,all",
+    p.add_argument("--variants", default="plain,default",
                    help=f"of {', '.join(VARIANTS)}; the first is the reference")
     p.add_argument("--race-margin", type=float, default=DEFAULT_RACE_MARGIN, help="the racing variants' margin")
     p.add_argument("--generations", type=int, default=None, help="override search.generations")
@@ -124,6 +132,9 @@ def heldout_curve(config: Config, run_dir: Path) -> list[tuple[int, float]]:
     setup = make_setup(config, spec, resolve_prior(config, model_config, spec))
     model, tokenizer = load_model(config.model.name, device="cpu", dtype="float32", mlp_chunk=config.search.mlp_chunk)
     sets = sample_sets(tokenizer, config, setup.target_length)
+    records = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+    if any(r["event"] == "needle_check" for r in records):  # the run weighed the answers 0: so does its validation
+        sets = reweighed(sets, 0.0)
     heldout = Evaluator(model, sets.heldout_plain, config.search.chunk_size)  # plain PPL, whatever the fitness
     validator = None
     if sets.validation is not None:
@@ -149,18 +160,19 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant {unknown[0]!r}; use some of: {', '.join(VARIANTS)}.")
-    print(f"config {args.config}, variants {variants}, runs in {root}", flush=True)
-    header = ("target", "variant", "evals", "stopped", "fwd Mtok", "tok ratio", "wall s", "held-out", "vs plain",
+    configs = [find_config(name) for name in args.config.split(",")]
+    print(f"configs {', '.join(map(str, configs))}, variants {variants}, runs in {root}", flush=True)
+    header = ("model", "target", "variant", "evals", "stopped", "fwd Mtok", "tok ratio", "wall s", "held-out", "vs plain",
               "needles", "Mtok to plain's held-out")
     print(" | ".join(f"{h:>10}" for h in header), flush=True)
-    for target in args.targets.split(","):
+    for path, target in ((path, target) for path in configs for target in args.targets.split(",")):
         plain = None  # (forward tokens, held-out PPL) of the reference (first) variant's run
         for variant in variants:
             overrides = [f"search.target={target}", *(o.format(margin=args.race_margin) for o in VARIANTS[variant])]
             if args.generations is not None:
                 overrides.append(f"search.generations={args.generations}")
-            config = load_config(args.config, overrides)
-            run_dir = root / f"{target}-{variant}"
+            config = load_config(path, overrides)
+            run_dir = root / (f"{target}-{variant}" if len(configs) == 1 else f"{path.stem}/{target}-{variant}")
             wall_file = run_dir / "bench_wall.json"
             if args.reuse and (run_dir / FACTORS_FILE).exists() and wall_file.exists():
                 final, wall = load_factors(run_dir / FACTORS_FILE), json.loads(wall_file.read_text())["seconds"]
@@ -174,7 +186,7 @@ def main() -> None:
             heldout, tokens = final.ppl.get("heldout_ppl", final.ppl["heldout"]), work_tokens(run_dir)
             plain = plain or (tokens, heldout)
             reach = next((t for t, ppl in curve if ppl <= plain[1] * (1 + 1e-9)), None)
-            row = (target, variant, final.search.evaluations, final.search.rejected, f"{tokens / 1e6:.2f}",
+            row = (path.stem, target, variant, final.search.evaluations, final.search.rejected, f"{tokens / 1e6:.2f}",
                    f"{tokens / plain[0]:.3f}", f"{wall:.0f}", f"{heldout:.4f}", f"{heldout / plain[1] - 1:+.2%}",
                    f"{final.ppl.get('needle', math.nan):.0%}",
                    "never" if reach is None else f"{reach / 1e6:.2f} ({reach / plain[0]:.2f}x)")

@@ -1,6 +1,6 @@
 """scripts/bench_search.py and scripts/race_replay.py run end to end on a tiny model: every variant's row has its
-numbers, the reference's ratios are 1, a saving changes what it should (racing stops candidates, the seed settings
-change the initial population), and the replay reads the reference's run."""
+numbers, the reference's ratios are 1, a saving changes what it should (racing and screening stop candidates, the
+seed settings change the initial population), and the replay reads the reference's run."""
 
 from __future__ import annotations
 
@@ -28,30 +28,33 @@ def bench(tmp_path_factory):
     path = write_config(root / "bench.yaml", config)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--config", str(path),
-                          "--targets", "4x", "--variants", "plain,race,all", "--out", str(root / "runs"),
+                          "--targets", "4x", "--variants", "plain,race,screen,all", "--out", str(root / "runs"),
                           "--race-margin", "1e-6"],  # a random model: NLL gaps ~1e-5
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {}
     for line in out.stdout.splitlines():
         cells = [c.strip() for c in line.split("|")]
-        if len(cells) == 11 and cells[0] == "4x":
-            rows[cells[1]] = cells
+        if len(cells) == 12 and cells[1] == "4x":
+            rows[cells[2]] = cells[1:]
     return root / "runs", rows, env
 
 
 def test_every_variant_prints_its_numbers_and_the_reference_is_1(bench):
     runs, rows, _ = bench
-    assert set(rows) == {"plain", "race", "all"}
+    assert set(rows) == {"plain", "race", "screen", "all"}
     plain = rows["plain"]
     assert plain[3] == "0" and plain[5] == "1.000" and plain[8] == "+0.00%"  # no rejection; ratios to itself
     assert "(1.00x)" in plain[10] or float(plain[10].split("(")[1].rstrip("x)")) <= 1.0  # reaches its own winner
     evals = {name: int(row[2]) for name, row in rows.items()}
     tokens = {name: float(row[4]) for name, row in rows.items()}
     assert int(rows["race"][3]) > 0 and float(rows["race"][5]) < 1.0 and evals["race"] == evals["plain"]
-    for name in rows:  # the work printed is every score the run logged, validation included
+    # screening: about half of each generation's children stop after the first 2 of 3 windows
+    assert int(rows["screen"][3]) >= 2 * 3 and float(rows["screen"][5]) < 1.0 and evals["screen"] == evals["plain"]
+    for name in rows:  # the work printed is every score the run logged (a key's last line), validation included
         logged = [json.loads(line) for line in (runs / f"4x-{name}" / "log.jsonl").read_text().splitlines()]
-        assert round(sum(r["tokens"] for r in logged if r["event"] == "eval") / 1e6, 2) == tokens[name]
+        last = {r["key"]: r["tokens"] for r in logged if r["event"] == "eval"}
+        assert round(sum(last.values()) / 1e6, 2) == tokens[name]
         assert any(r["key"].startswith("validation|") for r in logged if r["event"] == "eval")
         curve = json.loads((runs / f"4x-{name}" / "bench_curve.json").read_text())
         assert len(curve) == 3 and all(a[0] < b[0] for a, b in zip(curve, curve[1:]))  # generation 0, 1, 2
