@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 from tiny_models import tiny_model, tiny_tokenizer
 
+from longrope_search import checkpoint
+
 WORDS = ["def", "return", "class", "self", "value", "import", "for", "in", "range", "if", "else", "print",
          "the", "quick", "brown", "fox", "lazy", "dog", "x", "y", "+", "=", "(", ")", ":"]
 
@@ -98,7 +100,8 @@ def cli(*args: str, cwd: Path) -> subprocess.Popen:
 def kill_9_then_resume(cfg: Path, root: Path, latest: float = 1.5) -> tuple[dict, dict, str]:
     """The search of `cfg` run whole in root/ref, and in root/run killed with SIGKILL at a random moment (up to
     `latest` s after its first checkpoint) then resumed: both factors.json documents (without the model path) and
-    what the kill was, for the failure message."""
+    what the kill was, for the failure message. Both searches' histories (every candidate scored, in order) must be
+    equal."""
     reference = cli("search", "--config", str(cfg), "--out", "ref", cwd=root)
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
@@ -116,6 +119,8 @@ def kill_9_then_resume(cfg: Path, root: Path, latest: float = 1.5) -> tuple[dict
     _, err = resumed.communicate(timeout=300)
     what = f"kill after {delay:.2f}s (seed {seed})"
     assert resumed.returncode == 0, f"{what}: {err}"
+    histories = [checkpoint.state_to_json(checkpoint.load_state(root / name)[0])["history"] for name in ("ref", "run")]
+    assert histories[0] == histories[1], f"{what}: the resumed search scored other candidates"
     docs = [json.loads((root / name / "factors.json").read_text()) for name in ("ref", "run")]
     for doc in docs:
         doc.pop("model")

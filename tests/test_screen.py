@@ -124,8 +124,6 @@ def test_kill_9_then_resume_equals_uninterrupted_with_screening(setup, tmp_path)
     cfg = write_config(tmp_path / "cfg.yaml", screened_config(model, corpus, generations=6))
     ref, run, what = kill_9_then_resume(cfg, tmp_path, latest=1.0)
     assert comparable(run) == comparable(ref), what
-    histories = [checkpoint.state_to_json(checkpoint.load_state(tmp_path / d)[0])["history"] for d in ("ref", "run")]
-    assert histories[0] == histories[1]
 
 
 def test_a_run_from_before_screening_resumes_without_it(setup, tmp_path):
