@@ -458,7 +458,8 @@ def eval_cmd(
         console.print(f"note: these documents were not held out from the search: {result.not_heldout}.",
                       markup=False)
     if run_dir is not None:
-        console.print(f"written to {run_dir / EVAL_FILE}", markup=False)
+        kept = f" ({result.merge_note})" if result.merge_note else ""
+        console.print(f"written to {run_dir / EVAL_FILE}{kept}", markup=False)
 
 
 @app.command()

@@ -4,6 +4,7 @@ that keeps earlier lengths, and the tables the CLI prints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class EvalResult:
     needle_trials: int = 0  # prompts per (length, depth) cell
     heldout: bool = True  # no document the search decided with (see evaluate.flag_inputs)
     not_heldout: str | None = None  # why the documents are not held out from the search
+    # what the numbers depend on (evaluate.measured: the model's config, the factors' content, the corpus), whatever
+    # path the run was reached by; None in files of earlier versions
+    measured: str | None = None
+    merge_note: str | None = None  # what saving over an earlier eval.json kept and replaced (not saved)
 
     def to_json(self) -> dict[str, Any]:
         def table(scores: dict[str, dict[int, float]]) -> dict[str, dict[str, float | None]]:
@@ -53,6 +58,8 @@ class EvalResult:
                "samples": self.samples, "model": self.model, "factors": self.factors, "heldout": self.heldout}
         if self.not_heldout is not None:
             doc["not_heldout"] = self.not_heldout
+        if self.measured is not None:
+            doc["measured"] = self.measured
         if self.needle:
             doc["needle"] = {variant: {m: {str(n): {f"{d:g}": a for d, a in cells.items()} for n, cells in rows.items()}
                                        for m, rows in methods.items()} for variant, methods in self.needle.items()}
@@ -75,27 +82,40 @@ class EvalResult:
         return cls(lengths=[int(n) for n in lengths], ppl=ppl, samples=int(doc.get("samples", 0)),
                    model=str(doc.get("model", "")), factors=doc.get("factors"), passkey=passkey, needle=needle,
                    needle_trials=int(doc.get("needle_trials", 0)), heldout=bool(doc.get("heldout", True)),
-                   not_heldout=doc.get("not_heldout"))
+                   not_heldout=doc.get("not_heldout"), measured=doc.get("measured"))
 
     def save(self, path: Path) -> None:
         atomic_write_text(path, json_text(self.to_json(), indent=2) + "\n")
 
     def merged_into(self, path: Path) -> "EvalResult":
-        """This result on top of an earlier eval.json of the same samples: a quick run never erases a long one."""
+        """This result on top of an earlier eval.json of the same measurement (the same `measured`, or for files
+        without one the same model and factors path), so a quick run never erases a long one: every length, method
+        and needle table the new call did not measure is kept. `merge_note` says what was kept or replaced."""
         try:
             old = read_eval(path)
         except CheckpointError:
             old = None
-        if old is None or ((old.samples, old.model, old.factors, old.heldout)
-                           != (self.samples, self.model, self.factors, self.heldout)):
-            return self  # none yet, unreadable or not comparable: replaced by this complete result
+        if old is None:
+            return self
+        same = (old.measured == self.measured if old.measured is not None and self.measured is not None
+                else (old.model, old.factors) == (self.model, self.factors))
+        if not same or (old.samples, old.heldout) != (self.samples, self.heldout):
+            return dataclasses.replace(self, merge_note=f"{path} held another measurement (other factors, model, "
+                                       "documents or sample count): replaced")
         merged = {name: _merged(getattr(old, name), getattr(self, name)) for name in ("ppl", "passkey")}
         needle, trials = self.needle, self.needle_trials
         if not needle or old.needle_trials == trials:  # cells of other trial counts do not compare
             needle = {v: _merged(old.needle.get(v, {}), self.needle.get(v, {})) for v in {*old.needle, *self.needle}}
             trials = trials or old.needle_trials
+        kept = [format_length(n) for n in old.lengths if n not in self.lengths]
+        tables = sorted(v for v in needle if v not in self.needle)
+        note = (f"kept from the earlier {path.name}: " + "; ".join(
+            part for part in (f"lengths {', '.join(kept)}" if kept else "",
+                              f"needle tables {', '.join(tables)}" if tables else "") if part)
+                if kept or tables else None)
         return EvalResult(sorted(set(old.lengths) | set(self.lengths)), merged["ppl"], self.samples, self.model,
-                          self.factors, merged["passkey"], needle, trials, self.heldout, self.not_heldout)
+                          self.factors, merged["passkey"], needle, trials, self.heldout, self.not_heldout,
+                          self.measured, note)
 
 
 def _merged(old: dict[str, dict[int, Any]], new: dict[str, dict[int, Any]]) -> dict[str, dict[int, Any]]:

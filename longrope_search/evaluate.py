@@ -7,6 +7,8 @@ Each method runs as a served model would run it: see `methods.methods_for` for w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +303,18 @@ def evaluate(
         result.needle_trials = needle.trials
     result.model, result.factors = inputs.model, str(inputs.factors_file)
     result.heldout, result.not_heldout = inputs.not_heldout is None, inputs.not_heldout
+    result.measured = measured(loaded.config, ff, inputs.corpus)
     if run_dir is not None:
-        result.merged_into(run_dir / EVAL_FILE).save(run_dir / EVAL_FILE)
+        merged = result.merged_into(run_dir / EVAL_FILE)
+        merged.save(run_dir / EVAL_FILE)
+        result.merge_note = merged.merge_note
     return result
+
+
+def measured(model_config: Any, ff: FactorsFile, corpus: CorpusSpec) -> str:
+    """What an evaluation's numbers depend on, however the run folder was named or reached: the model's config, the
+    factor sets with their attention factor and window, and the corpus. eval.json merges only equal ones."""
+    config = {k: v for k, v in model_config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    doc = {"model": config, "corpus": dataclasses.asdict(corpus),
+           "factors": [ff.factors, ff.short_factors, ff.n_hat, ff.mscale, ff.target_length, dataclasses.asdict(ff.rope)]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -109,11 +109,39 @@ def test_run_table_matches_the_searched_scores_and_writes_eval_json(tiny_run):
         assert result.ppl[name][128] == pytest.approx(ff.baselines[name]["heldout"], rel=1e-6)
 
     doc = json.loads((run_dir / "eval.json").read_text())
-    assert set(doc) == {"lengths", "ppl", "passkey", "samples", "model", "factors", "heldout"} and doc["heldout"]
+    assert set(doc) == {"lengths", "ppl", "passkey", "samples", "model", "factors", "heldout", "measured"}
+    assert doc["heldout"]
     assert doc["lengths"] == [32, 64, 128] and doc["passkey"] == {} and doc["samples"] == 2
     assert doc["factors"] == str(run_dir / "factors.json") and doc["model"] == ff.model
     assert set(doc["ppl"]["pi"]) == {"32", "64", "128"} and doc["ppl"]["pi"]["64"] == result.ppl["pi"][64]
     assert er.EvalResult.from_json(doc) == result
+
+
+def test_eval_json_keeps_what_a_copied_or_renamed_run_measured_before(tiny_run, tmp_path, monkeypatch):
+    """eval.json merges on what was measured (model config, factors' content, corpus), not on the path typed: a
+    copy of the run evaluated at another length keeps the earlier lengths, and says so."""
+    import shutil
+
+    run_dir, _, _ = tiny_run
+    copy = tmp_path / "renamed"
+    shutil.copytree(run_dir, copy)
+    (copy / "eval.json").unlink(missing_ok=True)
+    first = ev.evaluate(["1x", "2x"], run_dir=copy)
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(copy, moved)  # the folder copied again, then reached by a relative path
+    monkeypatch.chdir(moved.parent)
+    second = ev.evaluate(["4x"], run_dir=Path("run"))
+    doc = json.loads((moved / "eval.json").read_text())
+    assert doc["lengths"] == [32, 64, 128] and set(doc["ppl"]["pi"]) == {"32", "64", "128"}
+    assert doc["ppl"]["pi"]["32"] == first.ppl["pi"][32] and first.measured == second.measured
+    assert second.merge_note == "kept from the earlier eval.json: lengths 32, 64"
+    # other factors in the same folder: a different measurement, replaced and said so
+    ff = load_factors(moved)
+    ff.factors = [f * 1.01 for f in ff.factors]
+    ff.save(moved / "factors.json")
+    third = ev.evaluate(["4x"], run_dir=Path("run"))
+    assert "held another measurement" in third.merge_note
+    assert json.loads((moved / "eval.json").read_text())["lengths"] == [128]
 
 
 def test_longrope_with_pi_factors_and_mscale_scores_like_pi(tiny_run):
@@ -298,4 +326,6 @@ def test_a_later_eval_adds_to_eval_json_instead_of_erasing_it(tmp_path):
     assert merged.ppl == {"pi": {256: 3.0, 512: 4.0, 32: 2.0}, "none": {32: 2.0}}
     assert merged.passkey == {"pi": {512: 0.5}}
     other = EvalResult([32], {"pi": {32: 9.0}}, 8, "m", "f")  # other samples: not comparable, replaces
-    assert other.merged_into(path) is other
+    replaced = other.merged_into(path)
+    assert replaced.ppl == other.ppl and replaced.lengths == [32] and "replaced" in replaced.merge_note
+    assert merged.merge_note == "kept from the earlier eval.json: lengths 256, 512"
