@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from longrope_search.config import DEFAULT_TARGET  # light: stdlib, yaml, pydantic
-from longrope_search.errors import ConfigError, DependencyError, LongRopeError, StorageError
+from longrope_search.errors import ConfigError, DependencyError, LongRopeError, StorageError, install_hint
 from longrope_search.progress import phases  # light: rich, and the search's state and setup types
 
 app = typer.Typer(
@@ -473,7 +473,7 @@ def plot(
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise DependencyError("longrope plot needs matplotlib, an optional part: pip install longrope[plot]")
+        raise DependencyError(f"longrope plot needs matplotlib, an optional part: {install_hint('plot')}")
     from longrope_search.plot import plot_run
 
     def warn(line: str) -> None:

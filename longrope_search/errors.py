@@ -3,6 +3,8 @@
 The message of every error names the problem and the fix; no traceback is shown for these.
 """
 
+from pathlib import Path
+
 
 class LongRopeError(Exception):
     """Base class: a mistake the user can fix (bad input, missing file, ...)."""
@@ -48,3 +50,13 @@ def first_line(exc: BaseException) -> str:
     """The first line of a library exception's message, quoted inside our one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def install_hint(extra: str) -> str:
+    """The command that installs an optional part from where this copy was installed: a checkout (an editable
+    install, pyproject.toml beside the package) gets `pip install -e "ROOT[extra]"`, an installed wheel
+    `pip install "longrope[extra]"`; quoted, so zsh does not read the brackets as a glob."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file():
+        return f'pip install -e "{root}[{extra}]"'
+    return f'pip install "longrope[{extra}]"'

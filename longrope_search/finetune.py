@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, Trainer
 from longrope_search import checkpoint, data, export, packing
 from longrope_search.config import Config, apply_overrides, from_dict, parse_length, read_yaml
 from longrope_search.data import CorpusSpec, same_documents
-from longrope_search.errors import CheckpointError, ConfigError, DataError, DependencyError, ExportError, ModelError
+from longrope_search.errors import (CheckpointError, ConfigError, DataError, DependencyError, ExportError, ModelError,
+                                    install_hint)
 from longrope_search.factors import FactorsFile, factors_path, load_factors, software_versions
 from longrope_search.files import atomic_write_text, json_text, remove_temps
 from longrope_search.model import LoadOptions, attention_backend, default_device, load_tokenizer, resolve_dtype
@@ -248,7 +249,7 @@ def make_setup(config: Config) -> Setup:
     if problems:
         raise ConfigError("; ".join(problems) + ".")
     if f.method == "lora" and importlib.util.find_spec("peft") is None:
-        raise DependencyError("finetune.method lora needs peft, an optional part: pip install longrope[lora]")
+        raise DependencyError(f"finetune.method lora needs peft, an optional part: {install_hint('lora')}")
     return Setup(config, ff, factors_path(f.run), src, str(model_config.model_type), options, corpus, length,
                  short_length, block_tokens, max(1, batch // step_tokens), world)
 

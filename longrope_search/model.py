@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from longrope_search import builtin
-from longrope_search.errors import DependencyError, ModelError, first_line
+from longrope_search.errors import DependencyError, ModelError, first_line, install_hint
 from longrope_search.memory import chunk_mlp
 from longrope_search.rope import RopeSpec, base_inv_freq, cos_sin, scaled_inv_freq
 
@@ -265,7 +265,7 @@ def check_device_map(device_map: str | None) -> None:
     """A device map needs accelerate: say so before any weight loads."""
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
         raise DependencyError(f"device_map {device_map!r} needs the accelerate package; pip install accelerate "
-                         "(or pip install longrope[gpu]), or load onto one device with --device.")
+                         f"(or {install_hint('gpu')}), or load onto one device with --device.")
 
 
 def load_model(name_or_path: str, device: str | None = None, dtype: str | None = None, mlp_chunk: int = 0,

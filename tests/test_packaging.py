@@ -68,7 +68,16 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     result = runner.invoke(cli.app, ["plot", str(tmp_path)])
-    assert result.exit_code == 2 and result.output.count("\n") == 1 and "pip install longrope[plot]" in result.output
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    root = Path(cli.__file__).resolve().parent.parent  # a checkout: the command that works from it, quoted for zsh
+    assert f'pip install -e "{root}[plot]"' in result.output
+
+
+def test_the_install_hint_of_an_installed_wheel_names_the_package(tmp_path, monkeypatch):
+    from longrope_search import errors
+
+    monkeypatch.setattr(errors, "__file__", str(tmp_path / "site-packages" / "longrope_search" / "errors.py"))
+    assert errors.install_hint("plot") == 'pip install "longrope[plot]"'
 
 
 def test_version_plan_json_and_info_on_presets():
