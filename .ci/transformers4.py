@@ -6,7 +6,8 @@
 `reference` writes EXPORT/../reference.pt: token ids of a text longer than the original window (long factors) and
 one inside it (short factors), and 5.x's logits for both. `check` loads EXPORT with 4.57's AutoTokenizer and
 AutoModelForCausalLM, and requires the same ids, the same logits (max abs difference <= 1e-4), longrope in the loaded
-config, and logits that differ from plain RoPE's (a config 4.x read as plain RoPE would pass otherwise).
+config, logits that differ from plain RoPE's (a config 4.x read as plain RoPE would pass otherwise), and that
+`model.generate(**tokenizer(text, return_tensors="pt"))` runs.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def main(mode: str, export: Path) -> None:
     gap = (logits(unscaled, ids["long"]) - reference["logits"]["long"]).abs().max().item()
     assert gap > 1e-2, "plain RoPE gives the same logits: the check would not notice longrope being ignored"
     print(f"transformers {transformers.__version__}: the export runs longrope (plain RoPE differs by {gap:.2f})")
+    inputs = tokenizer("x = 1", return_tensors="pt")  # what a user types first: no token_type_ids may come back
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    print(f"transformers {transformers.__version__}: generate(**tokenizer(...)) gave {out.shape[1]} tokens")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ LONG_VERIFY_MARGIN = 16
 
 # tokenizer_config.json's class as transformers 5 saves it; 4.x knows the same tokenizer as PreTrainedTokenizerFast.
 FIVE_ONLY_TOKENIZER_CLASS, PORTABLE_TOKENIZER_CLASS = "TokenizersBackend", "PreTrainedTokenizerFast"
+CAUSAL_LM_INPUTS = ("input_ids", "attention_mask")  # what a causal LM's forward and generate() take
 
 
 @dataclass
@@ -179,19 +180,32 @@ def must_copy_weights(src: Path) -> bool:
     return any(_is_within(src.resolve(), root.resolve()) for root in roots)
 
 
-def _portable_tokenizer_config(path: Path, target: Path) -> bool:
-    """Copy tokenizer_config.json, its 5.x-only tokenizer class written as the class 4.x and 5.x both load (the
-    same fast tokenizer from tokenizer.json); True when it was rewritten."""
+def _portable_tokenizer_config(path: Path, target: Path) -> list[str]:
+    """Copy tokenizer_config.json so 4.x and 5.x load and call the tokenizer alike: a 5.x-only tokenizer class
+    written as the class both load (the same fast tokenizer from tokenizer.json), and for that generic class the
+    inputs a causal LM takes (its default adds token_type_ids, which generate() in 4.x refuses). The notes of what
+    was rewritten; none when copied as it was."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         doc = None
-    if not (isinstance(doc, dict) and doc.get("tokenizer_class") == FIVE_ONLY_TOKENIZER_CLASS
-            and (path.parent / "tokenizer.json").is_file()):
+    updates: dict[str, Any] = {}
+    notes = []
+    if isinstance(doc, dict) and doc.get("tokenizer_class") == FIVE_ONLY_TOKENIZER_CLASS \
+            and (path.parent / "tokenizer.json").is_file():
+        updates["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        notes.append(f"tokenizer_config.json: tokenizer_class {FIVE_ONLY_TOKENIZER_CLASS} (transformers 5 only) "
+                     f"written as {PORTABLE_TOKENIZER_CLASS}, which 4.x and 5.x load alike.")
+    if isinstance(doc, dict) and "model_input_names" not in doc \
+            and updates.get("tokenizer_class", doc.get("tokenizer_class")) == PORTABLE_TOKENIZER_CLASS:
+        updates["model_input_names"] = list(CAUSAL_LM_INPUTS)
+        notes.append("tokenizer_config.json: model_input_names set to input_ids and attention_mask (without them "
+                     f"{PORTABLE_TOKENIZER_CLASS} also returns token_type_ids, which generate() refuses).")
+    if not updates:
         atomic_copy(path, target)
-        return False
-    atomic_write_text(target, json.dumps({**doc, "tokenizer_class": PORTABLE_TOKENIZER_CLASS}, indent=2) + "\n")
-    return True
+        return []
+    atomic_write_text(target, json.dumps({**doc, **updates}, indent=2) + "\n")
+    return notes
 
 
 def _place_files(src: Path, out: Path, copy_weights: bool, weights: bool = True) -> list[str]:
@@ -211,9 +225,7 @@ def _place_files(src: Path, out: Path, copy_weights: bool, weights: bool = True)
     for path in placed:
         target = out / path.name
         if path.name == "tokenizer_config.json":
-            if _portable_tokenizer_config(path, target):
-                notes.append(f"tokenizer_config.json: tokenizer_class {FIVE_ONLY_TOKENIZER_CLASS} (transformers 5 "
-                             f"only) written as {PORTABLE_TOKENIZER_CLASS}, which 4.x and 5.x load alike.")
+            notes.extend(_portable_tokenizer_config(path, target))
             continue
         if _is_weight(path) and not copy_weights:
             try:

@@ -258,8 +258,16 @@ def test_export_of_the_builtin_model_copies_weights_and_writes_a_model_card(tmp_
     assert "| yarn | 17.20 | 24.20 |" in card and "| longrope | 16.00 | 23.00 |" in card  # factors.json, eval.json
     assert f"vllm serve {out} --max-model-len 1024" in card and "from_pretrained" in card
     assert "original window" in card and "long factors for every token" in card
-    tokenizer_class = json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"]
-    assert tokenizer_class == "PreTrainedTokenizerFast"  # 4.x and 5.x load it
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.x and 5.x load it
+    assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]  # no token_type_ids for generate
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    inputs = tokenizer("x = 1", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
 
 
 def test_hub_model_card_names_its_base_model(tmp_path):
