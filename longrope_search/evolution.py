@@ -214,6 +214,12 @@ def seed_candidates(space: SearchSpace, seeds: dict[str, np.ndarray]) -> dict[st
     return out
 
 
+def distinct_seeds(space: SearchSpace, seeds: dict[str, np.ndarray]) -> list[Candidate]:
+    """The seeds' candidates without repeats, in the order given (two seeds may land on one candidate): what
+    generation 0 scores first."""
+    return list({c.key: c for c in seed_candidates(space, seeds).values()}.values())
+
+
 def competitive_seeds(scores: dict[str, float], margin: float) -> list[str]:
     """The seeds worth mutating: those whose PPL is within `margin` nats (log PPL) of the best seed's, in the order
     given. A seed far behind the best (PI at 8x: 49 against YaRN's 9.9) only breeds mutants that are as far behind

@@ -113,7 +113,7 @@ class Search:
         state = SearchState(0, [], [], {}, self.identity)
         # the seeds first, each on every window; then mutants of all of them (seed_margin null: the paper), or only
         # of those competitive with the best, which alone stay in the population
-        distinct = list({c.key: c for c in named.values()}.values())
+        distinct = evolution.distinct_seeds(self.setup.space, seeds)
         scored = dict(zip([c.key for c in distinct],
                           self._evaluate(state, [(c, origin[c.key]) for c in distinct], 0, full=True)))
         breed = None if s.seed_margin is None else evolution.competitive_seeds(
@@ -224,6 +224,7 @@ class OpenedRun:
     generations: dict[int, dict[str, Any]] = field(default_factory=dict)  # the "generation" lines in log.jsonl
     claim: Claim | None = None  # rank 0: what this command added to the folder, undone if it fails before the start
     details: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> its eval line (per-sample NLLs, ...)
+    needles_checked: bool = False  # log.jsonl records the chance check's decision (check_needles logs it once)
 
 
 @dataclass
@@ -277,14 +278,14 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
                         "evaluations" if not generation_zero_done else f"no checkpoint is readable; the search "
                         f"replays from generation 0 with {len(log.scores)} logged evaluations")
         return OpenedRun(config, run_dir, True, None, warnings, notes, log.scores, log.start_identity, fit,
-                         log.generations, claim, log.details)
+                         log.generations, claim, log.details, "needle_check" in log.newest)
     newest = max(log.generations, default=-1)
     if newest > state.generation and not checkpoint.state_path(run_dir, newest).exists():
         warnings.append(f"{STATE_DIR}/{checkpoint.state_path(run_dir, newest).name} is missing although {LOG_FILE} "
                         f"records generation {newest}; resuming from generation {state.generation} (later "
                         "generations run again from the logged scores)")
     return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, state.fingerprint, fit,
-                     log.generations, claim, log.details)
+                     log.generations, claim, log.details, "needle_check" in log.newest)
 
 
 def set_up(config: Config) -> tuple[Any, SearchSetup]:
@@ -399,7 +400,7 @@ def check_needles(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporte
     if joint is None or not s.needle_check or s.needle_weight == 0:
         return setup, loaded
     log_path = opened.run_dir / LOG_FILE
-    seeds = list({c.key: c for c in evolution.seed_candidates(setup.space, setup.seeds).values()}.values())
+    seeds = evolution.distinct_seeds(setup.space, setup.seeds)
     reporter.phase(f"scoring the {len(seeds)} seeds: do they find the hidden numbers better than chance?")
     results = logged_scorer(loaded.evaluator, setup, log_path, SILENT, ctx)(seeds, full=True)
     if any(r.parts and answers_found(r.parts["answer"], joint.answer_rows, s.needles) for r in results):
@@ -408,10 +409,10 @@ def check_needles(setup: SearchSetup, opened: OpenedRun, loaded: Loaded, reporte
                   "around them alone (the answers weigh 0; search.needle_check)")
     sets = reweighed(loaded.sets, 0.0)
     loaded.evaluator.reweigh(sets.search.joint)
-    if ctx.is_main:  # the seeds' lines again under the new weight: the log's last line of a key is its score
-        checkpoint.append_log(log_path, {"event": "needle_check", "needle_weight": 0.0})
-        for seed in seeds:
+    if ctx.is_main and not opened.needles_checked:  # once: the seeds' lines again under the new weight (a key's
+        for seed in seeds:                             # last line is its score), then the decision
             checkpoint.append_log(log_path, eval_record(seed.key, loaded.evaluator.results[seed.key]))
+        checkpoint.append_log(log_path, {"event": "needle_check", "needle_weight": 0.0})
     config = setup.config.model_copy(update={"search": s.model_copy(update={"needle_weight": 0.0})})
     return dataclasses.replace(setup, config=config), dataclasses.replace(loaded, sets=sets)
 

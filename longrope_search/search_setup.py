@@ -18,7 +18,7 @@ import numpy as np
 from longrope_search import rope
 from longrope_search.config import Config, parse_length
 from longrope_search.errors import ConfigError, LongRopeError
-from longrope_search.evolution import Candidate, SearchSpace, seed_candidates
+from longrope_search.evolution import Candidate, SearchSpace, distinct_seeds
 from longrope_search.factors import AttentionFit, PriorRecord, check_geometry, load_factors
 from longrope_search.model import carried_factors, resolve_model_path
 from longrope_search.rope import RopeSpec
@@ -176,7 +176,7 @@ def make_setup(config: Config, spec: RopeSpec, prior: Prior | None = None) -> Se
         target, space, mscale = _long_space(config, spec, prior, critical)
     setup = SearchSetup(config, spec, target, space, mscale, {}, prior, short=s.short, critical_dim=critical)
     setup = dataclasses.replace(setup, seeds=seed_vectors(setup))  # a bad init_factors file fails here
-    distinct = len({c.key for c in seed_candidates(space, setup.seeds).values()})
+    distinct = len(distinct_seeds(space, setup.seeds))
     if distinct > s.population:  # before any seed is scored
         raise ConfigError(f"{distinct} distinct seeds do not fit search.population {s.population}; raise "
                           "search.population or drop seeds from search.seeds.")

@@ -246,3 +246,5 @@ def test_a_model_that_finds_no_needle_is_searched_on_the_text_and_resumes_the_sa
         (run / "factors.json").unlink()
         resumed, _ = run_search(None, run, resume=True)
         assert comparable(resumed.to_json()) == expected, n
+        events = [json.loads(line)["event"] for line in (run / "log.jsonl").read_text().splitlines()]
+        assert events.count("needle_check") == 1, n  # the decision is logged once, however often it resumed
