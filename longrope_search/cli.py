@@ -297,11 +297,17 @@ def finetune(
         None, "--config", "-c", help="YAML with a finetune section (and model, output), or a shipped one by name: "
         "tiny-finetune, llama2-7b-finetune-256k."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the fine-tune in this folder."),
+    factors: Optional[str] = typer.Option(
+        None, "--factors", help="Train with a baseline instead of RUN's factors: yarn, pi or ntk, as transformers runs "
+        "it (without RUN: the config's model.name, and --target)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="The baseline's target length (8x, 32k); "
+                                         "default: RUN's target."),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", metavar="KEY=VALUE", help="Override a config value: --set finetune.steps=200."),
 ) -> None:
     """Fine-tune the model with RUN's factors installed as the export runs them, and write it as a Hugging Face model
-    directory (the stabilising fine-tune of the progressive route).
+    directory (the stabilising fine-tune of the progressive route). With --factors yarn (pi, ntk) the same training
+    runs with that baseline instead: the route LongRoPE is compared with.
 
     transformers' Trainer trains on finetune.source, packed to the run's target length with documents kept apart,
     plus finetune.short_share of rows within the original window (the short factors). Checkpoints go to
@@ -316,11 +322,16 @@ def finetune(
 
     quiet_libraries()
     overrides = parse_overrides(set_)
-    if resume is not None and (run is not None or config is not None or out is not None):
-        raise ConfigError("--resume continues the saved fine-tune; drop RUN, --config and --out (changes that keep "
-                          "what is trained go in --set).")
-    if resume is None and run is None:
-        raise ConfigError("pass the search run to fine-tune: longrope finetune RUN --out DIR (or --resume DIR).")
+    if resume is not None and (run is not None or config is not None or out is not None or factors or target):
+        raise ConfigError("--resume continues the saved fine-tune; drop RUN, --config, --out, --factors and --target "
+                          "(changes that keep what is trained go in --set).")
+    if resume is None and run is None and factors is None:
+        raise ConfigError("pass the search run to fine-tune: longrope finetune RUN --out DIR (or --factors yarn "
+                          "--target 8x for a baseline, or --resume DIR).")
+    if factors is not None:
+        overrides.append(f"finetune.factors={factors}")
+    if target is not None:
+        overrides.append(f"finetune.target={target}")
     reporter = RichReporter(console)
     folder = resume
 
@@ -349,7 +360,8 @@ def show_finetune(result: Any) -> None:
         console.print(f"verified: max abs logit difference {result.max_abs_diff:.2e} at {result.verify_length} tokens, "
                       f"{result.short_max_abs_diff:.2e} inside the original window", markup=False)
     console.print(f"fine-tuned model written to {result.out}; measure it with `longrope eval --model {result.out} "
-                  f"--factors {result.run} --data <the run's corpus> --lengths 1x,8x`", markup=False)
+                  f"--factors {result.run if Path(result.run).exists() else Path(result.out) / 'longrope.json'} --data "
+                  "<the run's corpus> --lengths 1x,8x`", markup=False)
 
 
 @app.command("export")

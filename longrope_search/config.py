@@ -268,6 +268,10 @@ class FinetuneSection(Section):
     """`longrope finetune` and finetune stages: train the model with a run's factors installed (finetune.py)."""
 
     run: str | None = None  # the search run whose factors the model trains with (the CLI's RUN; a stage: the one before)
+    # What RoPE is installed: run (the run's searched factors), or a baseline as transformers runs it at `target`
+    # (yarn: rope_type yarn; pi: linear; ntk: rope_theta scaled), for the same training with another method
+    factors: Literal["run", "yarn", "pi", "ntk"] = "run"
+    target: str | int | None = None  # a baseline's target length (8x, 32k); None: the run's target
     # The training corpus, read like data.source (builtin:NAME | hub:NAME | local files). Never the corpus the search
     # and eval score on: builtin:cpython-train is the shipped model's training files, builtin:cpython its held-out ones.
     source: str = "builtin:cpython-train"
@@ -306,11 +310,14 @@ class FinetuneSection(Section):
     keep_checkpoints: bool = False  # keep checkpoints/ (optimizer state included) once the model is written and verified
     drop_n_hat: bool = False  # train factors searched with n_hat > 0 without it (no runtime can run n_hat)
 
-    _lengths = field_validator("length", "short_length", "batch_tokens")(
+    _lengths = field_validator("length", "short_length", "batch_tokens", "target")(
         classmethod(lambda cls, v: v if v is None else check_length(v)))
 
     @model_validator(mode="after")
     def _combinations(self) -> "FinetuneSection":
+        if self.target is not None and self.factors == "run":
+            raise ValueError("finetune.target sets a baseline's target (finetune.factors yarn, pi or ntk); the run's "
+                             "factors have their own: drop it")
         if self.method == "lora" and self.fsdp.strip():
             raise ValueError("finetune.method lora runs each process with the whole model (DDP): drop finetune.fsdp, "
                              "or use method full with fsdp")

@@ -57,7 +57,7 @@ def heldout_windows(
     n: int,
     seed: int = 0,
     cache_dir: str | Path | None = None,
-    exclude: RunSampling | None = None,
+    exclude: RunSampling | Sequence[RunSampling] | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """n windows of `length` tokens (n, length) and the corpus rows they come from, none of them a document the run
     searched or validated on.
@@ -71,34 +71,47 @@ def heldout_windows(
     - concatenated documents (one stream per set): grow the search stream at this length until it holds at least as
       many tokens as the run's did; it then covers every document the run searched on (same order), and the
       held-out stream starts on a later document.
-    Without a run (`exclude` None) the first n documents in `seed`'s order are used.
+    Without a run (`exclude` None) the first n documents in `seed`'s order are used. Several runs of one data seed
+    (the stages of a route; separate documents only): the documents any of them decided with are excluded.
     """
     if n < 1:
         raise ConfigError(f"cannot evaluate on {n} samples; pass --samples 1 or more.")
     if exclude is None:
         drawn = build_samples(tokenizer, corpus, length, n, 0, seed, cache_dir)
         return drawn.search, drawn.search_docs
-    run = build_samples(tokenizer, corpus, exclude.target_length, exclude.samples,
-                        exclude.heldout_samples + exclude.validation_samples, exclude.seed, cache_dir)
-    if exclude.fingerprint is not None and run.fingerprint != exclude.fingerprint:
-        raise DataError(
-            f"the corpus {corpus.source!r} or tokenizer changed since the search (its search windows differ), so "
-            "held-out documents cannot be told apart; restore them, or evaluate on another corpus with --model, "
-            "--factors and --data (its documents are then not held out from the search)."
-        )
+    runs = [exclude] if isinstance(exclude, RunSampling) else list(exclude)
+    if len(runs) > 1 and (corpus.concatenate or len({r.seed for r in runs}) > 1):
+        raise ConfigError("held-out windows of several runs need separate documents and one data.seed.")
+    used: set[int] = set()
+    for one in runs:
+        used |= _decided_with(tokenizer, corpus, one, cache_dir)
+    exclude = runs[0]
     if corpus.concatenate:
         bos = 1 if tokenizer.bos_token_id is not None else 0  # windows are [bos] + length-1 stream tokens
         streams = math.ceil(exclude.samples * (exclude.target_length - bos) / (length - bos))
         drawn = build_samples(tokenizer, corpus, length, streams, n, exclude.seed, cache_dir)
         return drawn.heldout, drawn.heldout_docs
-    # the documents the run decided with: its search documents and its validation documents (after the held-out ones)
-    used = set(run.search_docs) | set(run.heldout_docs[exclude.heldout_samples:])
-    drawn = build_samples(tokenizer, corpus, length, exclude.samples, n + exclude.validation_samples, exclude.seed,
-                          cache_dir)
+    others = sum(r.samples + r.validation_samples for r in runs[1:])
+    drawn = build_samples(tokenizer, corpus, length, exclude.samples, n + exclude.validation_samples + others,
+                          exclude.seed, cache_dir)
     rows = drawn.search_docs + drawn.heldout_docs
     windows = torch.cat([drawn.search, drawn.heldout])  # (samples + n + validation, length)
     keep = [i for i, row in enumerate(rows) if row not in used][:n]
     return windows[keep], [rows[i] for i in keep]
+
+
+def _decided_with(tokenizer: Any, corpus: CorpusSpec, run: RunSampling, cache_dir: str | Path | None) -> set[int]:
+    """The documents a run decided with: its search documents and its validation documents (after the held-out
+    ones); a corpus whose search windows changed since the run is refused."""
+    drawn = build_samples(tokenizer, corpus, run.target_length, run.samples, run.heldout_samples + run.validation_samples,
+                          run.seed, cache_dir)
+    if run.fingerprint is not None and drawn.fingerprint != run.fingerprint:
+        raise DataError(
+            f"the corpus {corpus.source!r} or tokenizer changed since the search (its search windows differ), so "
+            "held-out documents cannot be told apart; restore them, or evaluate on another corpus with --model, "
+            "--factors and --data (its documents are then not held out from the search)."
+        )
+    return set(drawn.search_docs) | set(drawn.heldout_docs[run.heldout_samples:])
 
 
 # --- perplexity ---------------------------------------------------------------------------------------
@@ -115,13 +128,15 @@ def eval_ppl(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    exclude: RunSampling | None = None,
+    exclude: RunSampling | Sequence[RunSampling] | None = None,
     progress: Progress | None = None,
+    only: Sequence[str] | None = None,
 ) -> EvalResult:
     """Perplexity of every method at every length on `samples` held-out windows (see `heldout_windows`).
 
     Methods with identical factors, n_hat and mscale (all of them but longrope at length <= original) are scored
     once per length, so they report exactly the same number. `seed` orders the documents only without a run.
+    `only`: these methods by name (default all).
     """
     lengths = unique_lengths(lengths)
     ppl: dict[str, dict[int, float]] = {}
@@ -130,7 +145,7 @@ def eval_ppl(
             progress(f"length {i} of {len(lengths)}: reading and tokenising {samples} windows of {length} tokens")
         ids, _ = heldout_windows(tokenizer, corpus, length, samples, seed, cache_dir, exclude)  # (samples, length)
         evaluator = Evaluator(model, ids, chunk_size=chunk_size)
-        for method in methods_for(spec, length, ff):
+        for method in methods_for(spec, length, ff, only):
             if progress is not None:
                 progress(f"length {i} of {len(lengths)}: perplexity of {method.name} at {length} tokens")
             ppl.setdefault(method.name, {})[length] = evaluator.score(

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from longrope_search import builtin, hub
-from longrope_search.config import load_config as load_run_config
+from longrope_search import builtin, hub, methods
+from longrope_search.config import load_config as load_run_config, parse_length
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import CheckpointError, ExportError, ModelError
 from longrope_search.eval_result import read_eval
-from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
+from longrope_search.factors import LONGROPE, FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.files import atomic_copy, atomic_write_text, make_dirs, storage_error
 from longrope_search.fitness import perplexity
 from longrope_search.memory import chunk_mlp
@@ -85,6 +85,8 @@ def hf_rope_config(ff: FactorsFile, model_type: str, partial_rotary_factor: floa
     Top-level `original_max_position_embeddings` is required: 4.5x takes the window from there, not from
     `rope_scaling`, and without it would fall back to `max_position_embeddings` (never switching to long factors).
     """
+    if ff.method != LONGROPE:
+        return _method_rope_config(ff, partial_rotary_factor)
     original = ff.rope.original_length
     long_factor = [float(x) for x in ff.factors]
     short_factor = [float(x) for x in ff.short_or_ones]
@@ -119,6 +121,30 @@ def hf_rope_config(ff: FactorsFile, model_type: str, partial_rotary_factor: floa
     return updates
 
 
+# transformers' rope_type for each baseline a factors file can hold; ntk runs as plain RoPE with a larger rope_theta
+METHOD_ROPE_TYPES = {LONGROPE: "longrope", "yarn": "yarn", "pi": "linear", "ntk": "default"}
+
+
+def _method_rope_config(ff: FactorsFile, partial_rotary_factor: float | None) -> dict[str, Any]:
+    """config.json keys for a baseline at ff.target_length as transformers (4.5x and 5.x) runs it: rope_type yarn
+    (its default beta_fast 32, beta_slow 1 and attention factor 0.1 ln s + 1), linear, or NTK-aware as rope_theta
+    base * s^(d/(d-2)) with no rope scaling."""
+    original, scale = ff.rope.original_length, ff.scale
+    theta = ff.rope.base * scale ** (ff.rope.rotary_dim / (ff.rope.rotary_dim - 2)) if ff.method == "ntk" else ff.rope.base
+    scaling: dict[str, Any] | None = {"rope_type": METHOD_ROPE_TYPES[ff.method], "factor": scale}
+    if ff.method == "yarn":
+        scaling = {**scaling, "original_max_position_embeddings": original, "beta_fast": 32.0, "beta_slow": 1.0}
+    elif ff.method == "ntk":
+        scaling = None
+    parameters = {**(scaling or {"rope_type": "default"}), "rope_theta": theta}
+    updates: dict[str, Any] = {"rope_scaling": scaling, "rope_parameters": parameters, "rope_theta": theta,
+                               "original_max_position_embeddings": original, "max_position_embeddings": ff.target_length}
+    if partial_rotary_factor is not None:
+        parameters["partial_rotary_factor"] = partial_rotary_factor
+        updates["partial_rotary_factor"] = partial_rotary_factor
+    return updates
+
+
 def _partial_rotary_factor(config_doc: dict[str, Any]) -> float | None:
     """SRC's partial rotary factor wherever its config.json keeps it (5.x may keep it inside rope_parameters)."""
     if config_doc.get("partial_rotary_factor") is not None:
@@ -131,6 +157,9 @@ def _partial_rotary_factor(config_doc: dict[str, Any]) -> float | None:
 
 def compatibility_notes(ff: FactorsFile, model_type: str) -> list[str]:
     """What the exported config cannot carry, or carries with a different meaning than the search used."""
+    if ff.method != LONGROPE:
+        return [f"{ff.method} at {ff.target_length} tokens runs at every length, inside the original window too "
+                f"(attention factor {ff.mscale:.6g}): transformers has no short set for it."]
     notes = []
     if needs_attention_factor(ff):
         default = longrope_mscale(ff.scale, ff.rope.original_length)
@@ -259,9 +288,8 @@ def _remove_stale_weights(out: Path) -> None:
 # --- refusals ---------------------------------------------------------------------------------------------
 
 
-def _source_model_dir(ff: FactorsFile, model: str | None, options: LoadOptions = DEFAULT_LOAD) -> Path:
+def _source_model_dir(name: str, options: LoadOptions = DEFAULT_LOAD) -> Path:
     """SRC as a local folder: a directory, builtin:NAME, or a hub id downloaded (huggingface_hub's cache)."""
-    name = model or ff.model
     try:
         src = Path(resolve_model_path(name))
     except ModelError as exc:
@@ -351,10 +379,10 @@ def verify_export(
     """
     check_device_map(device_map)
     dst_config = AutoConfig.from_pretrained(out, trust_remote_code=options.trust_remote_code)
-    rope_type = loaded_rope_type(dst_config)
-    if rope_type != "longrope":
+    rope_type, expected = loaded_rope_type(dst_config) or "default", METHOD_ROPE_TYPES[ff.method]
+    if rope_type != expected:
         raise ExportError(f"verification failed: transformers loads {out} with rope_type {rope_type!r}, not "
-                          "'longrope'; report this with your transformers version.")
+                          f"{expected!r}; report this with your transformers version.")
     vocab = dst_config.get_text_config().vocab_size
     long_ids = _random_ids(vocab, length)
     short_ids = _random_ids(vocab, min(SHORT_VERIFY_LENGTH, ff.rope.original_length), seed=1)
@@ -472,12 +500,32 @@ def export(
     return report
 
 
+def export_method(method: str, target: str | int, model: str, out: Path, force: bool = False, device: str = "cpu",
+                  progress: Any = None) -> ExportReport:
+    """`model` (a plain model, or one a fine-tune extended with a baseline) exported with baseline `method` (yarn,
+    pi, ntk) at `target` as transformers runs it, checked like a search's export: the end of a baseline's route."""
+    src = _source_model_dir(model)
+    config = load_config(str(src))
+    spec = rope_spec(config)
+    ff = methods.method_file(method, model, spec, parse_length(target, spec.original_length))
+    out = Path(out).expanduser().absolute()
+    _check_destination(out.resolve(), src, force)
+    if progress is not None:
+        progress(f"writing {out}")
+    make_dirs(out)
+    ff.save(out / EXPORT_FACTORS_FILE)  # the factors file _write records: written first, read back unchanged
+    notes = _write(ff, out / EXPORT_FACTORS_FILE, src, out, config.model_type, False, force)
+    report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=False, notes=notes)
+    _verified(report, src, ff, spec.original_length + LONG_VERIFY_MARGIN, 1e-4, device, "float32")
+    return report
+
+
 def source_model(ff: FactorsFile, source_file: Path, model: str | None = None, revision: str | None = None
                  ) -> tuple[Path, Any, LoadOptions]:
     """SRC of an export of `ff` (read from `source_file`) as a local folder, its config and how it loads; refuses a
     model of another geometry or factors that do not extend its window."""
     options = _run_options(source_file, model, revision)
-    src = _source_model_dir(ff, model, options)
+    src = _source_model_dir(model or ff.model, options)
     config = load_config(str(src), options)
     _check_geometry(ff, config, src)
     return src, config, options

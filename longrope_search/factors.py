@@ -20,10 +20,12 @@ import transformers
 from longrope_search import __version__
 from longrope_search.errors import ExportError, GeometryError
 from longrope_search.files import atomic_write_text, json_text
-from longrope_search.rope import RopeSpec
+from longrope_search.rope import BASELINES, RopeSpec
 from longrope_search.rundir import FACTORS_FILE, not_a_run
 
 FORMAT = "longrope-factors/1"
+LONGROPE = "longrope"  # FactorsFile.method of searched factors
+STATIC_METHODS = tuple(BASELINES)  # pi, ntk, yarn: the baselines a factors file can also hold (eval, finetune --factors, export)
 
 
 def number(value: Any) -> float:
@@ -143,6 +145,9 @@ class FactorsFile:
     baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> {"search": .., "heldout": ..}
     search: SearchRecord = field(default_factory=SearchRecord)
     versions: dict[str, str] = field(default_factory=dict)
+    # longrope: searched factors (the long set past the original window, the short set inside it); yarn, pi or ntk: a
+    # baseline RoPE at target_length as transformers runs it (one set at every length), see methods.method_file
+    method: str = LONGROPE
 
     @property
     def scale(self) -> float:
@@ -177,6 +182,7 @@ class FactorsFile:
                 short_factors=None if doc.get("short_factors") is None else [float(x) for x in doc["short_factors"]],
                 ppl=numbers(doc.get("ppl", {})), baselines=numbers(doc.get("baselines", {})),
                 search=SearchRecord.from_json(dict(doc.get("search", {}))), versions=dict(doc.get("versions", {})),
+                method=str(doc.get("method", LONGROPE)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ExportError(f"{source} is missing or has a malformed field ({exc}); re-run the search or fix it.") from exc
@@ -197,6 +203,8 @@ class FactorsFile:
                 raise ExportError(f"{source}: {name} contains non-finite or non-positive values; re-run the search.")
         if self.n_hat < 0 or not math.isfinite(self.mscale) or self.mscale <= 0:
             raise ExportError(f"{source}: n_hat must be >= 0 and mscale finite and positive.")
+        if self.method not in (LONGROPE, *STATIC_METHODS):
+            raise ExportError(f"{source}: method {self.method!r} is not one of {', '.join((LONGROPE, *STATIC_METHODS))}.")
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json_text(self.to_json(), indent=2) + "\n")  # inf as null, read back as inf

@@ -12,6 +12,7 @@ reload check of `longrope export` runs on them. DIR/finetune.json, written last,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -25,14 +26,15 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from longrope_search import checkpoint, data, export, packing
+from longrope_search import checkpoint, data, export, methods, packing
 from longrope_search.config import Config, apply_overrides, from_dict, parse_length, read_yaml
 from longrope_search.data import CorpusSpec, same_documents
 from longrope_search.errors import (CheckpointError, ConfigError, DataError, DependencyError, ExportError, ModelError,
                                     install_hint)
 from longrope_search.factors import FactorsFile, factors_path, load_factors, software_versions
 from longrope_search.files import atomic_write_text, json_text, remove_temps
-from longrope_search.model import LoadOptions, attention_backend, default_device, load_tokenizer, resolve_dtype
+from longrope_search.model import LoadOptions, attention_backend, default_device, load_tokenizer, resolve_dtype, rope_spec
+from longrope_search.model import load_config as load_model_config
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
     CHECKPOINTS_DIR,
@@ -123,22 +125,25 @@ def is_finished(folder: Path) -> bool:
 # --- the config -------------------------------------------------------------------------------------------
 
 
-def finetune_config(run: Path, config_path: Path | None = None, overrides: list[str] | None = None) -> Config:
+def finetune_config(run: Path | None, config_path: Path | None = None, overrides: list[str] | None = None) -> Config:
     """`longrope finetune RUN --config FILE --set KEY=VALUE`: RUN's saved config (its model, and its data and search,
-    kept for the record), FILE's model, finetune and output sections over it, the overrides last."""
-    raw = read_run_config(Path(run))
+    kept for the record), FILE's model, finetune and output sections over it, the overrides last. Without RUN (a
+    baseline's fine-tune, --factors yarn --target 8x) FILE's model, data, finetune and output sections alone."""
+    sections = CONFIG_SECTIONS if run is not None else (*CONFIG_SECTIONS, "data")
+    raw = read_run_config(Path(run)) if run is not None else {}
     raw["output"] = {"dir": None}  # the run's own folder is not the fine-tune's
     if config_path is not None:
         extra = read_yaml(config_path)
-        others = sorted(set(extra) - set(CONFIG_SECTIONS))
+        others = sorted(set(extra) - set(sections))
         if others:
-            raise ConfigError(f"{config_path}: a fine-tune's config sets {', '.join(CONFIG_SECTIONS)} only ({', '.join(others)} "
+            raise ConfigError(f"{config_path}: a fine-tune's config sets {', '.join(sections)} only ({', '.join(others)} "
                               f"come from the run {run}); move those settings to the search's config.")
-        for section in CONFIG_SECTIONS:
+        for section in sections:
             if isinstance(extra.get(section), dict):
                 raw[section] = {**(raw.get(section) or {}), **extra[section]}
-    raw = apply_overrides(raw, [*(overrides or []), f"finetune.run={Path(run).absolute()}"])
-    return from_dict(raw, source=str(config_path or run / CONFIG_FILE))
+    run_item = [f"finetune.run={Path(run).absolute()}"] if run is not None else []
+    raw = apply_overrides(raw, [*(overrides or []), *run_item])
+    return from_dict(raw, source=str(config_path or (run / CONFIG_FILE if run is not None else "--set")))
 
 
 def with_run(config: Config) -> Config:
@@ -185,6 +190,12 @@ class Setup:
     world_size: int
 
     @property
+    def installed(self) -> str:
+        """What RoPE trains, for messages and the record: the run's factors, or a baseline at its target."""
+        f = self.config.finetune
+        return f"the factors of {f.run}" if f.factors == "run" else f"{f.factors} at {self.factors.target_length} tokens"
+
+    @property
     def blocks(self) -> int:
         return self.config.finetune.steps * self.accumulation * self.world_size
 
@@ -204,12 +215,7 @@ def is_main_process() -> bool:
 def make_setup(config: Config) -> Setup:
     """The fine-tune `config` asks for, or one line naming every reason it cannot run."""
     f = config.finetune
-    if not f.run:
-        raise ConfigError("a fine-tune needs the search run whose factors it trains: longrope finetune RUN --out DIR.")
-    try:
-        ff = load_factors(f.run)
-    except ExportError as exc:
-        raise CheckpointError(f"finetune.run {f.run}: {exc}") from None
+    ff, factors_file = installed_factors(config)
     if ff.n_hat > 0 and not f.drop_n_hat:
         raise ConfigError(f"{f.run} searched n_hat={ff.n_hat}, which transformers (and so the trainer) cannot run; set "
                           "finetune.drop_n_hat=true to train the factors without it, or search with search.n_hat: [0].")
@@ -217,12 +223,12 @@ def make_setup(config: Config) -> Setup:
     if f.source == HELD_OUT_CORPUS:
         raise ConfigError(f"finetune.source {HELD_OUT_CORPUS} is the held-out corpus the search and eval score the "
                           "shipped model on; train on builtin:cpython-train (the model's own training files) instead.")
-    run_data = read_run_config(Path(f.run)).get("data", {})
+    run_data = read_run_config(Path(f.run)).get("data", {}) if f.run else config.data.model_dump()
     searched = CorpusSpec(str(run_data.get("source", "")), split=str(run_data.get("split", "validation")))
     if same_documents(corpus, searched) and (not f.source.startswith("hub:") or f.split == searched.split):
         raise ConfigError(f"finetune.source {f.source} is the corpus the run searched and is evaluated on; train on "
                           "another corpus or split (e.g. a hub dataset's train split), so held-out numbers stay held out.")
-    src, model_config, options = export.source_model(ff, factors_path(f.run), config.model.name)
+    src, model_config, options = export.source_model(ff, factors_file, config.model.name)
     original = ff.rope.original_length
     length = parse_length(f.length if f.length is not None else ff.target_length, original)
     short_length = parse_length(f.short_length if f.short_length is not None else original, original)
@@ -250,8 +256,35 @@ def make_setup(config: Config) -> Setup:
         raise ConfigError("; ".join(problems) + ".")
     if f.method == "lora" and importlib.util.find_spec("peft") is None:
         raise DependencyError(f"finetune.method lora needs peft, an optional part: {install_hint('lora')}")
-    return Setup(config, ff, factors_path(f.run), src, str(model_config.model_type), options, corpus, length,
+    return Setup(config, ff, factors_file, src, str(model_config.model_type), options, corpus, length,
                  short_length, block_tokens, max(1, batch // step_tokens), world)
+
+
+def installed_factors(config: Config) -> tuple[FactorsFile, Path]:
+    """The factors the fine-tune installs and the file that holds them: the run's factors.json, or with
+    finetune.factors yarn/pi/ntk that baseline at finetune.target (default: the run's target) for the model, kept in
+    OUT/longrope.json (written when the fine-tune starts)."""
+    f = config.finetune
+    if not f.run and f.factors == "run":
+        raise ConfigError("a fine-tune needs the search run whose factors it trains (longrope finetune RUN --out DIR), "
+                          "or a RoPE method and target: longrope finetune --factors yarn --target 8x --out DIR.")
+    ff = None
+    if f.run:
+        try:
+            ff = load_factors(f.run)
+        except ExportError as exc:
+            raise CheckpointError(f"finetune.run {f.run}: {exc}") from None
+    if f.factors == "run":
+        return ff, factors_path(f.run)
+    if f.target is None and ff is None:
+        raise ConfigError(f"finetune.factors {f.factors} needs the length it extends to: pass --target (e.g. 8x).")
+    model_config = load_model_config(config.model.name, LoadOptions.of(config.model))
+    spec = rope_spec(model_config)
+    if config.model.original_length:
+        spec = dataclasses.replace(spec, original_length=config.model.original_length)
+    target = parse_length(f.target, spec.original_length) if f.target is not None else ff.target_length
+    folder = Path(config.output.dir or ".").absolute()
+    return methods.method_file(f.factors, config.model.name, spec, target), folder / EXPORT_FACTORS_FILE
 
 
 def training_data(setup: Setup, tokenizer: Any) -> tuple[data.TokenStream, packing.Plan]:
@@ -379,9 +412,10 @@ def load_start_model(setup: Setup, start: Path) -> Any:
             trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load {start} for training ({exc}); check model.attn_implementation.") from exc
-    if export.loaded_rope_type(model.config) != "longrope":
-        raise ExportError(f"transformers loads {start} with rope type {export.loaded_rope_type(model.config)!r}, not "
-                          "longrope; report this with your transformers version.")
+    loaded, expected = export.loaded_rope_type(model.config) or "default", export.METHOD_ROPE_TYPES[setup.factors.method]
+    if loaded != expected:
+        raise ExportError(f"transformers loads {start} with rope type {loaded!r}, not {expected}; report this with "
+                          "your transformers version.")
     model.config.use_cache = False  # a KV cache would hide the packed documents from transformers' mask
     if f.method == "lora":
         from peft import LoraConfig, get_peft_model  # optional: pip install longrope[lora]
@@ -492,6 +526,8 @@ def run_finetune(config: Config | None, out: Path | None, resume: bool = False, 
         claim = stack.enter_context(claimed(folder, create=not resume)) if is_main_process() else None
         if claim is not None and (not resume or notes):
             write_resolved_config(folder, config, claim)
+        if claim is not None and not setup.factors_file.is_file():  # a baseline's factors, kept with the fine-tune
+            setup.factors.save(setup.factors_file)
         reporter.phase(f"reading and tokenising {setup.corpus.source} for {setup.config.finetune.steps} steps of "
                        f"{setup.batch_tokens} tokens")
         tokenizer = load_tokenizer(str(setup.src), setup.options)
@@ -521,9 +557,9 @@ def _train(setup: Setup, folder: Path, stream: data.TokenStream, layout: packing
     args = training_arguments(setup, folder)  # under torchrun this joins the processes (accelerate)
     with args.main_process_first(local=False, desc="writing the start model"):
         if is_main_process():
-            reporter.phase(f"exporting {f.run} into {start} (the model training starts from)")
+            reporter.phase(f"exporting {setup.installed} into {start} (the model training starts from)")
             write_start(setup, start)
-    reporter.phase(f"loading {start} with plain transformers (rope_type longrope)")
+    reporter.phase(f"loading {start} with plain transformers (rope_type {export.METHOD_ROPE_TYPES[setup.factors.method]})")
     set_seed(f.seed)
     model = load_start_model(setup, start)
     resume_from = latest_checkpoint(folder, clean=is_main_process())
@@ -532,7 +568,7 @@ def _train(setup: Setup, folder: Path, stream: data.TokenStream, layout: packing
                             data_collator=packing.one_block, callbacks=[_Logger(log_path, reporter, setup.batch_tokens)])
     trainer.remove_callback(PrinterCallback)  # the reporter shows the steps; log.jsonl keeps them
     reporter.train_start(f.steps, done, (
-        f"fine-tuning {setup.config.model.name} ({f.method}) with the factors of {f.run}: {f.steps} steps of "
+        f"fine-tuning {setup.config.model.name} ({f.method}) with {setup.installed}: {f.steps} steps of "
         f"{setup.batch_tokens} tokens, rows of {setup.length} tokens"
         + (f" and {f.short_share:.0%} of the blocks rows of {setup.short_length} (short factors)" if f.short_share else "")
         + (f"; resuming after step {done}" if done else "")))
@@ -555,7 +591,7 @@ def _written(setup: Setup, folder: Path, stream: data.TokenStream, layout: packi
     long_diff, short_diff, length = finish(setup, folder, dtype, reporter)
     losses = logged_losses(log_path)
     result = FinetuneResult(
-        run=str(f.run), model=setup.config.model.name, out=str(folder), method=f.method,
+        run=str(f.run) if f.factors == "run" else setup.installed, model=setup.config.model.name, out=str(folder), method=f.method,
         target_length=setup.factors.target_length, length=setup.length, short_length=setup.short_length,
         steps=f.steps, tokens=layout.trained_tokens, short_share=float(layout.short.mean()) if layout.blocks else 0.0,
         long_rows_share=packing.long_rows_share(stream, layout),

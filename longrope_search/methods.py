@@ -1,5 +1,6 @@
 """The RoPE methods `longrope eval` compares at a length: none, PI, NTK and YaRN for that length's scale, and the
-searched factors run as a served model runs them (long set past the original window, short set inside it).
+searched factors run as a served model runs them (long set past the original window, short set inside it); and a
+baseline at one target as a factors file (`method_file`), what `finetune --factors` and `export --factors` install.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from longrope_search import rope
-from longrope_search.factors import FactorsFile, check_geometry
+from longrope_search.errors import ConfigError
+from longrope_search.factors import LONGROPE, STATIC_METHODS, FactorsFile, check_geometry, software_versions
 from longrope_search.rope import RopeSpec
 
-LONGROPE = "longrope"
 METHODS = ("none", *rope.BASELINES, LONGROPE)  # table row order
 
 
@@ -31,7 +32,7 @@ class Method:
         return json.dumps([self.factors, self.n_hat, self.mscale])
 
 
-def methods_for(spec: RopeSpec, length: int, ff: FactorsFile | None) -> list[Method]:
+def methods_for(spec: RopeSpec, length: int, ff: FactorsFile | None, only: Sequence[str] | None = None) -> list[Method]:
     """none, pi, ntk, yarn at scale s = length / original (each with its own mscale), then the searched factors.
 
     At length <= original the baselines reduce to factors 1 and mscale 1 (nothing to stretch). "longrope" runs like
@@ -53,8 +54,25 @@ def methods_for(spec: RopeSpec, length: int, ff: FactorsFile | None) -> list[Met
             methods.append(Method(LONGROPE, tuple(ff.factors), ff.n_hat, ff.mscale))
         else:
             methods.append(Method(LONGROPE, tuple(ff.short_or_ones), 0, ff.mscale))
-    return methods
+    return [m for m in methods if only is None or m.name in only]
 
 
 def unique_lengths(lengths: Sequence[int]) -> list[int]:
     return list(dict.fromkeys(int(n) for n in lengths))
+
+
+def method_file(name: str, model: str, spec: RopeSpec, target_length: int) -> FactorsFile:
+    """Baseline `name` (yarn, pi or ntk) at `target_length` as a factors file: its factors and attention factor at
+    that scale for every length, as transformers runs rope_type yarn, linear and an NTK-scaled rope_theta (no
+    switch to a short set inside the original window; the short set is the long one)."""
+    if name not in STATIC_METHODS:
+        raise ConfigError(f"--factors {name!r} is not a RoPE method; use one of {', '.join(STATIC_METHODS)} (or a "
+                          "search run's folder for its searched factors).")
+    if target_length <= spec.original_length:
+        raise ConfigError(f"the target {target_length} does not exceed the original window {spec.original_length}; "
+                          f"{name} only extends the context: give a longer --target.")
+    scale = spec.scale(target_length)
+    factors = [float(x) for x in rope.baseline(name)(spec, scale)]
+    mscale = float(rope.BASELINE_MSCALE[name](scale, spec.original_length))
+    return FactorsFile(model=model, rope=spec, target_length=target_length, factors=factors, mscale=mscale,
+                       short_factors=list(factors), versions=software_versions(), method=name)

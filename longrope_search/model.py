@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from longrope_search import builtin
 from longrope_search.errors import DependencyError, ModelError, first_line, install_hint
 from longrope_search.memory import chunk_mlp
-from longrope_search.rope import RopeSpec, base_inv_freq, cos_sin, scaled_inv_freq
+from longrope_search.rope import (RopeSpec, base_inv_freq, baseline, cos_sin, longrope_mscale, scaled_inv_freq,
+                                  yarn_factors, yarn_mscale)
 
 
 # --- RoPE geometry ------------------------------------------------------------------------------------
@@ -53,12 +54,14 @@ def rotary_dim(config: Any) -> int:
 def rope_spec(config: Any) -> RopeSpec:
     """The RoPE geometry of a model config.
 
-    Plain RoPE and LongRoPE-extended models (rope_type longrope, e.g. an exported or fine-tuned
-    extended model) are accepted; other rescalings are refused since their factors are not ours to compose.
+    Plain RoPE, LongRoPE-extended models (rope_type longrope, e.g. an exported or fine-tuned extended model) and
+    YaRN or linear ones that name their original window (as `finetune --factors` writes them) are accepted; other
+    rescalings are refused since their factors are not ours to compose.
     """
     params = _rope_parameters(config)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "longrope"):
+    named = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+    if rope_type not in CARRIED_TYPES or (rope_type in STATIC_TYPES and not named):
         raise ModelError(
             f"the model already uses rope_type {rope_type!r}; search on its unscaled base checkpoint "
             "(rope_type 'default'), or on a LongRoPE-extended model (rope_type 'longrope')."
@@ -71,12 +74,36 @@ def rope_spec(config: Any) -> RopeSpec:
     return RopeSpec(base=float(params["rope_theta"]), rotary_dim=rotary_dim(config), original_length=int(original))
 
 
+STATIC_TYPES = {"yarn": "yarn", "linear": "pi"}  # transformers' rope types that are a baseline at one scale
+CARRIED_TYPES = ("default", "longrope", *STATIC_TYPES)
+
+
 def carried_factors(config: Any) -> list[float] | None:
-    """The long factors a LongRoPE-extended model already runs with (None for plain RoPE)."""
+    """The long factors an extended model already runs with: a LongRoPE model's, or a YaRN or linear model's as
+    per-pair factors (None for plain RoPE)."""
     params = _rope_parameters(config)
-    if params.get("rope_type", params.get("type")) != "longrope":
+    rope_type = params.get("rope_type", params.get("type"))
+    if rope_type in STATIC_TYPES:
+        spec = rope_spec(config)
+        fast, slow = params.get("beta_fast") or 32.0, params.get("beta_slow") or 1.0
+        scale = float(params["factor"])
+        factors = yarn_factors(spec, scale, fast, slow) if rope_type == "yarn" else baseline("pi")(spec, scale)
+        return [float(x) for x in factors]
+    if rope_type != "longrope":
         return None
     return [float(x) for x in params["long_factor"]]
+
+
+def carried_mscale(config: Any, spec: RopeSpec) -> float:
+    """The attention factor an extended model runs its carried factors with (transformers' default when unset)."""
+    params = _rope_parameters(config)
+    rope_type = params.get("rope_type", params.get("type"))
+    scale = float(params.get("factor") or config.max_position_embeddings / spec.original_length)
+    if params.get("attention_factor"):
+        return float(params["attention_factor"])
+    if rope_type == "yarn":
+        return yarn_mscale(scale)
+    return 1.0 if rope_type == "linear" else longrope_mscale(scale, spec.original_length)
 
 
 # --- our rotary embedding -----------------------------------------------------------------------------

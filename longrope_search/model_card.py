@@ -9,7 +9,7 @@ from pathlib import Path
 
 from longrope_search.config import format_length
 from longrope_search.eval_result import EvalResult
-from longrope_search.factors import FactorsFile
+from longrope_search.factors import LONGROPE, FactorsFile
 
 CARD_FILE = "README.md"
 
@@ -55,6 +55,8 @@ def _eval_table(result: EvalResult, original: int) -> list[str]:
 
 def model_card(ff: FactorsFile, repo: str | None = None, result: EvalResult | None = None) -> str:
     """The card's markdown. `repo` is the name users load it by (a hub repo when pushed), else a local path."""
+    if ff.method != LONGROPE:
+        return _method_card(ff, repo or "PATH/TO/THIS/FOLDER")
     original, target = ff.rope.original_length, ff.target_length
     base = hub_id(ff.model)
     where = repo or "PATH/TO/THIS/FOLDER"
@@ -111,3 +113,24 @@ def model_card(ff: FactorsFile, repo: str | None = None, result: EvalResult | No
         "",
     ]
     return "\n".join(front + body)
+
+
+METHOD_NAMES = {"yarn": "YaRN (rope_type yarn)", "pi": "position interpolation (rope_type linear)",
+                "ntk": "NTK-aware scaling (a larger rope_theta)"}
+
+
+def _method_card(ff: FactorsFile, where: str) -> str:
+    """The card of a baseline's export (`finetune --factors`, `export --factors`): what runs, and how to load it."""
+    front = ["---", "library_name: transformers", "tags:", "- long-context"]
+    if (base := hub_id(ff.model)) is not None:
+        front += [f"base_model: {base}"]
+    body = [
+        f"# {Path(where).name or where}: {ff.model} extended to {ff.target_length:,} tokens with {ff.method}", "",
+        f"`{ff.model}` with {METHOD_NAMES[ff.method]} at {ff.scale:g}x its {ff.rope.original_length:,}-token window, "
+        f"as transformers runs it at every input length (attention factor {ff.mscale:.4f}). No fine-tuning was done "
+        "unless stated below; `longrope.json` holds the same RoPE as per-pair factors.", "",
+        "## Load with transformers", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")', "```", "",
+    ]
+    return "\n".join(front + ["---", ""] + body)

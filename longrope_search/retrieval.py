@@ -89,9 +89,11 @@ def accuracy(model: Any, tokenizer: Any, samples: Sequence[NeedleSample]) -> flo
 def needle_accuracy(
     model: Any, tokenizer: Any, spec: RopeSpec, lengths: Sequence[int], ff: FactorsFile | None,
     fillers: Sequence[Sequence[int]], settings: NeedleSettings, progress: Progress | None = None,
+    only: Sequence[str] | None = None,
 ) -> Accuracy:
     """Accuracy of every method (methods.methods_for) per variant, length and depth. `fillers`: token ids of at least
-    `settings.trials` held-out documents (no bos), each at least as long as the longest length."""
+    `settings.trials` held-out documents (no bos), each at least as long as the longest length. `only`: these
+    methods by name (default all)."""
     settings.check()
     if len(fillers) < settings.trials:
         raise ConfigError(f"{settings.trials} needle trials need as many filler documents, got {len(fillers)}.")
@@ -101,7 +103,7 @@ def needle_accuracy(
         for length in unique_lengths(lengths):
             cells = {depth: cell_samples(tokenizer, fillers, length, depth, trials) for depth in settings.depths}
             scored: dict[str, dict[float, float]] = {}  # method key -> depth -> accuracy, shared by equal methods
-            for method in methods_for(spec, length, ff):
+            for method in methods_for(spec, length, ff, only):
                 if progress is not None:
                     progress(f"needle ({variant}): {method.name} at {length} tokens")
                 if method.key not in scored:

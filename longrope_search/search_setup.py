@@ -20,7 +20,7 @@ from longrope_search.config import Config, parse_length
 from longrope_search.errors import ConfigError, LongRopeError
 from longrope_search.evolution import Candidate, SearchSpace, distinct_seeds
 from longrope_search.factors import AttentionFit, PriorRecord, check_geometry, load_factors
-from longrope_search.model import carried_factors, resolve_model_path
+from longrope_search.model import carried_factors, carried_mscale, resolve_model_path
 from longrope_search.rope import RopeSpec
 
 
@@ -128,7 +128,7 @@ def resolve_prior(config: Config, model_config: Any, spec: RopeSpec) -> Prior | 
     elif carried is not None:
         params = model_config.rope_parameters
         target = int(model_config.max_position_embeddings)
-        mscale = params.get("attention_factor") or rope.longrope_mscale(target / spec.original_length, spec.original_length)
+        mscale = carried_mscale(model_config, spec)
         short = params.get("short_factor")
         prior = Prior(np.asarray(carried), target, float(mscale), 0, f"model {config.model.name}",
                       None if short is None or all(x == 1.0 for x in short) else [float(x) for x in short])

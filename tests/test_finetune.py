@@ -21,7 +21,7 @@ from search_fixtures import one_line_error, search_config, write_corpus, write_m
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from longrope_search import finetune, packing
+from longrope_search import export, finetune, packing
 from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.factors import FactorsFile, load_factors
@@ -283,3 +283,79 @@ def test_a_resume_refuses_changes_to_what_is_trained_and_returns_a_finished_resu
     assert finetune.load_result(folder).losses == first.losses
     one_line_error(run_cli("--resume", str(tmp_path / "nothing")), "holds no fine-tune")
     one_line_error(run_cli(str(setup["run"]), "--resume", str(folder)), "drop RUN")
+
+
+# --- a baseline's fine-tune (finetune --factors yarn | pi | ntk) -------------------------------------------
+
+
+def reference_rope(method: str, spec) -> dict:
+    """The rope_parameters a user writes for `method` at SCALE, as transformers documents them."""
+    if method == "yarn":
+        return {"rope_type": "yarn", "factor": float(SCALE), "original_max_position_embeddings": WINDOW,
+                "rope_theta": spec.base}
+    if method == "pi":
+        return {"rope_type": "linear", "factor": float(SCALE), "rope_theta": spec.base}
+    d = spec.rotary_dim
+    return {"rope_type": "default", "rope_theta": spec.base * SCALE ** (d / (d - 2))}
+
+
+@pytest.mark.parametrize("method", ["yarn", "pi", "ntk"])
+def test_a_baseline_fine_tune_trains_exactly_the_rope_transformers_runs_for_it(setup, tmp_path, method):
+    """The start model of `--factors METHOD` gives the logits of the base model loaded with that method's
+    rope_parameters (yarn, linear, an NTK-scaled rope_theta), at the target and inside the original window."""
+    folder = tmp_path / "ft"
+    config = finetune.finetune_config(setup["run"], None, settings(setup, f"finetune.factors={method}",
+                                                                   f"output.dir={folder}"))
+    ft_setup = finetune.make_setup(config)
+    assert ft_setup.factors.method == method and ft_setup.factors.target_length == WINDOW * SCALE  # the run's target
+    folder.mkdir()
+    ft_setup.factors.save(ft_setup.factors_file)
+    finetune.write_start(ft_setup, folder / "start")
+    trained = finetune.load_start_model(ft_setup, folder / "start").eval()
+    model_config = AutoConfig.from_pretrained(setup["model"])
+    model_config.rope_parameters = reference_rope(method, rope_spec(model_config))
+    model_config.max_position_embeddings = WINDOW * SCALE
+    reference = AutoModelForCausalLM.from_pretrained(setup["model"], config=model_config).eval()
+    ids = torch.randint(3, 300, (1, WINDOW * SCALE), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for part in (ids, ids[:, :WINDOW]):
+            assert torch.equal(trained(part).logits, reference(part).logits)
+    # and eval's rows for it (our RoPE with the file's factors and attention factor) agree with transformers'
+    ours = AutoModelForCausalLM.from_pretrained(setup["model"]).eval()
+    install_rope(ours, ft_setup.factors.factors, mscale=ft_setup.factors.mscale)
+    with torch.no_grad():
+        assert (trained(ids).logits - ours(ids).logits).abs().max() <= 1e-4
+
+
+def test_a_yarn_fine_tune_without_a_run_writes_a_checked_yarn_model_and_exports_further(setup, tmp_path):
+    run_config = yaml.safe_load((setup["run"] / "config.resolved.yaml").read_text())
+    folder = tmp_path / "ft"
+    argv = ["--factors", "yarn", "--target", f"{SCALE}x", "--out", str(folder),
+            *sum((["--set", s] for s in settings(setup, f"model.name={setup['model']}",
+                                                  f"data.source={run_config['data']['source']}")), [])]
+    result = run_cli(*argv)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"with yarn at {WINDOW * SCALE} tokens" in result.output
+    done = finetune.load_result(folder)
+    assert done.run == f"yarn at {WINDOW * SCALE} tokens" and done.max_abs_diff <= 1e-4
+    doc = json.loads((folder / "config.json").read_text())
+    assert doc["rope_parameters"]["rope_type"] == "yarn" and doc["rope_parameters"]["factor"] == SCALE
+    assert load_factors(folder / "longrope.json").method == "yarn"
+    # the route's last step: YaRN at twice the target on the fine-tuned weights, checked like an export
+    report = export.export_method("yarn", f"{2 * SCALE}x", str(folder), tmp_path / "final")
+    assert report.max_abs_diff <= 1e-4 and report.short_max_abs_diff <= 1e-4
+    final = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert final["rope_parameters"]["factor"] == 2 * SCALE and final["max_position_embeddings"] == 2 * WINDOW * SCALE
+
+
+def test_bad_factors_values_are_one_line_and_exit_2(setup, tmp_path):
+    out = tmp_path / "ft"
+    base = sum((["--set", s] for s in settings(setup, f"model.name={setup['model']}")), [])
+    one_line_error(run_cli("--factors", "yarnn", "--target", "4x", "--out", str(out), *base),
+                   "finetune.factors: Input should be 'run', 'yarn', 'pi' or 'ntk'")
+    one_line_error(run_cli("--factors", "yarn", "--out", str(out), *base), "needs the length it extends to")
+    one_line_error(run_cli("--factors", "yarn", "--target", "1x", "--out", str(out), *base), "does not exceed")
+    one_line_error(run_cli(str(setup["run"]), "--target", "8x", "--out", str(out), *base),
+                   "finetune.target sets a baseline's target")
+    one_line_error(run_cli("--out", str(out), *base), "pass the search run to fine-tune")
+    assert not out.exists()
