@@ -226,6 +226,10 @@ def search(
 
 def show_stages(results: list[Any], what: str = "stage") -> None:
     for r in results:
+        if r.stage.kind == "export":
+            console.print(f"{what} {r.stage.name} ({r.status}): {r.final.method} at {r.final.target_length} tokens, "
+                          f"a checked Hugging Face model in {r.stage.run_dir}", markup=False)
+            continue
         if r.trained is not None:  # a finetune stage
             t = r.trained
             console.print(f"{what} {r.stage.name} ({r.status}): {t.steps} steps of {t.length}-token rows, loss "
@@ -235,8 +239,10 @@ def show_stages(results: list[Any], what: str = "stage") -> None:
         console.print(f"{what} {r.stage.name} ({r.status}): {r.final.scored_length} tokens, search ppl "
                       f"{ppl.get('search', float('nan')):.4f}, held-out {ppl.get('heldout', float('nan')):.4f}, "
                       f"{r.stage.run_dir}", markup=False)
-    searched = [r for r in results if r.trained is None]
-    if what == "stage":
+    searched = [r for r in results if r.stage.kind == "search"]
+    if what == "stage" and results[-1].stage.kind == "export":
+        console.print(f"the exported model: {results[-1].stage.run_dir}", markup=False)
+    elif what == "stage" and searched:
         console.print(f"the last search stage's factors (export this one): {searched[-1].stage.run_dir}", markup=False)
 
 

@@ -264,13 +264,33 @@ class SearchSection(Section):
         return self.critical_dim if isinstance(self.critical_dim, list) and len(self.critical_dim) > 1 else []
 
 
+RopeFactors = Literal["run", "yarn", "pi", "ntk"]  # a run's searched factors, or a baseline as transformers runs it
+
+
+class ExportStage(Section):
+    """A stage `{name: ..., export: {...}}`: the model of the stages before written as a Hugging Face directory, with
+    the last search stage's factors (factors: run) or a baseline at `target` (the end of a baseline's route)."""
+
+    factors: RopeFactors = "run"
+    target: str | int | None = None  # a baseline's target (16x, 32k)
+
+    _target = field_validator("target")(classmethod(lambda cls, v: v if v is None else check_length(v)))
+
+    @model_validator(mode="after")
+    def _combination(self) -> "ExportStage":
+        if (self.target is None) != (self.factors == "run"):
+            raise ValueError("an export stage sets factors: yarn (pi, ntk) with a target, or neither (the last search "
+                             "stage's factors)")
+        return self
+
+
 class FinetuneSection(Section):
     """`longrope finetune` and finetune stages: train the model with a run's factors installed (finetune.py)."""
 
     run: str | None = None  # the search run whose factors the model trains with (the CLI's RUN; a stage: the one before)
     # What RoPE is installed: run (the run's searched factors), or a baseline as transformers runs it at `target`
     # (yarn: rope_type yarn; pi: linear; ntk: rope_theta scaled), for the same training with another method
-    factors: Literal["run", "yarn", "pi", "ntk"] = "run"
+    factors: RopeFactors = "run"
     target: str | int | None = None  # a baseline's target length (8x, 32k); None: the run's target
     # The training corpus, read like data.source (builtin:NAME | hub:NAME | local files). Never the corpus the search
     # and eval score on: builtin:cpython-train is the shipped model's training files, builtin:cpython its held-out ones.
@@ -473,7 +493,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # --- multi-stage configs ----------------------------------------------------------------------------------
 
 
-STAGE_KEYS = ("model", "data", "search", "finetune")  # what a stage may override; it runs in <output.dir>/<name>
+STAGE_KEYS = ("model", "data", "search", "finetune", "export")  # what a stage may set; it runs in <output.dir>/<name>
 FINETUNE_STAGE_KEYS = ("model", "finetune")  # a stage that sets finetune trains the model of the stage before
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -538,19 +558,24 @@ def load_stages(path: str | Path, overrides: list[str] | None = None) -> tuple[C
             near = difflib.get_close_matches(key, STAGE_KEYS, n=1)
             hint = f"did you mean '{near[0]}'?" if near else f"a stage sets name, {', '.join(STAGE_KEYS)}"
             problems.append(f"{where}.{key}: unknown key ({hint}; output.dir is shared, each stage runs in a subfolder)")
-        if is_finetune_stage(stage):
+        if stage_kind(stage) == "export":
+            problems += _export_stage_problems(stages, i, where)
+        elif is_finetune_stage(stage):
             problems += [f"{where}.{key}: a finetune stage trains the model of the stage before on finetune.source; "
                          f"it sets only {', '.join(FINETUNE_STAGE_KEYS)} (put {key} settings in the search stages)"
                          for key in sorted(set(stage) & set(STAGE_KEYS) - set(FINETUNE_STAGE_KEYS))]
-            if i == 0:
+            method = _merge(raw, stage).get("finetune", {}).get("factors", "run")
+            if method != "run":
+                pass  # a baseline needs no search stage before it
+            elif i == 0:
                 problems.append(f"{where}: a finetune stage trains the factors of the search stage before it; put a "
-                                "search stage first")
-            elif is_finetune_stage(stages[i - 1]):
-                problems.append(f"{where}: the stage before is a finetune stage too; a fine-tune trains the factors "
-                                "of a search stage")
+                                "search stage first (or set finetune.factors: yarn and a target)")
+            elif stage_kind(stages[i - 1]) != "search":
+                problems.append(f"{where}: the stage before is not a search stage; a fine-tune trains the factors of "
+                                "a search stage (or set finetune.factors: yarn and a target)")
             if isinstance(stage.get("finetune"), dict) and "run" in stage["finetune"]:
                 problems.append(f"{where}.finetune.run: a finetune stage trains the stage before it; drop run")
-        merged = _merge(raw, {k: stage[k] for k in STAGE_KEYS if k in stage})
+        merged = _merge(raw, {k: stage[k] for k in STAGE_KEYS if k in stage and k != "export"})
         try:
             out.append((name, from_dict(merged, source=where)))
         except ConfigError as exc:
@@ -560,12 +585,35 @@ def load_stages(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     return shared, out
 
 
+def _export_stage_problems(stages: list[Any], i: int, where: str) -> list[str]:
+    """An export stage sets name and export only, after a stage whose model or factors it writes."""
+    stage = stages[i]
+    problems = [f"{where}.{key}: an export stage writes the model of the stages before; it sets only name and export"
+                for key in sorted(set(stage) & set(STAGE_KEYS) - {"export"})]
+    if not isinstance(stage.get("export"), dict):
+        return problems + [f"{where}.export: a mapping ({{}} for the last search stage's factors, or factors: yarn "
+                           "with a target)"]
+    try:
+        settings = ExportStage.model_validate(stage["export"])
+    except ValidationError as exc:
+        return problems + [f"{where}.export.{'.'.join(str(x) for x in e['loc']) or '-'}: {e['msg']}" for e in exc.errors()]
+    if i == 0 or (settings.factors == "run" and not any(stage_kind(s) == "search" for s in stages[:i])):
+        problems.append(f"{where}: an export stage writes what the stages before it made; put it after them")
+    return problems
+
+
+def stage_kind(stage: Any) -> str:
+    """search, finetune (the stage sets `finetune`, {} for the shared settings) or export (it sets `export`)."""
+    if isinstance(stage, dict) and "export" in stage:
+        return "export"
+    return "finetune" if isinstance(stage, dict) and "finetune" in stage else "search"
+
+
 def is_finetune_stage(stage: Any) -> bool:
-    """A stage that sets `finetune` (a mapping, {} for the shared settings) fine-tunes; the others search."""
-    return isinstance(stage, dict) and "finetune" in stage
+    return stage_kind(stage) == "finetune"
 
 
-def finetune_stages(path: str | Path) -> set[str]:
-    """The names of a stages config's finetune stages."""
+def non_search_stages(path: str | Path) -> set[str]:
+    """The names of a stages config's stages that do not search (fine-tunes and exports)."""
     stages = read_yaml(path).get("stages")
-    return {str(s.get("name")) for s in stages if is_finetune_stage(s)} if isinstance(stages, list) else set()
+    return {str(s.get("name")) for s in stages if stage_kind(s) != "search"} if isinstance(stages, list) else set()

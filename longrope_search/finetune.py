@@ -147,7 +147,10 @@ def finetune_config(run: Path | None, config_path: Path | None = None, overrides
 
 
 def with_run(config: Config) -> Config:
-    """A stage's config with the data and search sections of the run it fine-tunes (what its folder records)."""
+    """A stage's config with the data and search sections of the run it fine-tunes (what its folder records); a
+    baseline's stage, which trains no run, as it is."""
+    if config.finetune.run is None:
+        return config
     saved = read_run_config(Path(config.finetune.run))
     raw = config.model_dump(mode="json")
     raw["data"], raw["search"] = saved.get("data", {}), saved.get("search", {})

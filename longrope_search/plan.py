@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from longrope_search.attention import attention_grid
 from longrope_search.config import (
-    DEFAULT_CHUNK_SIZE, DEFAULT_MLP_CHUNK, DEFAULT_TARGET, Config, finetune_stages, has_stages, load_config, load_stages,
+    DEFAULT_CHUNK_SIZE, DEFAULT_MLP_CHUNK, DEFAULT_TARGET, Config, non_search_stages, has_stages, load_config, load_stages,
     parse_length,
 )
 from longrope_search.errors import ConfigError, ModelError
@@ -122,7 +122,7 @@ def planned_searches(config_path: Path | None, model: str | None, target: str | 
         raise ConfigError("--target applies to a single-stage config; each stage sets its own search.target.")
     out: list[PlannedSearch] = []
     previous = None  # (name, shape, length) of the last long stage
-    tuning = finetune_stages(config_path)  # fine-tunes: no search to plan (the stages after them run the same shape)
+    tuning = non_search_stages(config_path)  # fine-tunes: no search to plan (the stages after them run the same shape)
     for name, config in load_stages(config_path)[1]:
         if name in tuning:
             continue

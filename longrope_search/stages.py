@@ -12,14 +12,16 @@ Running the same command again continues: a finished stage is kept, an interrupt
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from longrope_search import checkpoint, distributed
-from longrope_search.config import Config, is_finetune_stage, load_stages, parse_length, read_yaml, stages_with_overrides
+from longrope_search import checkpoint, distributed, export
+from longrope_search.config import (Config, ExportStage, load_stages, parse_length, read_yaml, stage_kind,
+                                    stages_with_overrides)
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
@@ -38,13 +40,16 @@ class Stage:
     config: Config  # complete: init_from chained, paths absolute
     run_dir: Path
     chained: bool  # init_from (a finetune stage: finetune.run) is the previous stage's folder, set by the pipeline
-    kind: str = "search"  # search | finetune
+    kind: str = "search"  # search | finetune | export
     model_from: Path | None = None  # the finetune stage whose model this stage runs (model.name set by the pipeline)
+    export: ExportStage | None = None  # an export stage's settings
+    source: Path | None = None  # an export stage's run (the last search stage before it), for factors: run
 
     @property
     def builds_on(self) -> list[Path]:
         """The stage folders whose results this stage uses: its factors' run, and the fine-tuned model it runs."""
-        source = self.config.finetune.run if self.kind == "finetune" else self.config.search.init_from
+        source = {"finetune": self.config.finetune.run, "search": self.config.search.init_from,
+                  "export": self.source}[self.kind]
         return [Path(p) for p in (source, self.model_from) if p]
 
 
@@ -64,14 +69,24 @@ def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Pa
     root = (root or Path(shared.output.dir or default_stages_dir(shared))).absolute()
     stages: list[Stage] = []
     tuned: Path | None = None  # the newest finetune stage's folder: the model of the stages after it
+    searched: Path | None = None  # the newest search stage's folder: what an export stage writes
     for i, (name, config) in enumerate(configs):
         run_dir = root / name
-        kind = "finetune" if is_finetune_stage(raw_stages[i]) else "search"
+        kind = stage_kind(raw_stages[i])
         model_from = tuned if tuned is not None and not _explicit_model(raw_stages[i]) else None
         updates: dict[str, Any] = {"output": config.output.model_copy(update={"dir": str(run_dir)})}
         if model_from is not None:
             updates["model"] = config.model.model_copy(update={"name": str(model_from)})
-        if kind == "finetune":  # trains the factors of the (search) stage before
+        if kind == "export":
+            settings = ExportStage.model_validate(raw_stages[i]["export"])
+            source = searched if settings.factors == "run" else None
+            stages.append(Stage(name, absolute_paths(config.model_copy(update=updates)), run_dir, source is not None,
+                                kind, model_from, settings, source))
+            continue
+        if kind == "finetune" and config.finetune.factors != "run":  # a baseline: nothing before it to train
+            chained = False
+            tuned = run_dir
+        elif kind == "finetune":  # trains the factors of the (search) stage before
             chained = True
             updates["finetune"] = config.finetune.model_copy(update={"run": str(stages[-1].run_dir)})
             tuned = run_dir
@@ -79,6 +94,7 @@ def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Pa
             chained = i > 0 and not explicit[i] and stages[-1].kind == "search"
             if chained:
                 updates["search"] = config.search.model_copy(update={"init_from": str(stages[-1].run_dir)})
+            searched = run_dir
         stages.append(Stage(name, absolute_paths(config.model_copy(update=updates)), run_dir, chained, kind, model_from))
     return root, stages
 
@@ -98,6 +114,8 @@ def status(stage: Stage) -> str:
     run_dir = stage.run_dir
     if not run_dir.is_dir() or not (entries(run_dir) - FAILED_START):
         return "new"
+    if stage.kind == "export":
+        return "finished" if _exported(stage) == _export_record(stage) else "unfinished"
     if stage.kind == "finetune":
         return "finished" if (run_dir / FINETUNE_FILE).is_file() else "unfinished"
     return "finished" if checkpoint.is_finished(run_dir) else "unfinished"
@@ -134,6 +152,8 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
     Where the stage runs (output.dir, a chained init_from) may differ: the folder may have been moved. A
     finished stage ignores settings that change only memory use; it is kept as it is.
     """
+    if stage.kind == "export":
+        return []  # an export is written again whenever it is not exactly what the stage asks for
     saved = read_yaml(stage.run_dir / CONFIG_FILE)
     if stage.kind == "finetune":
         return _finetune_changes(stage, saved, state)
@@ -162,6 +182,8 @@ def budget_changes(stage: Stage, state: str) -> list[str]:
 def relocate(stage: Stage) -> None:
     """Point a stage's saved config at where the stages folder is now (it may have been moved or copied):
     its output.dir, and init_from when it chains to the stage before. Nothing else in it changes."""
+    if stage.kind == "export":
+        return  # no config of its own: it is written again when its record differs
     path = stage.run_dir / CONFIG_FILE
     saved = read_yaml(path)
     updated = yaml.safe_load(yaml.safe_dump(saved))
@@ -195,7 +217,7 @@ def check_settings(stages: list[Stage], what: list[tuple[str, list[str]]], world
     previous = None  # (stage, tokens) of the last long stage
     for stage, (state, changes) in zip(stages, what):
         s = stage.config.search
-        if stage.kind == "finetune":
+        if stage.kind != "search":
             continue  # the fine-tune checks its own settings when it starts (the run it trains may not exist yet)
         if not (state == "finished" and not changes) and world_size % s.context_parallel:
             raise ConfigError(
@@ -222,6 +244,8 @@ def check_chain(stages: list[Stage], what: list[tuple[str, list[str]]]) -> None:
     """
     changing: dict[Path, str] = {}  # run dir -> the stage whose run changes it
     for stage, (state, changes) in zip(stages, what):
+        if stage.kind == "export":
+            continue  # written again after any stage it builds on changes (run_planned)
         dependency = next((p for p in stage.builds_on if p in changing), None)
         changed = changing.get(dependency) if dependency is not None else None
         if changed is not None and state != "new":
@@ -294,6 +318,11 @@ def run_planned(stages: list[Stage], what: list[tuple[str, list[str]]], reporter
         if stage.kind == "finetune":
             results.append(_run_finetune_stage(stage, state, changes, results, reporter))
             continue
+        if stage.kind == "export":
+            ran = {r.stage.run_dir for r in results if r.status != "kept"}
+            redo = state != "finished" or any(p in ran for p in stage.builds_on)
+            results.append(distributed.run_on_main(lambda: _run_export_stage(stage, redo, results, reporter), ctx))
+            continue
         try:
             if state == "finished" and not changes:
                 final, kind = distributed.run_on_main(lambda: load_factors(stage.run_dir), ctx), "kept"  # rank 0's files
@@ -340,6 +369,52 @@ def _run_finetune_stage(stage: Stage, state: str, changes: list[str], done: list
         raise type(exc)(f"stage {stage.name}: {str(exc).rstrip('.')}{kept}; run the same command again once "
                         "fixed.") from exc
     return StageResult(stage, final, kind, result)
+
+
+EXPORT_RECORD = "export.json"  # an export stage's record, written last: what it exported, and its check
+
+
+def _export_record(stage: Stage) -> dict[str, Any]:
+    """What an export stage writes: the model, and the search run's factors or the baseline at its target."""
+    assert stage.export is not None
+    return {"model": stage.config.model.name, "source": str(stage.source) if stage.source else None,
+            "factors": stage.export.factors, "target": stage.export.target}
+
+
+def _exported(stage: Stage) -> dict[str, Any] | None:
+    """The record of the export on disk (None when there is none, or it is unreadable: then it is written again)."""
+    try:
+        doc = json.loads((stage.run_dir / EXPORT_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: doc.get(k) for k in ("model", "source", "factors", "target")} if isinstance(doc, dict) else None
+
+
+def _run_export_stage(stage: Stage, redo: bool, done: list[StageResult], reporter: Reporter) -> StageResult:
+    """An export stage: kept when its record matches and nothing it builds on ran now; else written and checked."""
+    settings = stage.export
+    assert settings is not None
+    if not redo:
+        reporter.note(f"stage {stage.name}: exported earlier, kept ({stage.run_dir})")
+        return StageResult(stage, load_factors(stage.run_dir / EXPORT_FACTORS_FILE), "kept")
+    reporter.note(f"stage {stage.name}: exporting into {stage.run_dir}")
+    try:
+        (stage.run_dir / EXPORT_RECORD).unlink(missing_ok=True)  # not finished until the new record is written
+        if settings.factors == "run":
+            report = export.export(stage.source, stage.run_dir, model=stage.config.model.name, force=True,
+                                   progress=reporter.note)
+        else:
+            report = export.export_method(settings.factors, settings.target, stage.config.model.name, stage.run_dir,
+                                          force=True, progress=reporter.note)
+    except LongRopeError as exc:
+        finished = ", ".join(r.stage.name for r in done)
+        kept = f"; finished stages ({finished}) are kept" if finished else ""
+        raise type(exc)(f"stage {stage.name}: {str(exc).rstrip('.')}{kept}; run the same command again once "
+                        "fixed.") from exc
+    record = {**_export_record(stage), "max_abs_diff": report.max_abs_diff,
+              "short_max_abs_diff": report.short_max_abs_diff, "verify_length": report.verify_length}
+    atomic_write_text(stage.run_dir / EXPORT_RECORD, json.dumps(record, indent=2) + "\n")
+    return StageResult(stage, load_factors(stage.run_dir / EXPORT_FACTORS_FILE), "exported")
 
 
 def status_and_changes(stage: Stage) -> tuple[str, list[str]]:

@@ -1,6 +1,7 @@
 """The fine-tuned route against its rival, side by side: LongRoPE's progressive route (8x search, fine-tune, 16x search
 on the fine-tuned model, short set last; configs/tiny-progressive-ft.yaml) and YaRN's (YaRN 8x, the same fine-tune:
-rows, steps, learning rate and schedule; YaRN 16x on the fine-tuned weights). Each ends in an exported model; the
+rows, steps, learning rate and schedule; YaRN 16x on the fine-tuned weights; configs/tiny-progressive-ft-yarn.yaml),
+each run as one command and ending in an exported model. The
 final models, the two fine-tuned 8x models and the unmodified model are scored on the same held-out windows (none of
 them a document any search of the route decided with): PPL at 1x, 8x and 16x, needle accuracy at 8x and 16x (eval's
 prompts), as each model runs in transformers (`longrope.json` of the exported folder). Also: tokens and wall time spent.
@@ -8,7 +9,7 @@ prompts), as each model runs in transformers (`longrope.json` of the exported fo
     python scripts/bench_route.py                                   # builtin:tiny and builtin:tiny-qwen2
     python scripts/bench_route.py --models builtin:tiny --out runs/bench-route
 
-Running it again continues: finished stages, fine-tunes and exports are kept (a finished route costs only the eval).
+Running it again continues: finished stages are kept (a finished route costs only the eval).
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from longrope_search import export
-from longrope_search.config import load_stages, parse_length
+from longrope_search.config import parse_length
 from longrope_search.evaluate import eval_ppl, needle_fillers, run_inputs
 from longrope_search.factors import FactorsFile, load_factors
-from longrope_search.finetune import is_finished, load_result, run_finetune
+from longrope_search.finetune import load_result
 from longrope_search.methods import LONGROPE
 from longrope_search.model import load_model
 from longrope_search.retrieval import NeedleSettings, mean_over_depths, needle_accuracy
@@ -33,8 +33,8 @@ from longrope_search.rundir import EXPORT_FACTORS_FILE
 from longrope_search.stages import run_stages
 
 ROOT = Path(__file__).resolve().parent.parent
-ROUTE = ROOT / "configs" / "tiny-progressive-ft.yaml"
-CORPUS = "builtin:cpython"  # the held-out corpus every search and eval of the shipped models scores on
+ROUTE = ROOT / "configs" / "tiny-progressive-ft.yaml"  # 8x search, fine-tune, 16x search, short set, export
+YARN_ROUTE = ROOT / "configs" / "tiny-progressive-ft-yarn.yaml"  # YaRN 8x, the same fine-tune, YaRN 16x, export
 TIMES = "times.json"  # wall seconds per step of a route, kept across reruns
 
 
@@ -59,39 +59,10 @@ def timed(times: dict[str, float], key: str, step, path: Path):
     return times[key]
 
 
-def longrope_route(model: str, folder: Path, times: dict[str, float], times_path: Path) -> tuple[Path, Path, list]:
-    """The route's stages (kept when finished), then the last stage exported: (fine-tuned 8x model, final model)."""
-    results: list = []
-
-    def stages() -> None:
-        results.extend(run_stages(ROUTE, [f"model.name={model}"], folder)[0])
-
-    timed(times, "longrope stages", stages, times_path)
-    final = folder / "model"
-    timed(times, "longrope export", lambda: export.export(folder / "short", final, force=True), times_path)
-    return folder / "ft", final, results
-
-
-def yarn_route(model: str, folder: Path, times: dict[str, float], times_path: Path) -> tuple[Path, Path]:
-    """YaRN at the first search stage's target fine-tuned exactly as the route's fine-tune stage, then YaRN at the
-    last search stage's target on the fine-tuned weights: (fine-tuned 8x model, final model)."""
-    _, configs = load_stages(ROUTE, [f"model.name={model}"])
-    ft_config = dict(configs)["ft"]
-    first, last = configs[0][1].search.target, [c for _, c in configs if c.search.target != "1x"][-1].search.target
-    tuned = folder / "ft"
-    config = ft_config.model_copy(update={
-        "finetune": ft_config.finetune.model_copy(update={"factors": "yarn", "target": first, "run": None}),
-        "output": ft_config.output.model_copy(update={"dir": str(tuned)})})
-
-    def finetune() -> None:
-        if is_finished(tuned):
-            return
-        run_finetune(None if tuned.is_dir() else config, tuned, resume=tuned.is_dir())
-
-    timed(times, "yarn fine-tune", finetune, times_path)
-    final = folder / "model"
-    timed(times, "yarn export", lambda: export.export_method("yarn", last, str(tuned), final, force=True), times_path)
-    return tuned, final
+def route(config: Path, model: str, folder: Path, times: dict[str, float], times_path: Path) -> tuple[Path, Path]:
+    """A route's stages on `model` (kept when finished): its fine-tuned 8x model and its exported final model."""
+    timed(times, config.stem, lambda: run_stages(config, [f"model.name={model}"], folder), times_path)
+    return folder / "ft", folder / "model"
 
 
 def score(name: str, model_dir: str, ff: FactorsFile | None, inputs, lengths: list[int], needles: list[int],
@@ -117,8 +88,8 @@ def bench_model(model: str, out: Path, samples: int, trials: int) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     times_path = folder / TIMES
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    lr_ft, lr_final, _ = longrope_route(model, folder / "longrope", times, times_path)
-    yarn_ft, yarn_final = yarn_route(model, folder / "yarn", times, times_path)
+    lr_ft, lr_final = route(ROUTE, model, folder / "longrope", times, times_path)
+    yarn_ft, yarn_final = route(YARN_ROUTE, model, folder / "yarn", times, times_path)
 
     stage_dirs = [folder / "longrope" / name for name in ("8x", "16x")]
     runs = [run_inputs(d, None, samples, "cpu", "float32") for d in stage_dirs]
@@ -141,9 +112,9 @@ def report(model: str, rows: list[Scored], lengths: list[int], folder: Path, tim
     def cell(value: float | None, fmt: str) -> str:
         return "-" if value is None or not math.isfinite(value) else format(value, fmt)
 
-    tokens = {route: sum(_search_tokens(d) for d in (folder / route).glob("*") if (d / "factors.json").is_file())
-              for route in ("longrope", "yarn")}
-    tuned = {route: load_result(folder / route / "ft") for route in ("longrope", "yarn")}
+    tokens = {name: sum(_search_tokens(d) for d in (folder / name).glob("*") if (d / "factors.json").is_file())
+              for name in ("longrope", "yarn")}
+    tuned = {name: load_result(folder / name / "ft") for name in ("longrope", "yarn")}
     lines = [f"## {model}: {samples} held-out windows per length, {trials} needle prompts per depth", "",
              "| model | PPL 1x | PPL 8x | PPL 16x | needles 8x (one / keys) | needles 16x |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -153,9 +124,8 @@ def report(model: str, rows: list[Scored], lengths: list[int], folder: Path, tim
     base, lr_ft, lr, y_ft, y = rows
     n1, n8, n16 = lengths
     lines += ["", "| route | fine-tune tokens | search forward tokens | wall s |", "|---|---|---|---|"]
-    for route, keys in (("longrope", ("longrope stages", "longrope export")), ("yarn", ("yarn fine-tune", "yarn export"))):
-        lines.append(f"| {route} | {tuned[route].tokens:,} | {tokens[route] / 1e6:.2f}M | "
-                     f"{sum(times.get(k, math.nan) for k in keys):.0f} |")
+    for name, config in (("longrope", ROUTE), ("yarn", YARN_ROUTE)):
+        lines.append(f"| {name} | {tuned[name].tokens:,} | {tokens[name] / 1e6:.2f}M | {times.get(config.stem, math.nan):.0f} |")
     gap16 = lr.ppl[n16] / y.ppl[n16] - 1
     needles_ok = all(lr.needles[n][i] >= y.needles[n][i] for n in (n8, n16) for i in (0, 1))
     short = lr.ppl[n1] / base.ppl[n1] - 1

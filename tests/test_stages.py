@@ -4,7 +4,10 @@ resumes unfinished ones, and a conflicting change or a missing model is one line
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +276,97 @@ def test_bad_finetune_stages_are_one_line(setup, tmp_path):
                  "trains the stage before it", "stages[1]: the stage before is a finetune stage too",
                  "finetune.stpes: unknown key (did you mean 'steps'?)"):
         assert part in message, message
+
+
+# --- routes that end in an exported model: LongRoPE's and YaRN's ----------------------------------------------
+
+
+def route_configs(tmp_path: Path, model: Path, corpus: Path, train: Path) -> tuple[Path, Path]:
+    """The LongRoPE route (4x, fine-tune, 8x on the fine-tuned model, short set, export) and YaRN's with the same
+    fine-tune (YaRN 4x fine-tuned, YaRN 8x exported), as configs/tiny-progressive-ft(-yarn).yaml are."""
+    longrope = finetune_stages_config(tmp_path / "longrope.yaml", model, corpus, train, steps=3, save_every=1)
+    config = yaml.safe_load(longrope.read_text())
+    config["stages"].append({"name": "model", "export": {}})
+    longrope.write_text(yaml.safe_dump(config))
+    config["stages"] = [{"name": "ft", "finetune": {"factors": "yarn", "target": "4x"}},
+                        {"name": "model", "export": {"factors": "yarn", "target": "8x"}}]
+    yarn = tmp_path / "yarn.yaml"
+    yarn.write_text(yaml.safe_dump(config))
+    return longrope, yarn
+
+
+def test_both_routes_end_in_a_checked_exported_model_and_a_rerun_keeps_them(setup, tmp_path):
+    model, corpus = setup
+    train = write_corpus(tmp_path / "train", documents=8, words=600, seed=3)
+    longrope, yarn = route_configs(tmp_path, model, corpus, train)
+    for config, rope_type, factor in ((longrope, "longrope", 8.0), (yarn, "yarn", 8.0)):
+        root = tmp_path / config.stem
+        result = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert f"the exported model: {root / 'model'}" in result.output
+        doc = json.loads((root / "model" / "config.json").read_text())
+        assert doc["rope_parameters"]["rope_type"] == rope_type and doc["rope_parameters"]["factor"] == factor
+        record = json.loads((root / "model" / "export.json").read_text())
+        assert record["model"] == str(root / "ft") and record["max_abs_diff"] <= 1e-4
+        again = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+        assert again.exit_code == 0 and "stage model: exported earlier, kept" in again.output
+    # the LongRoPE route's export holds the short stage's factors (the composed 8x set and the short set)
+    assert load_factors(tmp_path / "longrope" / "model" / "longrope.json").factors == \
+        load_factors(tmp_path / "longrope" / "short").factors
+    assert load_factors(tmp_path / "yarn" / "ft" / "longrope.json").method == "yarn"
+    # a damaged record means an unfinished export: written again, nothing else touched
+    (tmp_path / "yarn" / "model" / "export.json").write_text("{")
+    before = snapshot(tmp_path / "yarn" / "ft")
+    again = runner.invoke(app, ["search", "--config", str(yarn), "--out", str(tmp_path / "yarn")])
+    assert again.exit_code == 0 and "stage model: exporting" in again.output
+    assert snapshot(tmp_path / "yarn" / "ft") == before
+
+
+# Runs the CLI and dies (os._exit: no clean-up, as kill -9) right after the given log line of the given stage folder,
+# or inside the export stage's check.
+ROUTE_DRIVER = r"""
+import os, sys
+from longrope_search import checkpoint, export
+stage, event = sys.argv[1], sys.argv[2]
+if event == "export":
+    def verified(*args, **kwargs):
+        os._exit(137)
+    export._verified = verified
+else:
+    real_append = checkpoint.append_log
+    def append_log(path, record):
+        real_append(path, record)
+        if os.path.basename(os.path.dirname(str(path))) == stage and record.get("event") == event:
+            os._exit(137)
+    checkpoint.append_log = append_log
+from longrope_search.cli import app
+app(sys.argv[3:], prog_name="longrope")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,event", [("4x", "generation"), ("ft", "step"), ("8x", "eval"),
+                                         ("short", "generation"), ("model", "export")])
+def test_a_route_killed_at_any_stage_resumes_to_the_uninterrupted_result(setup, tmp_path_factory, tmp_path, stage,
+                                                                         event):
+    model, corpus = setup
+    shared = tmp_path_factory.getbasetemp() / "route-reference"
+    if not (shared / "longrope" / "model" / "export.json").is_file():
+        train = write_corpus(shared / "train", documents=8, words=600, seed=3)
+        longrope, _ = route_configs(shared, model, corpus, train)
+        assert runner.invoke(app, ["search", "--config", str(longrope), "--out", str(shared / "longrope")]).exit_code == 0
+    config = shared / "longrope.yaml"
+    root = tmp_path / "route"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    victim = subprocess.run([sys.executable, "-c", ROUTE_DRIVER, stage, event, "search", "--config", str(config),
+                             "--out", str(root)], env=env, capture_output=True, text=True, timeout=600)
+    assert victim.returncode == 137, victim.stderr[-2000:]
+    assert not (root / "model" / "export.json").exists()
+    result = runner.invoke(app, ["search", "--config", str(config), "--out", str(root)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    reference, resumed = shared / "longrope", root
+    for name in ("4x", "8x", "short"):
+        assert load_factors(resumed / name).factors == pytest.approx(load_factors(reference / name).factors, rel=1e-6)
+    assert json.loads((resumed / "ft" / "finetune.json").read_text())["losses"] == pytest.approx(
+        json.loads((reference / "ft" / "finetune.json").read_text())["losses"], rel=1e-5)
+    assert json.loads((resumed / "model" / "export.json").read_text())["max_abs_diff"] <= 1e-4
