@@ -221,7 +221,8 @@ def search(
             best = result.sweep.best.stage
             console.print(f"best critical dimension: {best.config.search.critical_dim} ({best.run_dir}); every "
                           f"search's fitness in {result.sweep.root / 'sweep.json'}", markup=False)
-        show_result(result.final, result.run_dir)
+        if result.final is not None:
+            show_result(result.final, result.run_dir)
 
 
 def show_stages(results: list[Any], what: str = "stage") -> None:

@@ -175,10 +175,10 @@ class SearchSection(Section):
     step: float = Field(0.01, ge=MIN_STEP, allow_inf_nan=False)
     monotonic: bool = True  # factors non-decreasing with the rotary pair index
     n_hat: list[int] = Field(default_factory=lambda: list(PAPER_N_HAT))
-    # The attention factor. Long search, auto: sqrt(1 + ln s / ln L), transformers' default. Short search
-    # (runtimes apply one factor to short and long inputs), auto: lowered toward 1 as far as the long set's
-    # PPL at its target allows (long_tolerance); keep: the long set's factor unchanged. search: one more gene of
-    # the search, on a 0.01 grid (LongRoPE2).
+    # The attention factor. Long search, auto: sqrt(1 + ln s / ln L), transformers' default; keep: the factor of what
+    # it builds on (init_from's, or the one a fine-tuned model was trained with). Short search (runtimes apply one
+    # factor to short and long inputs), auto: lowered toward 1 as far as the long set's PPL at its target allows
+    # (long_tolerance); keep: the long set's factor unchanged. search: one more gene of the search, 0.01 grid (LongRoPE2).
     mscale: float | Literal["auto", "keep", "search"] = "auto"
     long_tolerance: float = Field(0.02, ge=0.0, lt=1.0, allow_inf_nan=False)  # short search: allowed rise of the long PPL, 0.02 = 2%
     # yarn-family: 11 more YaRN vectors, the ramp's ends moved by octaves of rotations (rope.YARN_FAMILY); in the
@@ -251,8 +251,6 @@ class SearchSection(Section):
             raise ValueError(f"parents ({self.parents}) cannot exceed population ({self.population})")
         if self.generations > 0 and self.mutations + self.crossovers == 0:
             raise ValueError("mutations + crossovers must be > 0 when generations > 0")
-        if self.mscale == "keep" and not self.short:
-            raise ValueError("mscale: keep applies to a short search (--short); use auto or a number")
         if self.short and (self.mscale == "search" or self.critical_dim is not None or self.fitness != "ppl"):
             raise ValueError("a short-context search has its own space, fitness (ppl) and attention-factor fit; drop "
                              "mscale: search, critical_dim and fitness (method longrope2 sets them) for --short")
@@ -596,7 +594,8 @@ def _export_stage_problems(stages: list[Any], i: int, where: str) -> list[str]:
     try:
         settings = ExportStage.model_validate(stage["export"])
     except ValidationError as exc:
-        return problems + [f"{where}.export.{'.'.join(str(x) for x in e['loc']) or '-'}: {e['msg']}" for e in exc.errors()]
+        return problems + [f"{where}.export{''.join('.' + str(x) for x in e['loc'])}: "
+                           f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors()]
     if i == 0 or (settings.factors == "run" and not any(stage_kind(s) == "search" for s in stages[:i])):
         problems.append(f"{where}: an export stage writes what the stages before it made; put it after them")
     return problems

@@ -37,7 +37,7 @@ from longrope_search.model import (
 )
 from longrope_search.model_card import CARD_FILE, model_card
 from longrope_search.rope import longrope_mscale
-from longrope_search.rundir import CONFIG_FILE, EVAL_FILE, EXPORT_FACTORS_FILE
+from longrope_search.rundir import CONFIG_FILE, EVAL_FILE, EXPORT_FACTORS_FILE, FINETUNE_FILE, LOG_FILE
 
 # Files transformers loads weights from; symlinked by default because they are the only big ones.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -191,8 +191,10 @@ def _is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-# Written by export itself, never copied from SRC (SRC's own model card describes SRC, not the export).
-OWN_FILES = ("config.json", EXPORT_FACTORS_FILE, CARD_FILE)
+# Written by export itself, never copied from SRC (SRC's own model card describes SRC, not the export); and a
+# fine-tuned SRC's record of its training (its config, log and result), which describe SRC and would make the export
+# look like a fine-tune's folder.
+OWN_FILES = ("config.json", EXPORT_FACTORS_FILE, CARD_FILE, CONFIG_FILE, LOG_FILE, FINETUNE_FILE)
 
 
 def _placed(src: Path) -> list[Path]:

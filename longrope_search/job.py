@@ -46,7 +46,7 @@ class Job:
 
 @dataclass
 class JobResult:
-    final: FactorsFile  # the last stage's for stages, the best search's for a sweep
+    final: FactorsFile | None  # the last search stage's for stages (None when none searches), the best search's for a sweep
     run_dir: Path  # the run to export
     stages: list[StageResult] = field(default_factory=list)  # stages, or a sweep's searches; empty for one search
     sweep: SweepResult | None = None
@@ -77,8 +77,8 @@ def prepare(config_path: Path | None, resume: Path | None, out: Path | None, ove
 def run(job: Job, reporter: Reporter = SILENT, ctx: distributed.Context = distributed.SINGLE_PROCESS) -> JobResult:
     if job.kind == "stages":
         results, _ = run_stages(job.stages_file, job.overrides, job.run_dir, reporter, ctx)
-        last = next(r for r in reversed(results) if r.trained is None)  # the last search (a stage list starts with one)
-        return JobResult(last.final, last.stage.run_dir, results)
+        searched = [r for r in results if r.stage.kind == "search"]  # a baseline's route may search nothing
+        return JobResult(searched[-1].final if searched else None, (searched or results)[-1].stage.run_dir, results)
     if job.kind == "sweep":
         sweep = run_sweep(job.config, job.run_dir, job.overrides, reporter, ctx)
         return JobResult(sweep.best.final, sweep.best.stage.run_dir, sweep.results, sweep)

@@ -215,7 +215,11 @@ def _long_space(config: Config, spec: RopeSpec, prior: Prior | None, critical: i
         )
     stage_scale = target / floor
     scale = target / spec.original_length
-    mscale = rope.longrope_mscale(scale, spec.original_length) if s.mscale in ("auto", "search") else float(s.mscale)
+    if s.mscale == "keep" and prior is None:
+        raise ConfigError("search.mscale keep runs the attention factor of the factors the search builds on, and there "
+                          "are none: set search.init_from, search on an extended model, or use auto or a number.")
+    mscale = (rope.longrope_mscale(scale, spec.original_length) if s.mscale in ("auto", "search")
+              else prior.mscale if s.mscale == "keep" else float(s.mscale))
     # n_hat positions keep the original rotation; values at or beyond the window would mean "no scaling".
     n_hat = tuple(v for v in s.n_hat if v < spec.original_length) or (0,)
     choices, start = _mscale_choices(mscale) if s.mscale == "search" else ((), 0)

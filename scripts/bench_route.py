@@ -4,7 +4,8 @@ rows, steps, learning rate and schedule; YaRN 16x on the fine-tuned weights; con
 each run as one command and ending in an exported model. The
 final models, the two fine-tuned 8x models and the unmodified model are scored on the same held-out windows (none of
 them a document any search of the route decided with): PPL at 1x, 8x and 16x, needle accuracy at 8x and 16x (eval's
-prompts), as each model runs in transformers (`longrope.json` of the exported folder). Also: tokens and wall time spent.
+prompts), as each model runs in transformers (`longrope.json` of the exported folder). Also the tokens and seconds each
+route spent, from its stages' own records (so a resumed route counts its interrupted work too).
 
     python scripts/bench_route.py                                   # builtin:tiny and builtin:tiny-qwen2
     python scripts/bench_route.py --models builtin:tiny --out runs/bench-route
@@ -18,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from longrope_search.stages import run_stages
 ROOT = Path(__file__).resolve().parent.parent
 ROUTE = ROOT / "configs" / "tiny-progressive-ft.yaml"  # 8x search, fine-tune, 16x search, short set, export
 YARN_ROUTE = ROOT / "configs" / "tiny-progressive-ft-yarn.yaml"  # YaRN 8x, the same fine-tune, YaRN 16x, export
-TIMES = "times.json"  # wall seconds per step of a route, kept across reruns
+HYBRID_ROUTE = ROOT / "configs" / "tiny-progressive-ft-yarn-search.yaml"  # YaRN 8x fine-tuned, searched 16x, short
 
 
 
@@ -47,22 +47,6 @@ class Scored:
     name: str
     ppl: dict[int, float]  # length -> held-out PPL
     needles: dict[int, tuple[float, float]]  # length -> (one needle, several keys) accuracy
-
-
-def timed(times: dict[str, float], key: str, step, path: Path):
-    """Run `step` unless its time is on record (a kept result); record its wall seconds."""
-    if key not in times:
-        began = time.perf_counter()
-        step()
-        times[key] = time.perf_counter() - began
-        path.write_text(json.dumps(times, indent=2) + "\n")
-    return times[key]
-
-
-def route(config: Path, model: str, folder: Path, times: dict[str, float], times_path: Path) -> tuple[Path, Path]:
-    """A route's stages on `model` (kept when finished): its fine-tuned 8x model and its exported final model."""
-    timed(times, config.stem, lambda: run_stages(config, [f"model.name={model}"], folder), times_path)
-    return folder / "ft", folder / "model"
 
 
 def score(name: str, model_dir: str, ff: FactorsFile | None, inputs, lengths: list[int], needles: list[int],
@@ -83,64 +67,86 @@ def score(name: str, model_dir: str, ff: FactorsFile | None, inputs, lengths: li
     return Scored(name, ppl, accuracy)
 
 
+@dataclass(frozen=True)
+class Route:
+    label: str
+    folder: str  # under the model's folder
+    config: Path
+    searched: bool  # its final factors come from a search: measured against YaRN's route
+
+
+ROUTES = (Route("LongRoPE", "longrope", ROUTE, True), Route("YaRN", "yarn", YARN_ROUTE, False),
+          Route("YaRN 8x + LongRoPE 16x", "hybrid", HYBRID_ROUTE, True))
+
+
 def bench_model(model: str, out: Path, samples: int, trials: int) -> list[str]:
     folder = out / model.replace(":", "-").replace("/", "-")
     folder.mkdir(parents=True, exist_ok=True)
-    times_path = folder / TIMES
-    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    lr_ft, lr_final = route(ROUTE, model, folder / "longrope", times, times_path)
-    yarn_ft, yarn_final = route(YARN_ROUTE, model, folder / "yarn", times, times_path)
-
-    stage_dirs = [folder / "longrope" / name for name in ("8x", "16x")]
-    runs = [run_inputs(d, None, samples, "cpu", "float32") for d in stage_dirs]
-    inputs = dataclasses.replace(runs[0], exclude=[r.exclude for r in runs], samples=samples)
+    for r in ROUTES:
+        run_stages(r.config, [f"model.name={model}"], folder / r.folder)
+    searches = [d for r in ROUTES for d in sorted((folder / r.folder).glob("*")) if _is_long_search(d)]
+    runs = [run_inputs(d, None, samples, "cpu", "float32") for d in searches]
+    inputs = dataclasses.replace(runs[0], exclude=[r.exclude for r in runs], samples=samples)  # held out from all
     original = inputs.factors.rope.original_length
     lengths = [original, parse_length("8x", original), parse_length("16x", original)]
     settings = NeedleSettings(trials=trials)
     own = lambda path: load_factors(path / EXPORT_FACTORS_FILE)  # noqa: E731 - the RoPE a model folder runs
-    base = score("unmodified", model, None, inputs, lengths[:1], [], settings)
-    rows = [base,
-            score("LongRoPE route: fine-tuned 8x", str(lr_ft), own(lr_ft), inputs, lengths[:2], [], settings),
-            score("LongRoPE route: final 16x", str(lr_final), own(lr_final), inputs, lengths, lengths[1:], settings),
-            score("YaRN route: fine-tuned 8x", str(yarn_ft), own(yarn_ft), inputs, lengths[:2], [], settings),
-            score("YaRN route: final 16x", str(yarn_final), own(yarn_final), inputs, lengths, lengths[1:], settings)]
-    return report(model, rows, lengths, folder, times, samples, trials)
+    rows = {"unmodified": score("unmodified", model, None, inputs, lengths[:1], [], settings)}
+    for r in ROUTES:
+        root, tuned, final = folder / r.folder, folder / r.folder / "ft", folder / r.folder / "model"
+        if (root / "8x").is_dir():
+            rows[f"{r.folder} 8x"] = score(f"{r.label}: 8x factors, not fine-tuned", model, load_factors(root / "8x"),
+                                           inputs, lengths[:2], [], settings)
+        rows[f"{r.folder} ft"] = score(f"{r.label}: fine-tuned 8x", str(tuned), own(tuned), inputs, lengths[:2], [],
+                                       settings)
+        if (root / "16x").is_dir():
+            rows[f"{r.folder} 16x"] = score(f"{r.label}: 16x stage, before the short set", str(tuned),
+                                            load_factors(root / "16x"), inputs, lengths, [], settings)
+        rows[r.folder] = score(f"{r.label}: final 16x", str(final), own(final), inputs, lengths, lengths[1:], settings)
+    return report(model, rows, lengths, folder, samples, trials)
 
 
-def report(model: str, rows: list[Scored], lengths: list[int], folder: Path, times: dict[str, float], samples: int,
+def _is_long_search(run_dir: Path) -> bool:
+    path = run_dir / "factors.json"
+    return path.is_file() and json.loads(path.read_text())["search"].get("mode", "long") == "long"
+
+
+def report(model: str, rows: dict[str, Scored], lengths: list[int], folder: Path, samples: int,
            trials: int) -> list[str]:
-    def cell(value: float | None, fmt: str) -> str:
-        return "-" if value is None or not math.isfinite(value) else format(value, fmt)
+    def cell(value: float | None) -> str:
+        return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
-    tokens = {name: sum(_search_tokens(d) for d in (folder / name).glob("*") if (d / "factors.json").is_file())
-              for name in ("longrope", "yarn")}
-    tuned = {name: load_result(folder / name / "ft") for name in ("longrope", "yarn")}
     lines = [f"## {model}: {samples} held-out windows per length, {trials} needle prompts per depth", "",
              "| model | PPL 1x | PPL 8x | PPL 16x | needles 8x (one / keys) | needles 16x |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        ppl = [cell(row.ppl.get(n), ".3f") for n in lengths]
+    for row in rows.values():
         acc = [f"{row.needles[n][0]:.0%} / {row.needles[n][1]:.0%}" if n in row.needles else "-" for n in lengths[1:]]
-        lines.append(f"| {row.name} | " + " | ".join(ppl + acc) + " |")
-    base, lr_ft, lr, y_ft, y = rows
+        lines.append(f"| {row.name} | " + " | ".join([cell(row.ppl.get(n)) for n in lengths] + acc) + " |")
+    lines += ["", "| route | fine-tune tokens | search forward tokens | fine-tune s | search s |", "|---|---|---|---|---|"]
+    for r in ROUTES:
+        records = [json.loads((d / "factors.json").read_text())["search"] for d in sorted((folder / r.folder).glob("*"))
+                   if (d / "factors.json").is_file()]
+        tuned = load_result(folder / r.folder / "ft")
+        tokens = sum(int(x.get("forward_tokens", 0)) for x in records)
+        seconds = sum(float(x.get("seconds", 0.0)) for x in records)
+        lines.append(f"| {r.label} | {tuned.tokens:,} | {tokens / 1e6:.2f}M | {tuned.seconds:.0f} | {seconds:.0f} |")
     n1, n8, n16 = lengths
-    lines += ["", "| route | fine-tune tokens | search forward tokens | wall s |", "|---|---|---|---|"]
-    for name, config in (("longrope", ROUTE), ("yarn", YARN_ROUTE)):
-        lines.append(f"| {name} | {tuned[name].tokens:,} | {tokens[name] / 1e6:.2f}M | {times.get(config.stem, math.nan):.0f} |")
-    gap16 = lr.ppl[n16] / y.ppl[n16] - 1
-    needles_ok = all(lr.needles[n][i] >= y.needles[n][i] for n in (n8, n16) for i in (0, 1))
-    short = lr.ppl[n1] / base.ppl[n1] - 1
-    lines += ["", f"- final 16x PPL, LongRoPE vs YaRN route: {gap16:+.2%} (goal -3% or lower): "
-                  f"{'met' if gap16 <= -0.03 else 'missed'}",
-              f"- needles at 8x and 16x no worse than the YaRN route: {'met' if needles_ok else 'missed'}",
-              f"- final model's 1x PPL vs the unmodified model: {short:+.2%} (goal within 2%): "
-              f"{'met' if short <= 0.02 else 'missed'}; the fine-tuned 8x model: {lr_ft.ppl[n1] / base.ppl[n1] - 1:+.2%}",
-              f"- YaRN route at 1x: final {y.ppl[n1] / base.ppl[n1] - 1:+.2%}, fine-tuned 8x {y_ft.ppl[n1] / base.ppl[n1] - 1:+.2%}",
-              f"- 8x PPL of the fine-tuned 8x models: LongRoPE {lr_ft.ppl[n8]:.3f}, YaRN {y_ft.ppl[n8]:.3f}", ""]
-    return lines
-
-
-def _search_tokens(run_dir: Path) -> int:
-    return int(json.loads((run_dir / "factors.json").read_text()).get("search", {}).get("forward_tokens", 0))
+    base, yarn = rows["unmodified"], rows["yarn"]
+    lines += ["", f"- YaRN route at 1x: final {yarn.ppl[n1] / base.ppl[n1] - 1:+.2%}, fine-tuned 8x "
+                  f"{rows['yarn ft'].ppl[n1] / base.ppl[n1] - 1:+.2%} (against the unmodified model)"]
+    for r in (r for r in ROUTES if r.searched):
+        final, tuned = rows[r.folder], rows[f"{r.folder} ft"]
+        gap = final.ppl[n16] / yarn.ppl[n16] - 1
+        needles = all(final.needles[n][i] >= yarn.needles[n][i] for n in (n8, n16) for i in (0, 1))
+        short = final.ppl[n1] / base.ppl[n1] - 1
+        lines += [f"- {r.label}: final 16x PPL {gap:+.2%} against YaRN's route (goal -3% or lower: "
+                  f"{'met' if gap <= -0.03 else 'missed'}); needles at 8x and 16x no worse than YaRN's: "
+                  f"{'met' if needles else 'missed'}; 1x PPL {short:+.2%} against the unmodified model (goal within 2%: "
+                  f"{'met' if short <= 0.02 else 'missed'}), the fine-tuned 8x model {tuned.ppl[n1] / base.ppl[n1] - 1:+.2%}"]
+        if f"{r.folder} 8x" in rows:
+            before = rows[f"{r.folder} 8x"].ppl[n8]
+            lines.append(f"- {r.label}: the fine-tune's 8x gain {before:.3f} -> {tuned.ppl[n8]:.3f} "
+                         f"({tuned.ppl[n8] / before - 1:+.2%}); YaRN's fine-tuned 8x model {rows['yarn ft'].ppl[n8]:.3f}")
+    return lines + [""]
 
 
 def main() -> None:

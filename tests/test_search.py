@@ -22,6 +22,7 @@ from longrope_search.evolution import SearchSpace
 from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup as make_plan
 from longrope_search.model import load_config, rope_spec
+from longrope_search.rope import longrope_mscale
 
 runner = CliRunner()
 
@@ -218,8 +219,13 @@ def test_short_readjustment_keeps_the_long_set_and_adds_a_short_one(setup, finis
         run_search(from_dict(search_config(model, corpus, target="1x", short=True)), tmp_path / "a")
     with pytest.raises(ConfigError, match="set search.target to 1x or less"):
         run_search(from_dict(search_config(model, corpus, short=True, init_from=str(finished_run))), tmp_path / "b")
-    with pytest.raises(ConfigError, match="mscale: keep applies to a short search"):
-        from_dict(search_config(model, corpus, mscale="keep"))
+    # a long search keeps the attention factor of what it builds on, and refuses keep with nothing to build on
+    with pytest.raises(ConfigError, match="search.mscale keep runs the attention factor of the factors the search "
+                       "builds on, and there are none"):
+        run_search(from_dict(search_config(model, corpus, mscale="keep")), tmp_path / "c")
+    kept, _ = run_search(from_dict(search_config(model, corpus, target="8x", mscale="keep", generations=0,
+                                                 init_from=str(finished_run))), tmp_path / "d")
+    assert kept.mscale == long.mscale != longrope_mscale(8, 32)
 
 
 def test_short_readjustment_lowers_the_attention_factor_within_the_long_tolerance(setup, finished_run, tmp_path):

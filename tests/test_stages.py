@@ -273,8 +273,24 @@ def test_bad_finetune_stages_are_one_line(setup, tmp_path):
     assert "\n" not in message
     for part in ("stages[0].search: a finetune stage trains the model of the stage before", "stages[0]: a finetune "
                  "stage trains the factors of the search stage before it", "stages[0].finetune.run: a finetune stage "
-                 "trains the stage before it", "stages[1]: the stage before is a finetune stage too",
+                 "trains the stage before it", "stages[1]: the stage before is not a search stage",
                  "finetune.stpes: unknown key (did you mean 'steps'?)"):
+        assert part in message, message
+    # export stages: first, with other sections, a baseline without its target, a target without a baseline
+    config["stages"] = [{"name": "m0", "export": {}}, {"name": "4x", "search": {"target": "4x"}},
+                        {"name": "m1", "export": {"factors": "yarn"}, "search": {"target": "8x"}},
+                        {"name": "m2", "export": {"target": "8x"}}, {"name": "m3", "export": {"factors": "rope"}},
+                        {"name": "m4", "export": "yes"}]
+    path.write_text(yaml.safe_dump(config))
+    result = runner.invoke(app, ["search", "--config", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    message = result.stderr.strip()
+    assert "\n" not in message
+    for part in ("stages[0]: an export stage writes what the stages before it made",
+                 "stages[2].search: an export stage writes the model of the stages before",
+                 "stages[2].export: an export stage sets factors: yarn (pi, ntk) with a target",
+                 "stages[3].export: an export stage sets", "stages[4].export.factors: Input should be 'run', 'yarn', 'pi' "
+                 "or 'ntk'", "stages[5].export: a mapping"):
         assert part in message, message
 
 
