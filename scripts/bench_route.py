@@ -1,16 +1,21 @@
-"""The fine-tuned route against its rival, side by side: LongRoPE's progressive route (8x search, fine-tune, 16x search
-on the fine-tuned model, short set last; configs/tiny-progressive-ft.yaml) and YaRN's (YaRN 8x, the same fine-tune:
-rows, steps, learning rate and schedule; YaRN 16x on the fine-tuned weights; configs/tiny-progressive-ft-yarn.yaml),
-each run as one command and ending in an exported model. The
-final models, the two fine-tuned 8x models and the unmodified model are scored on the same held-out windows (none of
-them a document any search of the route decided with): PPL at 1x, 8x and 16x, needle accuracy at 8x and 16x (eval's
-prompts), as each model runs in transformers (`longrope.json` of the exported folder). Also the tokens and seconds each
-route spent, from its stages' own records (so a resumed route counts its interrupted work too).
+"""The fine-tuned route against its rival, side by side, each route one command ending in an exported model:
+
+- LongRoPE's progressive route (configs/tiny-progressive-ft.yaml): 8x search, fine-tune, 16x search on the
+  fine-tuned model, short set last;
+- YaRN's (configs/tiny-progressive-ft-yarn.yaml): YaRN 8x, the same fine-tune (rows, steps, learning rate and
+  schedule), YaRN 16x on the fine-tuned weights;
+- YaRN 8x fine-tuned, then LongRoPE's 16x search and short set on it (configs/tiny-progressive-ft-yarn-search.yaml).
+
+The final models, the fine-tuned 8x models, the stages in between and the unmodified model are scored on the same
+held-out windows (none of them a document any search of any route decided with): PPL at 1x, 8x and 16x, needle
+accuracy at 8x and 16x (eval's prompts), each model as it runs in transformers (the `longrope.json` of its folder).
+Also the tokens and seconds each route spent, from its stages' own records (a resumed route counts all its work).
+The lines under the tables say which goals each searched route met against YaRN's.
 
     python scripts/bench_route.py                                   # builtin:tiny and builtin:tiny-qwen2
     python scripts/bench_route.py --models builtin:tiny --out runs/bench-route
 
-Running it again continues: finished stages are kept (a finished route costs only the eval).
+Running it again continues: finished stages are kept (a finished route costs only the scoring).
 """
 
 from __future__ import annotations
@@ -158,10 +163,11 @@ def main() -> None:
     args = parser.parse_args()
     lines = []
     for model in args.models.split(","):
-        lines += bench_model(model.strip(), args.out.absolute(), args.samples, args.needle_trials)
-        print("\n".join(lines[-20:]), flush=True)
+        table = bench_model(model.strip(), args.out.absolute(), args.samples, args.needle_trials)
+        print("\n".join(table), flush=True)
+        lines += table
     (args.out / "bench_route.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(f"written to {args.out / 'bench_route.md'}")
 
 
 if __name__ == "__main__":
