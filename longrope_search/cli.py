@@ -374,8 +374,12 @@ def show_finetune(result: Any) -> None:
 @app.command("export")
 @user_errors
 def export_cmd(
-    source: Path = typer.Argument(..., help="Run directory (or its factors.json)."),
+    source: Optional[Path] = typer.Argument(None, help="Run directory (or its factors.json)."),
     out: Path = typer.Option(..., "--out", "-o", help="New Hugging Face model directory to write."),
+    factors: Optional[str] = typer.Option(
+        None, "--factors", help="Export a baseline instead of a run: yarn, pi or ntk at --target onto --model (e.g. "
+        "a model `finetune --factors yarn` trained)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="The baseline's target length (16x, 32k)."),
     model: Optional[str] = typer.Option(
         None, "--model", "-m", help="Model to export onto: local directory, builtin:NAME or hub id (default: the "
         "one searched)."),
@@ -403,14 +407,21 @@ def export_cmd(
     and compares logits past the original window with the search-time model. SRC is never written; weights are
     symlinked (copied for the built-in model).
     """
-    from longrope_search.export import export
+    from longrope_search.export import export, export_method
 
     quiet_libraries()
-    with phases(err_console) as phase:
-        report = export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat,
-                        verify=verify, tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype,
-                        device_map=device_map, revision=revision, push_to_hub=push_to_hub, private=private,
-                        progress=phase)
+    if (factors is None) == (source is None) or (factors is not None and (model is None or target is None)):
+        raise ConfigError("pass a run to export (longrope export RUN --out DIR), or a baseline with the model and "
+                          "length: longrope export --factors yarn --target 16x --model MODEL --out DIR.")
+    if factors is not None:
+        with phases(err_console) as phase:
+            report = export_method(factors, target, model, out, force=force, device=device, progress=phase)
+    else:
+        with phases(err_console) as phase:
+            report = export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat,
+                            verify=verify, tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype,
+                            device_map=device_map, revision=revision, push_to_hub=push_to_hub, private=private,
+                            progress=phase)
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
     if report.max_abs_diff is not None:

@@ -21,7 +21,7 @@ from search_fixtures import one_line_error, search_config, write_corpus, write_m
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from longrope_search import export, finetune, packing
+from longrope_search import finetune, packing
 from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.factors import FactorsFile, load_factors
@@ -342,8 +342,10 @@ def test_a_yarn_fine_tune_without_a_run_writes_a_checked_yarn_model_and_exports_
     assert doc["rope_parameters"]["rope_type"] == "yarn" and doc["rope_parameters"]["factor"] == SCALE
     assert load_factors(folder / "longrope.json").method == "yarn"
     # the route's last step: YaRN at twice the target on the fine-tuned weights, checked like an export
-    report = export.export_method("yarn", f"{2 * SCALE}x", str(folder), tmp_path / "final")
-    assert report.max_abs_diff <= 1e-4 and report.short_max_abs_diff <= 1e-4
+    done = runner.invoke(app, ["export", "--factors", "yarn", "--target", f"{2 * SCALE}x", "--model", str(folder),
+                               "--out", str(tmp_path / "final")])
+    assert done.exit_code == 0 and "verified: max abs logit difference" in done.output, done.output
+    assert load_factors(tmp_path / "final" / "longrope.json").target_length == 2 * WINDOW * SCALE
     final = json.loads((tmp_path / "final" / "config.json").read_text())
     assert final["rope_parameters"]["factor"] == 2 * SCALE and final["max_position_embeddings"] == 2 * WINDOW * SCALE
 
@@ -358,4 +360,10 @@ def test_bad_factors_values_are_one_line_and_exit_2(setup, tmp_path):
     one_line_error(run_cli(str(setup["run"]), "--target", "8x", "--out", str(out), *base),
                    "finetune.target sets a baseline's target")
     one_line_error(run_cli("--out", str(out), *base), "pass the search run to fine-tune")
+    # export of a baseline: an unknown method, or a missing model or target
+    export_args = ["export", "--out", str(out), "--model", str(setup["model"])]
+    one_line_error(runner.invoke(app, [*export_args, "--factors", "yarnn", "--target", "8x"]),
+                   "--factors 'yarnn' is not a RoPE method")
+    one_line_error(runner.invoke(app, [*export_args, "--factors", "yarn"]), "or a baseline with the model and length")
+    one_line_error(runner.invoke(app, [*export_args, "--factors", "yarn", "--target", "1x"]), "does not exceed")
     assert not out.exists()
