@@ -470,6 +470,8 @@ def eval_cmd(
     from longrope_search.retrieval import NeedleSettings
     from longrope_search.rundir import EVAL_FILE
 
+    if seed < 0:
+        raise ConfigError(f"--seed {seed} is negative; pass 0 or more (it picks the prompts and documents).")
     quiet_libraries()
     settings = NeedleSettings(needle_trials, parse_shares(depths), keys, seed) if needle else None
     with phases(err_console) as phase:

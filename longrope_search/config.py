@@ -51,12 +51,17 @@ PAPER_N_HAT = [0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256]
 _LENGTH = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?|x)\s*$")
 
 
+MAX_COUNT = 100_000  # population, generations, ...: a search of that many evaluations per generation never ends
+MAX_FACTOR = 1e6  # a rescale factor beyond this turns every rotation into a constant (and overflows the genes)
+MAX_LENGTH = 1 << 30  # 1024m tokens: 500 times LongRoPE's 2048k, far beyond any context a GPU holds
+
+
 def parse_length(text: str | int, original_length: int | None = None) -> int:
     """'256k' -> 262144 (k = 1024), '2m' -> 2097152, '8x' -> 8 * original_length, '4096' -> 4096."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 1:
             raise ConfigError(f"length {text} is not a positive number of tokens; write e.g. 4096, 256k or 8x.")
-        return text
+        text = str(text)
     match = _LENGTH.match(str(text))
     if not match:
         raise ConfigError(f"cannot read length {text!r}; write it as 4096, 256k, 2m or 8x (times the original window).")
@@ -69,6 +74,9 @@ def parse_length(text: str | int, original_length: int | None = None) -> int:
         tokens = int(round(number * {"": 1, "k": 1024, "m": 1024 * 1024}[unit]))
     if tokens < 1:
         raise ConfigError(f"length {text!r} is {tokens} tokens; a length must be at least 1 token (e.g. 4096, 256k or 8x).")
+    if tokens > MAX_LENGTH:
+        raise ConfigError(f"length {text!r} is {tokens:,} tokens, more than the {format_length(MAX_LENGTH)} ({MAX_LENGTH:,}) "
+                          "tokens any model here can be extended to; give a length such as 256k or 2m.")
     return tokens
 
 
@@ -120,7 +128,7 @@ class DataSection(Section):
     heldout_samples: int = Field(8, ge=0)  # disjoint documents the final numbers are reported on (the test set)
     # further documents that choose the winner among the best candidates and stop a search that stopped generalising
     validation_samples: int = Field(4, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     cache_dir: str | None = None  # tokenised samples; default $LONGROPE_CACHE or ~/.cache/longrope
 
 
@@ -148,11 +156,12 @@ class SearchSection(Section):
     # times it) and widens the space to 2 * scale; every pair is still searched and every seed kept. auto: the
     # paper's value from the model's base and window; a list: one search per value, the best by held-out fitness.
     critical_dim: int | list[int] | Literal["auto"] | None = None
-    population: int = Field(64, ge=2)  # P
-    generations: int = Field(40, ge=0)  # T
-    parents: int = Field(32, ge=1)  # top-k kept each generation
-    mutations: int = Field(16, ge=0)  # N1
-    crossovers: int = Field(16, ge=0)  # N2
+    # The paper's budget; the caps only refuse values no search could finish (MAX_COUNT)
+    population: int = Field(64, ge=2, le=MAX_COUNT)  # P
+    generations: int = Field(40, ge=0, le=MAX_COUNT)  # T
+    parents: int = Field(32, ge=1, le=MAX_COUNT)  # top-k kept each generation
+    mutations: int = Field(16, ge=0, le=MAX_COUNT)  # N1
+    crossovers: int = Field(16, ge=0, le=MAX_COUNT)  # N2
     mutation_prob: float = Field(0.3, ge=0.0, le=1.0, allow_inf_nan=False)  # p, also crossover's gene swap probability
     # Early rejection: a new candidate is scored sample by sample and stops once its mean NLL is this many nats above
     # the worst parent's on the same samples (it could not become a parent). 0: every candidate scored in full.
@@ -170,7 +179,7 @@ class SearchSection(Section):
     select_top: int = Field(4, ge=1)
     patience: int = Field(0, ge=0)
     # None: 1.25 * scale (the paper); 2 * scale with critical_dim
-    max_factor: float | None = Field(None, gt=1.0, allow_inf_nan=False)
+    max_factor: float | None = Field(None, gt=1.0, le=MAX_FACTOR, allow_inf_nan=False)
     # the factor grid; finer than MIN_STEP changes no factor measurably and overflows the integer genes
     step: float = Field(0.01, ge=MIN_STEP, allow_inf_nan=False)
     monotonic: bool = True  # factors non-decreasing with the rotary pair index
@@ -196,7 +205,7 @@ class SearchSection(Section):
     # Short-context readjustment: search the factor set used when the input fits the original window,
     # on the extended model (init_from), scored at `target` (default 1x) under the shared mscale.
     short: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=1)  # positions per lm_head + loss chunk
     mlp_chunk: int = Field(DEFAULT_MLP_CHUNK, ge=0)  # positions per MLP chunk: exact, cuts L x intermediate memory; 0: whole
     # Ranks that score one sample together under torchrun, each holding 1/N of its positions (PyTorch's ring
@@ -262,6 +271,7 @@ class SearchSection(Section):
         return self.critical_dim if isinstance(self.critical_dim, list) and len(self.critical_dim) > 1 else []
 
 
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload", "auto_wrap")
 RopeFactors = Literal["run", "yarn", "pi", "ntk"]  # a run's searched factors, or a baseline as transformers runs it
 
 
@@ -297,7 +307,7 @@ class FinetuneSection(Section):
     revision: str | None = None  # hub only: pin the dataset commit so a resume reads the same text
     split: str = "train"  # hub only
     text_field: str = "text"
-    seed: int = 0  # document order, LoRA's initialisation and the trainer's seed
+    seed: int = Field(0, ge=0)  # document order, LoRA's initialisation and the trainer's seed
     length: str | int | None = None  # tokens of a long row (256k, 8x); None: the run's target
     # Share of the blocks whose rows fit the original window: they train the short factors, the others the long ones
     # (LongRoPE2's mixed context window; it sampled 1B short tokens of 10B). 0: long rows only (LongRoPE).
@@ -333,6 +343,10 @@ class FinetuneSection(Section):
 
     @model_validator(mode="after")
     def _combinations(self) -> "FinetuneSection":
+        unknown = sorted(set(self.fsdp.split()) - set(FSDP_OPTIONS))
+        if unknown:
+            raise ValueError(f"finetune.fsdp {self.fsdp!r}: {', '.join(unknown)} is not one of transformers' fsdp options "
+                             f"({', '.join(FSDP_OPTIONS)}); e.g. \"full_shard auto_wrap\"")
         if self.target is not None and self.factors == "run":
             raise ValueError("finetune.target sets a baseline's target (finetune.factors yarn, pi or ntk); the run's "
                              "factors have their own: drop it")

@@ -316,10 +316,10 @@ def estimate(
     problems = [
         f"{what} must be {rule} (got {value})" for what, value, ok, rule in (
             ("--gpus", gpus, gpus >= 1, "at least 1"),
-            ("--gpu-mem", gpu_mem_gb, gpu_mem_gb > 0, "positive GB"),
+            ("--gpu-mem", gpu_mem_gb, math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0, "a finite positive GB"),
             ("--target", target_length, target_length >= 2, "at least 2 tokens"),
             ("--dtype-bytes", dtype_bytes, dtype_bytes in (1, 2, 4), "1, 2 or 4"),
-            ("--tflops", tflops, tflops > 0, "positive"),
+            ("--tflops", tflops, math.isfinite(tflops) and tflops > 0, "a finite positive number"),
             ("--mlp-chunk", mlp_chunk, mlp_chunk >= 1, "at least 1 position"),
             ("--loss-chunk", loss_chunk, loss_chunk >= 1, "at least 1 position"),
             ("--samples", samples, samples is None or samples >= 1, "at least 1"),
