@@ -131,7 +131,7 @@ def test_rows_name_the_weights_and_the_mode():
 def test_bad_inputs_are_user_errors():
     with pytest.raises(ConfigError, match="--gpus must be at least 1"):
         estimate(PRESETS["llama2-7b"], 4096, gpus=0)
-    with pytest.raises(ConfigError, match="--gpu-mem must be positive"):
+    with pytest.raises(ConfigError, match="--gpu-mem must be a finite positive"):
         estimate(PRESETS["llama2-7b"], 4096, gpu_mem_gb=-1)
     with pytest.raises(ModelError, match="did you mean llama2-7b"):
         model_shape("llama2-7")
