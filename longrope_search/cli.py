@@ -472,6 +472,8 @@ def eval_cmd(
 
     if seed < 0:
         raise ConfigError(f"--seed {seed} is negative; pass 0 or more (it picks the prompts and documents).")
+    if passkey and trials < 1:
+        raise ConfigError(f"--passkey with --trials {trials} measures nothing; pass --trials 1 or more (default 10).")
     quiet_libraries()
     settings = NeedleSettings(needle_trials, parse_shares(depths), keys, seed) if needle else None
     with phases(err_console) as phase:

@@ -172,7 +172,7 @@ def make_setup(config: Config, spec: RopeSpec, prior: Prior | None = None) -> Se
         target, space, mscale = _short_space(config, spec, prior)
         critical = None
     else:
-        critical = _critical_dim(config, spec)
+        critical = critical_dim(config, spec)
         target, space, mscale = _long_space(config, spec, prior, critical)
     setup = SearchSetup(config, spec, target, space, mscale, {}, prior, short=s.short, critical_dim=critical)
     setup = dataclasses.replace(setup, seeds=seed_vectors(setup))  # a bad init_factors file fails here
@@ -183,7 +183,9 @@ def make_setup(config: Config, spec: RopeSpec, prior: Prior | None = None) -> Se
     return setup
 
 
-def _critical_dim(config: Config, spec: RopeSpec) -> int | None:
+def critical_dim(config: Config, spec: RopeSpec) -> int | None:
+    """The config's critical dimension in pairs for a model of geometry `spec` (auto resolved); one line when it
+    leaves no pair to search."""
     value = config.search.critical_dim
     if value is None:
         return None

@@ -7,6 +7,7 @@ interrupted one; only budget settings may change between runs, as for stages.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ from longrope_search import distributed
 from longrope_search.config import Config, apply_overrides, from_dict, read_yaml
 from longrope_search.errors import ConfigError
 from longrope_search.files import atomic_write_text, json_text
+from longrope_search.model import LoadOptions, load_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
+from longrope_search.search_setup import critical_dim
 from longrope_search.rundir import SWEEP_FILE, SWEEP_RESULT, Claim, absolute_paths, claimed, default_run_dir
 from longrope_search.stages import Stage, StageResult, check_root, check_settings, relocate, run_planned, status_and_changes
 
@@ -53,6 +56,22 @@ def plan_sweep(config: Config, root: Path) -> list[Stage]:
     return stages
 
 
+def check_values(stages: list[Stage]) -> None:
+    """Every critical dimension of the sweep fits the model's rotary pairs; all that do not, in one line."""
+    first = stages[0].config
+    spec = rope_spec(load_config(first.model.name, LoadOptions.of(first.model)))
+    if first.model.original_length is not None:
+        spec = dataclasses.replace(spec, original_length=first.model.original_length)
+    problems = []
+    for stage in stages:
+        try:
+            critical_dim(stage.config, spec)
+        except ConfigError as exc:
+            problems.append(str(exc).rstrip("."))
+    if problems:
+        raise ConfigError("; ".join(problems) + ".")
+
+
 def _fitness(result: StageResult) -> float:
     """What the sweep compares: held-out fitness when the runs kept held-out samples, else the search's."""
     value = result.final.ppl.get("heldout", result.final.ppl.get("search"))
@@ -77,6 +96,7 @@ def run_sweep(
             # a new command's overrides are in `config` already; a resume's apply to the saved one
             wanted = absolute_paths(base if config is not None else _with(base, overrides))
             stages = plan_sweep(wanted, folder)
+            check_values(stages)  # every value against the model, before the first search runs
             what = [status_and_changes(stage) for stage in stages]  # refuses all but budget changes to a search on disk
             check_settings(stages, what, ctx.world_size)
             claim = stack.enter_context(claimed(folder, create=True))
