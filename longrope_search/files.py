@@ -17,7 +17,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 from longrope_search.errors import CheckpointError, StorageError
 
@@ -81,9 +81,7 @@ def _atomic_write(path: Path, fill: Callable[[BinaryIO], None]) -> None:
     except OSError as exc:
         raise storage_error(exc, path) from None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a served config must be readable like any file
+        os.fchmod(fd, file_mode())  # mkstemp makes 0600; a served config must be readable like any file
         with os.fdopen(fd, "wb") as f:
             fill(f)
             f.flush()
@@ -109,6 +107,21 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_mode() -> int:
+    """The mode a plain new file gets under the process's umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def make_readable(paths: Iterable[Path]) -> None:
+    """Give files another library wrote privately (0600) the mode of any new file, so a server under another user
+    can read them."""
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, file_mode())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

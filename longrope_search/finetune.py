@@ -32,7 +32,7 @@ from longrope_search.data import CorpusSpec, same_documents
 from longrope_search.errors import (CheckpointError, ConfigError, DataError, DependencyError, ExportError, ModelError,
                                     install_hint)
 from longrope_search.factors import FactorsFile, factors_path, load_factors, software_versions
-from longrope_search.files import atomic_write_text, json_text, remove_temps
+from longrope_search.files import atomic_write_text, json_text, make_readable, remove_temps
 from longrope_search.model import LoadOptions, attention_backend, default_device, load_tokenizer, resolve_dtype, rope_spec
 from longrope_search.model import load_config as load_model_config
 from longrope_search.progress import SILENT, Reporter
@@ -461,6 +461,8 @@ def save_model(trainer: Trainer, setup: Setup, folder: Path) -> tuple[Any, str]:
         (folder / "training_args.bin").unlink(missing_ok=True)
     elif trainer.is_world_process_zero():
         model.save_pretrained(folder, safe_serialization=True)
+    if trainer.is_world_process_zero():
+        make_readable(folder.glob("model*.safetensors*"))  # safetensors writes 0600; the other files are 0644
     return model, str(next(model.parameters()).dtype).removeprefix("torch.")
 
 

@@ -25,6 +25,7 @@ from longrope_search import finetune, packing
 from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.files import file_mode
 from longrope_search.fitness import sequence_nll
 from longrope_search.model import install_rope, load_model, load_tokenizer, rope_spec
 from longrope_search.rope import longrope_mscale
@@ -120,6 +121,8 @@ def test_the_written_model_reloads_in_plain_transformers_with_the_trained_logits
     assert {"config.json", "model.safetensors", "tokenizer.json", "longrope.json", "README.md", "finetune.json",
             "config.resolved.yaml", "log.jsonl"} <= names and not {"start", "checkpoints"} & names
     assert "## Fine-tuning" in (out / "README.md").read_text()
+    # the weights are as readable as every other file (a server under another user loads them)
+    assert {(p.stat().st_mode & 0o777) for p in out.iterdir() if p.is_file()} == {file_mode()}
     doc = json.loads((out / "config.json").read_text())
     assert doc["rope_scaling"]["rope_type"] == "longrope" and doc["max_position_embeddings"] == WINDOW * SCALE
     assert not math.isclose(result.losses[0], result.losses[1])  # it trained
