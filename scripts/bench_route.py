@@ -4,7 +4,9 @@
   fine-tuned model, short set last;
 - YaRN's (configs/tiny-progressive-ft-yarn.yaml): YaRN 8x, the same fine-tune (rows, steps, learning rate and
   schedule), YaRN 16x on the fine-tuned weights;
-- YaRN 8x fine-tuned, then LongRoPE's 16x search and short set on it (configs/tiny-progressive-ft-yarn-search.yaml).
+- YaRN 8x fine-tuned, then LongRoPE's 16x search and short set on it (configs/tiny-progressive-ft-yarn-search.yaml);
+- LongRoPE's route with attention factor 1 in every stage (`--set search.mscale=1.0`): short inputs as the
+  unmodified model runs them, the fine-tune learns the long-context temperature.
 
 The final models, the fine-tuned 8x models, the stages in between and the unmodified model are scored on the same
 held-out windows (none of them a document any search of any route decided with): PPL at 1x, 8x and 16x, needle
@@ -12,7 +14,7 @@ accuracy at 8x and 16x (eval's prompts), each model as it runs in transformers (
 Also the tokens and seconds each route spent, from its stages' own records (a resumed route counts all its work).
 The lines under the tables say which goals each searched route met against YaRN's.
 
-    python scripts/bench_route.py                                   # builtin:tiny and builtin:tiny-qwen2
+    python scripts/bench_route.py                                   # builtin:tiny and builtin:tiny-qwen2, 4 routes
     python scripts/bench_route.py --models builtin:tiny --out runs/bench-route
 
 Running it again continues: finished stages are kept (a finished route costs only the scoring).
@@ -78,17 +80,19 @@ class Route:
     folder: str  # under the model's folder
     config: Path
     searched: bool  # its final factors come from a search: measured against YaRN's route
+    overrides: tuple[str, ...] = ()  # --set on the config
 
 
 ROUTES = (Route("LongRoPE", "longrope", ROUTE, True), Route("YaRN", "yarn", YARN_ROUTE, False),
-          Route("YaRN 8x + LongRoPE 16x", "hybrid", HYBRID_ROUTE, True))
+          Route("YaRN 8x + LongRoPE 16x", "hybrid", HYBRID_ROUTE, True),
+          Route("LongRoPE, attention factor 1", "attention1", ROUTE, True, ("search.mscale=1.0",)))
 
 
 def bench_model(model: str, out: Path, samples: int, trials: int) -> list[str]:
     folder = out / model.replace(":", "-").replace("/", "-")
     folder.mkdir(parents=True, exist_ok=True)
     for r in ROUTES:
-        run_stages(r.config, [f"model.name={model}"], folder / r.folder)
+        run_stages(r.config, [f"model.name={model}", *r.overrides], folder / r.folder)
     searches = [d for r in ROUTES for d in sorted((folder / r.folder).glob("*")) if _is_long_search(d)]
     runs = [run_inputs(d, None, samples, "cpu", "float32") for d in searches]
     inputs = dataclasses.replace(runs[0], exclude=[r.exclude for r in runs], samples=samples)  # held out from all
