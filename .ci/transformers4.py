@@ -1,12 +1,13 @@
-"""CI: an export of the built-in model's search loads in transformers 4.57 with the logits transformers 5 gives.
+"""CI: an export of the built-in model's search (or of a baseline, `export --factors yarn`) loads in transformers
+4.57 with the logits transformers 5 gives.
 
     python .ci/transformers4.py reference EXPORT   # with transformers 5 (the project's environment)
     python .ci/transformers4.py check EXPORT       # with transformers 4.57 (a second venv: torch + transformers only)
 
-`reference` writes EXPORT/../reference.pt: token ids of a text longer than the original window (long factors) and
+`reference` writes EXPORT/../<name of EXPORT>.reference.pt: token ids of a text longer than the original window (long factors) and
 one inside it (short factors), and 5.x's logits for both. `check` loads EXPORT with 4.57's AutoTokenizer and
-AutoModelForCausalLM, and requires the same ids, the same logits (max abs difference <= 1e-4), longrope in the loaded
-config, logits that differ from plain RoPE's (a config 4.x read as plain RoPE would pass otherwise), and that
+AutoModelForCausalLM, and requires the same ids, the same logits (max abs difference <= 1e-4), the export's rope
+type in the loaded config (longrope; yarn or linear for a baseline), logits that differ from plain RoPE's (a config 4.x read as plain RoPE would pass otherwise), and that
 `model.generate(**tokenizer(text, return_tensors="pt"))` runs.
 """
 
@@ -38,7 +39,7 @@ def main(mode: str, export: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     ids = {name: tokenizer(text)["input_ids"] for name, text in texts(window).items()}
-    reference_file = export.parent / "reference.pt"
+    reference_file = export.parent / f"{export.name}.reference.pt"
     if mode == "reference":
         assert len(ids["long"]) > window >= len(ids["short"]), (len(ids["long"]), window)
         torch.save({"ids": ids, "logits": {k: logits(model, v) for k, v in ids.items()}}, reference_file)
@@ -48,7 +49,9 @@ def main(mode: str, export: Path) -> None:
     assert ids == reference["ids"], "transformers 4.x tokenises the export differently"
     config = AutoConfig.from_pretrained(export)
     rope_type = (config.rope_scaling or {}).get("rope_type") or (config.rope_scaling or {}).get("type")
-    assert rope_type == "longrope", f"transformers {transformers.__version__} loads rope_scaling {config.rope_scaling}"
+    method = json.loads((export / "longrope.json").read_text()).get("method", "longrope")
+    expected = {"longrope": "longrope", "yarn": "yarn", "pi": "linear"}[method]
+    assert rope_type == expected, f"transformers {transformers.__version__} loads rope_scaling {config.rope_scaling}"
     for name, token_ids in ids.items():
         diff = (logits(model, token_ids) - reference["logits"][name]).abs().max().item()
         print(f"transformers {transformers.__version__}: {name} ({len(token_ids)} tokens, window {window}): "
@@ -60,7 +63,7 @@ def main(mode: str, export: Path) -> None:
     unscaled = AutoModelForCausalLM.from_pretrained(export, config=plain, dtype=torch.float32).eval()
     gap = (logits(unscaled, ids["long"]) - reference["logits"]["long"]).abs().max().item()
     assert gap > 1e-2, "plain RoPE gives the same logits: the check would not notice longrope being ignored"
-    print(f"transformers {transformers.__version__}: the export runs longrope (plain RoPE differs by {gap:.2f})")
+    print(f"transformers {transformers.__version__}: the export runs {expected} (plain RoPE differs by {gap:.2f})")
     inputs = tokenizer("x = 1", return_tensors="pt")  # what a user types first: no token_type_ids may come back
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     print(f"transformers {transformers.__version__}: generate(**tokenizer(...)) gave {out.shape[1]} tokens")
