@@ -215,14 +215,19 @@ def search(
             reporter.stop()
         distributed.shutdown(ctx, wait=sys.exc_info()[0] is None)
     if ctx.is_main:
-        if result.stages:
-            show_stages(result.stages, "search" if result.sweep is not None else "stage")
-        if result.sweep is not None:
-            best = result.sweep.best.stage
-            console.print(f"best critical dimension: {best.config.search.critical_dim} ({best.run_dir}); every "
-                          f"search's fitness in {result.sweep.root / 'sweep.json'}", markup=False)
-        if result.final is not None:
-            show_result(result.final, result.run_dir)
+        show_job(result)
+
+
+def show_job(result: Any) -> None:
+    """A search's, a sweep's or a stages run's result: each stage, the sweep's pick, the last search's table."""
+    if result.stages:
+        show_stages(result.stages, "search" if result.sweep is not None else "stage")
+    if result.sweep is not None:
+        best = result.sweep.best.stage
+        console.print(f"best critical dimension: {best.config.search.critical_dim} ({best.run_dir}); every "
+                      f"search's fitness in {result.sweep.root / 'sweep.json'}", markup=False)
+    if result.final is not None:
+        show_result(result.final, result.run_dir)
 
 
 def show_stages(results: list[Any], what: str = "stage") -> None:
