@@ -335,14 +335,18 @@ def run_planned(stages: list[Stage], what: list[tuple[str, list[str]]], reporter
                                       reporter=_announce(reporter, stage, "resuming"), ctx=ctx)
                 kind = "resumed"
         except LongRopeError as exc:
-            done = ", ".join(r.stage.name for r in results)
-            kept = f"; finished stages ({done}) are kept" if done else ""
-            message = str(exc).rstrip(".")
-            raise type(exc)(f"stage {stage.name}: {message}{kept}; run the same command again once fixed.") from exc
+            raise stage_failed(stage, exc, results) from exc
         if kind == "kept":
             reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
         results.append(StageResult(stage, final, kind))
     return results
+
+
+def stage_failed(stage: Stage, exc: LongRopeError, done: list[StageResult]) -> LongRopeError:
+    """The stage's error in one line, naming the stage and the finished stages a rerun keeps."""
+    finished = ", ".join(r.stage.name for r in done)
+    kept = f"; finished stages ({finished}) are kept" if finished else ""
+    return type(exc)(f"stage {stage.name}: {str(exc).rstrip('.')}{kept}; run the same command again once fixed.")
 
 
 def _run_finetune_stage(stage: Stage, state: str, changes: list[str], done: list[StageResult],
@@ -364,10 +368,7 @@ def _run_finetune_stage(stage: Stage, state: str, changes: list[str], done: list
             kind = "resumed"
         final = load_factors(stage.run_dir / EXPORT_FACTORS_FILE)
     except LongRopeError as exc:
-        finished = ", ".join(r.stage.name for r in done)
-        kept = f"; finished stages ({finished}) are kept" if finished else ""
-        raise type(exc)(f"stage {stage.name}: {str(exc).rstrip('.')}{kept}; run the same command again once "
-                        "fixed.") from exc
+        raise stage_failed(stage, exc, done) from exc
     return StageResult(stage, final, kind, result)
 
 
@@ -407,10 +408,7 @@ def _run_export_stage(stage: Stage, redo: bool, done: list[StageResult], reporte
             report = export.export_method(settings.factors, settings.target, stage.config.model.name, stage.run_dir,
                                           force=True, progress=reporter.note)
     except LongRopeError as exc:
-        finished = ", ".join(r.stage.name for r in done)
-        kept = f"; finished stages ({finished}) are kept" if finished else ""
-        raise type(exc)(f"stage {stage.name}: {str(exc).rstrip('.')}{kept}; run the same command again once "
-                        "fixed.") from exc
+        raise stage_failed(stage, exc, done) from exc
     record = {**_export_record(stage), "max_abs_diff": report.max_abs_diff,
               "short_max_abs_diff": report.short_max_abs_diff, "verify_length": report.verify_length}
     atomic_write_text(stage.run_dir / EXPORT_RECORD, json.dumps(record, indent=2) + "\n")
