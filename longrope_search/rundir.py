@@ -150,16 +150,22 @@ def is_sweep(path: Path) -> bool:
 
 
 def is_finetune(path: Path) -> bool:
-    """A fine-tune's folder (finished or not): its config has a finetune.run and no search state."""
+    """A fine-tune's folder (finished or not): its config trains a run's factors (finetune.run) or a baseline
+    (finetune.factors), and it has no search state."""
     try:
         saved = read_yaml(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
     except ConfigError:
         return False
-    return bool((saved.get("finetune") or {}).get("run")) and not (path / STATE_DIR).exists()
+    trained = saved.get("finetune") or {}
+    return bool(trained.get("run") or trained.get("factors", "run") != "run") and not (path / STATE_DIR).exists()
 
 
 def not_a_run(path: Path) -> str | None:
-    """For commands that take one run: the message when `path` is a stages or sweep folder instead, else None."""
+    """For commands that take one run: the message when `path` is a stages, sweep or fine-tune folder instead, else
+    None."""
+    if is_finetune(path):
+        return (f"{path} holds a fine-tune (a model), not a search; continue it with `longrope finetune --resume {path}`, "
+                f"or measure it with `longrope eval --model {path} --factors {path / EXPORT_FACTORS_FILE} --data ...`.")
     if is_sweep(path):
         try:
             best = str(json.loads((path / SWEEP_RESULT).read_text())["run"])

@@ -370,3 +370,20 @@ def test_bad_factors_values_are_one_line_and_exit_2(setup, tmp_path):
     one_line_error(runner.invoke(app, [*export_args, "--factors", "yarn"]), "or a baseline with the model and length")
     one_line_error(runner.invoke(app, [*export_args, "--factors", "yarn", "--target", "1x"]), "does not exceed")
     assert not out.exists()
+
+
+def test_a_baseline_fine_tune_resumes_and_a_fine_tune_folder_is_named_as_one(setup, tmp_path):
+    """A YaRN fine-tune trains no run: its folder is still a fine-tune's (resume continues it, and a search's resume
+    or eval of it says what it holds in one line)."""
+    folder = tmp_path / "ft"
+    config = finetune.finetune_config(setup["run"], None, settings(setup, "finetune.factors=yarn", "finetune.steps=3",
+                                                                   "finetune.save_every=1"))
+    first = finetune.run_finetune(config, folder)
+    (folder / "finetune.json").unlink()  # as if killed before the result was written
+    (folder / "model.safetensors").unlink()
+    result = run_cli("--resume", str(folder))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-6)
+    assert run_cli("--resume", str(folder)).exit_code == 0  # finished: returned as it is
+    one_line_error(runner.invoke(app, ["search", "--resume", str(folder)]), "holds a fine-tune (a model), not a search")
+    one_line_error(runner.invoke(app, ["eval", str(folder), "--lengths", "1x"]), "holds a fine-tune (a model)")
