@@ -351,11 +351,17 @@ class _Logger(TrainerCallback):
 
     def __init__(self, log_path: Path, reporter: Reporter, batch_tokens: int) -> None:
         self.log_path, self.reporter, self.batch_tokens = log_path, reporter, batch_tokens
+        self.diverged: tuple[int, float, float | None] | None = None  # (step, loss, gradient norm) once not finite
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if not logs or "loss" not in logs or not state.is_world_process_zero:
+        if not logs or "loss" not in logs:
             return
-        step = int(state.global_step)
+        step, norm = int(state.global_step), logs.get("grad_norm")
+        if not math.isfinite(float(logs["loss"])) or (norm is not None and not math.isfinite(float(norm))):
+            self.diverged = (step, float(logs["loss"]), None if norm is None else float(norm))  # every process sees it
+            control.should_training_stop, control.should_save = True, False
+        if not state.is_world_process_zero:
+            return
         record = {"event": "step", "step": step, "loss": float(logs["loss"]),
                   "learning_rate": float(logs.get("learning_rate", math.nan)), "tokens": step * self.batch_tokens}
         if logs.get("grad_norm") is not None:
@@ -397,7 +403,8 @@ def training_arguments(setup: Setup, folder: Path) -> TrainingArguments:
         output_dir=str(folder / CHECKPOINTS_DIR), max_steps=f.steps, per_device_train_batch_size=1,
         gradient_accumulation_steps=setup.accumulation, learning_rate=f.learning_rate, lr_scheduler_type=schedule,
         warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm or 0.0,
-        logging_steps=1, save_strategy="steps", save_steps=f.save_every, save_total_limit=CHECKPOINTS_KEPT,
+        logging_steps=1, logging_nan_inf_filter=False,  # a diverged step must show its loss (_Logger stops there)
+        save_strategy="steps", save_steps=f.save_every, save_total_limit=CHECKPOINTS_KEPT,
         report_to="none", disable_tqdm=True, seed=f.seed, data_seed=f.seed,
         bf16=cuda and f.precision == "auto", use_cpu=not cuda and not device.startswith(("mps", "xpu")),
         remove_unused_columns=False, dataloader_num_workers=0, log_level="warning", **extra, **checkpointing,
@@ -569,8 +576,9 @@ def _train(setup: Setup, folder: Path, stream: data.TokenStream, layout: packing
     model = load_start_model(setup, start)
     resume_from = latest_checkpoint(folder, clean=is_main_process())
     done = int(resume_from.name.split("-")[-1]) if resume_from is not None else 0
+    logger = _Logger(log_path, reporter, setup.batch_tokens)
     trainer = _PlannedOrder(model=model, args=args, train_dataset=packing.PackedBlocks(stream, layout),
-                            data_collator=packing.one_block, callbacks=[_Logger(log_path, reporter, setup.batch_tokens)])
+                            data_collator=packing.one_block, callbacks=[logger])
     trainer.remove_callback(PrinterCallback)  # the reporter shows the steps; log.jsonl keeps them
     reporter.train_start(f.steps, done, (
         f"fine-tuning {setup.config.model.name} ({f.method}) with {setup.installed}: {f.steps} steps of "
@@ -581,12 +589,31 @@ def _train(setup: Setup, folder: Path, stream: data.TokenStream, layout: packing
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     seconds = time.perf_counter() - began
     reporter.stop()
+    if logger.diverged is not None:
+        raise _diverged(setup, folder, logger.diverged)
     _, dtype = save_model(trainer, setup, folder)
     if is_main_process():
         checkpoint.append_log(log_path, {"event": "trained", "seconds": seconds})
         result = _written(setup, folder, stream, layout, dtype, reporter)
     trainer.accelerator.wait_for_everyone()  # under torchrun: the other processes return once the model is checked
     return result if is_main_process() else load_result(folder)
+
+
+def _diverged(setup: Setup, folder: Path, diverged: tuple[int, float, float | None]) -> ConfigError:
+    """A fine-tune whose loss or gradient norm stopped being finite: its checkpoints from that step on removed (our
+    own, written after the weights went bad), no model written; the error names the step and the fix."""
+    step, loss, norm = diverged
+    if is_main_process():
+        for path in (folder / CHECKPOINTS_DIR).glob("checkpoint-*"):
+            if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) >= step and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+        checkpoint.append_log(folder / LOG_FILE, {"event": "diverged", "step": step, "loss": loss, "grad_norm": norm})
+    kept = latest_checkpoint(folder, clean=False)
+    where = f"the checkpoint before it, {kept}, is kept" if kept is not None else "no checkpoint came before it"
+    shown = "not computed" if norm is None else f"{norm:g}"
+    return ConfigError(f"the fine-tune diverged at step {step} (loss {loss:g}, gradient norm {shown}); no model was "
+                       f"written and {where}; start again in a new --out with a lower finetune.learning_rate (now "
+                       f"{setup.config.finetune.learning_rate:g}) or more finetune.warmup_steps.")
 
 
 def _written(setup: Setup, folder: Path, stream: data.TokenStream, layout: packing.Plan, dtype: str,

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from longrope_search import finetune, packing
 from longrope_search.cli import app
 from longrope_search.config import from_dict
+from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import file_mode
 from longrope_search.fitness import sequence_nll
@@ -387,3 +388,22 @@ def test_a_baseline_fine_tune_resumes_and_a_fine_tune_folder_is_named_as_one(set
     assert run_cli("--resume", str(folder)).exit_code == 0  # finished: returned as it is
     one_line_error(runner.invoke(app, ["search", "--resume", str(folder)]), "holds a fine-tune (a model), not a search")
     one_line_error(runner.invoke(app, ["eval", str(folder), "--lengths", "1x"]), "holds a fine-tune (a model)")
+
+
+def test_a_diverged_fine_tune_stops_at_the_first_non_finite_step_and_writes_no_model(setup, tmp_path):
+    folder = tmp_path / "ft"
+    config = finetune.finetune_config(setup["run"], None, settings(
+        setup, "finetune.learning_rate=1e30", "finetune.steps=8", "finetune.save_every=1"))
+    with pytest.raises(ConfigError, match=r"the fine-tune diverged at step \d+ .*no model was written.*lower "
+                       r"finetune.learning_rate \(now 1e\+30\)") as caught:
+        finetune.run_finetune(config, folder)
+    line = str(caught.value)
+    assert "\n" not in line
+    lines = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines()]
+    diverged = [x for x in lines if x.get("event") == "diverged"]
+    assert len(diverged) == 1 and f"step {diverged[0]['step']}" in line
+    steps = [x for x in lines if x.get("event") == "step"]
+    assert steps[-1]["step"] == diverged[0]["step"] < 8  # stopped there, not trained on
+    assert not (folder / "model.safetensors").exists() and not (folder / "finetune.json").exists()
+    left = sorted(int(p.name.split("-")[-1]) for p in (folder / "checkpoints").glob("checkpoint-*"))
+    assert all(n < diverged[0]["step"] for n in left)  # only checkpoints from before the divergence
