@@ -313,9 +313,30 @@ def check_new_folder(out: Path) -> None:
                               f"finetune --resume {out}`, or choose another --out.")
 
 
-def latest_checkpoint(folder: Path, clean: bool = True) -> Path | None:
+def _trainer_file(name: str) -> bool:
+    """A file the Trainer writes into a checkpoint (weights, optimizer, scheduler, RNG, state; LoRA's adapters;
+    under FSDP its sharded states), or a temporary of one."""
+    stem = name.split(".")[0]
+    return (name in ("config.json", "generation_config.json", TRAINER_STATE, "training_args.bin", "scheduler.pt",
+                     "optimizer.pt", "model.safetensors.index.json", "adapter_config.json", "README.md")
+            or stem.startswith(("model", "adapter_model", "rng_state", "pytorch_model", "optimizer", "__", "pytorch_")))
+
+
+def check_checkpoints(folder: Path) -> None:
+    """Every checkpoint-N folder in DIR/checkpoints (which the trainer rotates and a resume cleans, through a link
+    too) is one the fine-tune wrote; anything else there is refused before it could be deleted."""
+    root = folder / CHECKPOINTS_DIR
+    for path in sorted(root.glob("checkpoint-*")) if root.is_dir() else []:
+        foreign = [p.name for p in path.iterdir() if not _trainer_file(p.name)] if path.is_dir() else [path.name]
+        if path.is_symlink() or not path.name.split("-")[-1].isdigit() or foreign:
+            raise CheckpointError(f"{path} was not written by `longrope finetune` (it holds {', '.join(foreign[:3]) or 'a link'}"
+                                  f"); move it out of {root}, which the fine-tune rotates and cleans.")
+
+
+def latest_checkpoint(folder: Path, clean: bool = True, reporter: Reporter = SILENT) -> Path | None:
     """The newest complete checkpoint (its trainer state, written last, readable); with `clean`, the incomplete ones
-    a kill left behind are removed, so the trainer never resumes from or rotates onto them."""
+    a kill left behind are removed (check_checkpoints made sure they are ours), so the trainer never resumes from or
+    rotates onto them; one whose trainer state is there but unreadable is warned about."""
     root = folder / CHECKPOINTS_DIR
     found = sorted((p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1])) if root.is_dir() else []
@@ -325,6 +346,9 @@ def latest_checkpoint(folder: Path, clean: bool = True) -> Path | None:
             json.loads((newest / TRAINER_STATE).read_text())
             return newest
         except (OSError, ValueError):
+            if (newest / TRAINER_STATE).is_file():
+                reporter.warn(f"{newest / TRAINER_STATE} is damaged; "
+                              + ("removing that checkpoint and resuming from the one before it" if clean else "skipped"))
             if clean:
                 shutil.rmtree(newest, ignore_errors=True)  # our own half-written checkpoint
     return None
@@ -548,6 +572,7 @@ def run_finetune(config: Config | None, out: Path | None, resume: bool = False, 
         start = folder / START_DIR
         if resume:
             check_factors_unchanged(setup, start)
+            check_checkpoints(folder)
         if claim is not None:
             remove_temps(folder)
             checkpoint.ensure_log_line_end(log_path)
@@ -574,7 +599,7 @@ def _train(setup: Setup, folder: Path, stream: data.TokenStream, layout: packing
     reporter.phase(f"loading {start} with plain transformers (rope_type {export.METHOD_ROPE_TYPES[setup.factors.method]})")
     set_seed(f.seed)
     model = load_start_model(setup, start)
-    resume_from = latest_checkpoint(folder, clean=is_main_process())
+    resume_from = latest_checkpoint(folder, clean=is_main_process(), reporter=reporter)
     done = int(resume_from.name.split("-")[-1]) if resume_from is not None else 0
     logger = _Logger(log_path, reporter, setup.batch_tokens)
     trainer = _PlannedOrder(model=model, args=args, train_dataset=packing.PackedBlocks(stream, layout),

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -407,3 +408,29 @@ def test_a_diverged_fine_tune_stops_at_the_first_non_finite_step_and_writes_no_m
     assert not (folder / "model.safetensors").exists() and not (folder / "finetune.json").exists()
     left = sorted(int(p.name.split("-")[-1]) for p in (folder / "checkpoints").glob("checkpoint-*"))
     assert all(n < diverged[0]["step"] for n in left)  # only checkpoints from before the divergence
+
+
+def test_a_resume_never_deletes_what_it_did_not_write_and_warns_of_a_damaged_state(setup, tmp_path):
+    """OUT/checkpoints linked to a scratch disk holding a folder of the user's named like a checkpoint: refused in one
+    line, nothing deleted; a checkpoint whose trainer state is damaged is warned about, and the one before it used."""
+    folder = tmp_path / "ft"
+    config = finetune.finetune_config(setup["run"], None, settings(setup, "finetune.steps=3", "finetune.save_every=1",
+                                                                   "finetune.keep_checkpoints=true"))
+    first = finetune.run_finetune(config, folder)
+    scratch = tmp_path / "scratch" / "ck"
+    scratch.parent.mkdir()
+    (folder / "checkpoints").rename(scratch)
+    (folder / "checkpoints").symlink_to(scratch)
+    (folder / "finetune.json").unlink()  # unfinished again: a resume trains from the newest checkpoint
+    (scratch / "checkpoint-99").mkdir()
+    (scratch / "checkpoint-99" / "precious.txt").write_text("mine")
+    one_line_error(run_cli("--resume", str(folder)), "checkpoint-99 was not written by `longrope finetune` (it holds "
+                   "precious.txt); move it out of")
+    assert (scratch / "checkpoint-99" / "precious.txt").read_text() == "mine"
+    shutil.rmtree(scratch / "checkpoint-99")
+    newest = max(scratch.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    (newest / "trainer_state.json").write_text("{")
+    result = run_cli("--resume", str(folder))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"checkpoints/{newest.name}/trainer_state.json is damaged" in result.output
+    assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
