@@ -28,6 +28,7 @@ from longrope_search.memory import chunk_mlp
 from longrope_search.model import (
     DEFAULT_LOAD,
     LoadOptions,
+    check_device,
     check_device_map,
     install_rope,
     load_config,
@@ -467,6 +468,8 @@ def export(
             progress(line)
 
     _check_verify_settings(tolerance, dtype)
+    if verify and device_map is None:
+        check_device(device)
     ff = load_factors(source)  # a run directory (not a stages folder) or a factors.json
     source_file = factors_path(source)
     if ff.n_hat > 0 and not drop_n_hat:
@@ -506,6 +509,7 @@ def export_method(method: str, target: str | int, model: str, out: Path, force: 
                   progress: Any = None) -> ExportReport:
     """`model` (a plain model, or one a fine-tune extended with a baseline) exported with baseline `method` (yarn,
     pi, ntk) at `target` as transformers runs it, checked like a search's export: the end of a baseline's route."""
+    check_device(device)
     src = _source_model_dir(model)
     config = load_config(str(src))
     spec = rope_spec(config)

@@ -288,6 +288,15 @@ def load_tokenizer(name_or_path: str, options: LoadOptions = DEFAULT_LOAD) -> An
         raise ModelError(f"cannot load the tokenizer of {name_or_path!r} ({reason}); {hint}") from exc
 
 
+def check_device(device: str) -> None:
+    """A device this torch build can place tensors on, refused in one line before any weight loads."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ModelError(f"cannot use device {device!r} ({first_line(exc)}); use cpu, or cuda / cuda:N on a machine "
+                         "with a CUDA build of torch and a GPU.") from None
+
+
 def check_device_map(device_map: str | None) -> None:
     """A device map needs accelerate: say so before any weight loads."""
     if device_map is not None and importlib.util.find_spec("accelerate") is None:
