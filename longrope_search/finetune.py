@@ -33,9 +33,10 @@ from longrope_search.errors import (CheckpointError, ConfigError, DataError, Dep
                                     install_hint)
 from longrope_search.factors import FactorsFile, factors_path, load_factors, software_versions
 from longrope_search.files import atomic_write_text, json_text, make_readable, remove_temps
-from longrope_search.model import LoadOptions, attention_backend, default_device, load_tokenizer, resolve_dtype, rope_spec
+from longrope_search.model import LoadOptions, attention_backend, default_device, load_tokenizer, rope_spec
 from longrope_search.model import load_config as load_model_config
 from longrope_search.progress import SILENT, Reporter
+from longrope_search.trainer_checkpoints import CHECKPOINTS_KEPT, check_checkpoints, latest_checkpoint, remove_from
 from longrope_search.rundir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -56,8 +57,6 @@ from longrope_search.rundir import (
 
 HELD_OUT_CORPUS = "builtin:cpython"  # what searches and evals of the shipped model score on: never trained on
 CONFIG_SECTIONS = ("model", "finetune", "output")  # what a fine-tune's --config may set; data and search are RUN's
-CHECKPOINTS_KEPT = 2  # the newest checkpoint and the one before it (a kill inside a save leaves the older one)
-TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: a checkpoint with it is complete
 
 
 # --- the result -------------------------------------------------------------------------------------------
@@ -311,47 +310,6 @@ def check_new_folder(out: Path) -> None:
     if out.is_dir() and entries(out) - FAILED_START:
         raise CheckpointError(f"{out} already exists and is not empty; continue a fine-tune there with `longrope "
                               f"finetune --resume {out}`, or choose another --out.")
-
-
-def _trainer_file(name: str) -> bool:
-    """A file the Trainer writes into a checkpoint (weights, optimizer, scheduler, RNG, state; LoRA's adapters;
-    under FSDP its sharded states), or a temporary of one."""
-    stem = name.split(".")[0]
-    return (name in ("config.json", "generation_config.json", TRAINER_STATE, "training_args.bin", "scheduler.pt",
-                     "optimizer.pt", "model.safetensors.index.json", "adapter_config.json", "README.md")
-            or stem.startswith(("model", "adapter_model", "rng_state", "pytorch_model", "optimizer", "__", "pytorch_")))
-
-
-def check_checkpoints(folder: Path) -> None:
-    """Every checkpoint-N folder in DIR/checkpoints (which the trainer rotates and a resume cleans, through a link
-    too) is one the fine-tune wrote; anything else there is refused before it could be deleted."""
-    root = folder / CHECKPOINTS_DIR
-    for path in sorted(root.glob("checkpoint-*")) if root.is_dir() else []:
-        foreign = [p.name for p in path.iterdir() if not _trainer_file(p.name)] if path.is_dir() else [path.name]
-        if path.is_symlink() or not path.name.split("-")[-1].isdigit() or foreign:
-            raise CheckpointError(f"{path} was not written by `longrope finetune` (it holds {', '.join(foreign[:3]) or 'a link'}"
-                                  f"); move it out of {root}, which the fine-tune rotates and cleans.")
-
-
-def latest_checkpoint(folder: Path, clean: bool = True, reporter: Reporter = SILENT) -> Path | None:
-    """The newest complete checkpoint (its trainer state, written last, readable); with `clean`, the incomplete ones
-    a kill left behind are removed (check_checkpoints made sure they are ours), so the trainer never resumes from or
-    rotates onto them; one whose trainer state is there but unreadable is warned about."""
-    root = folder / CHECKPOINTS_DIR
-    found = sorted((p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1])) if root.is_dir() else []
-    while found:
-        newest = found.pop()
-        try:
-            json.loads((newest / TRAINER_STATE).read_text())
-            return newest
-        except (OSError, ValueError):
-            if (newest / TRAINER_STATE).is_file():
-                reporter.warn(f"{newest / TRAINER_STATE} is damaged; "
-                              + ("removing that checkpoint and resuming from the one before it" if clean else "skipped"))
-            if clean:
-                shutil.rmtree(newest, ignore_errors=True)  # our own half-written checkpoint
-    return None
 
 
 def logged_losses(log_path: Path) -> dict[int, float]:
@@ -629,9 +587,7 @@ def _diverged(setup: Setup, folder: Path, diverged: tuple[int, float, float | No
     own, written after the weights went bad), no model written; the error names the step and the fix."""
     step, loss, norm = diverged
     if is_main_process():
-        for path in (folder / CHECKPOINTS_DIR).glob("checkpoint-*"):
-            if path.name.split("-")[-1].isdigit() and int(path.name.split("-")[-1]) >= step and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+        remove_from(folder, step)
         checkpoint.append_log(folder / LOG_FILE, {"event": "diverged", "step": step, "loss": loss, "grad_norm": norm})
     kept = latest_checkpoint(folder, clean=False)
     where = f"the checkpoint before it, {kept}, is kept" if kept is not None else "no checkpoint came before it"
