@@ -427,8 +427,13 @@ def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[f
 # --- export -----------------------------------------------------------------------------------------------
 
 
-def _check_verify_settings(tolerance: float, dtype: str) -> None:
-    """The logit check's own settings, refused before anything is read or written."""
+def _check_verify_settings(tolerance: float, dtype: str, device: str | None, device_map: str | None) -> None:
+    """The logit check's own settings (and its device, when it runs and no device map places the models), refused
+    before anything is read or written."""
+    if device is not None and device_map is not None:  # the check runs, placed by accelerate
+        check_device_map(device_map)
+    elif device is not None:  # the check runs on this device
+        check_device(device)
     if not (math.isfinite(tolerance) and tolerance >= 0):
         raise ExportError(f"--tolerance {tolerance} is not a finite number >= 0; the default 1e-4 suits float32 "
                           "(bfloat16 needs about 1e-1).")
@@ -463,13 +468,8 @@ def export(
     model.revision). device_map (e.g. auto) shards the check's models over the GPUs. progress: called with a line
     per phase. Every refusal happens before anything is written. A failed verification leaves `out` in place.
     """
-    def phase(line: str) -> None:
-        if progress is not None:
-            progress(line)
-
-    _check_verify_settings(tolerance, dtype)
-    if verify and device_map is None:
-        check_device(device)
+    phase = progress if progress is not None else (lambda line: None)
+    _check_verify_settings(tolerance, dtype, device if verify else None, device_map)
     ff = load_factors(source)  # a run directory (not a stages folder) or a factors.json
     source_file = factors_path(source)
     if ff.n_hat > 0 and not drop_n_hat:
@@ -486,8 +486,6 @@ def export(
     if verify and length <= original:
         raise ExportError(f"--verify-length {length} must exceed the original window {original} to test the long "
                           "factors; pass a longer --verify-length.")
-    if verify:
-        check_device_map(device_map)
 
     phase(f"writing {out}")
     notes = _write(ff, source_file, src, out, config.model_type, copy_weights, force, push_to_hub)
