@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 from longrope_search.errors import CheckpointError
@@ -42,6 +44,30 @@ def check_checkpoints(folder: Path) -> None:
                                   f"); move it out of {root}, which the fine-tune rotates and cleans.")
 
 
+def _safetensors_whole(path: Path) -> bool:
+    """The file holds every byte its header promises (a kill or a full disk truncates it)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    return path.stat().st_size >= 8 + size + max(ends, default=0)
+
+
+def damaged_file(checkpoint: Path) -> Path | None:
+    """The first file of `checkpoint` that cannot be whole: a torch.save archive (optimizer, scheduler, RNG, training
+    arguments) whose zip directory is unreadable, or weights shorter than their header says. Reads the ends of the
+    files only, never the tensors."""
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+                return path
+            if path.suffix == ".safetensors" and not _safetensors_whole(path):
+                return path
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+            return path
+    return None
+
+
 def latest_checkpoint(folder: Path, clean: bool = True, reporter: Reporter = SILENT) -> Path | None:
     """The newest complete checkpoint (its trainer state, written last, readable); with `clean`, the incomplete ones
     a kill left behind are removed (check_checkpoints made sure they are ours), so the trainer never resumes from or
@@ -52,13 +78,17 @@ def latest_checkpoint(folder: Path, clean: bool = True, reporter: Reporter = SIL
         newest = found.pop()
         try:
             json.loads((newest / TRAINER_STATE).read_text())
-            return newest
+            damaged = damaged_file(newest)
         except (OSError, ValueError):
-            if (newest / TRAINER_STATE).is_file():
-                reporter.warn(f"{newest / TRAINER_STATE} is damaged; "
-                              + ("removing that checkpoint and resuming from the one before it" if clean else "skipped"))
-            if clean:
-                shutil.rmtree(newest, ignore_errors=True)  # our own half-written checkpoint
+            damaged = (newest / TRAINER_STATE) if (newest / TRAINER_STATE).is_file() else None
+        else:
+            if damaged is None:
+                return newest
+        if damaged is not None:
+            reporter.warn(f"{damaged} is damaged (cut short by a kill or a full disk?); "
+                          + ("removing that checkpoint and resuming from the one before it" if clean else "skipped"))
+        if clean:
+            shutil.rmtree(newest, ignore_errors=True)  # our own half-written or damaged checkpoint
     return None
 
 

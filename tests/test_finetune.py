@@ -434,3 +434,22 @@ def test_a_resume_never_deletes_what_it_did_not_write_and_warns_of_a_damaged_sta
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"checkpoints/{newest.name}/trainer_state.json is damaged" in result.output
     assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors"])
+def test_a_checkpoint_cut_short_is_warned_about_and_the_one_before_it_used(setup, tmp_path, name):
+    """A kill or a full disk while the Trainer saved: the newest checkpoint's optimizer or weights are truncated
+    although its trainer state was written. The resume names the file and trains from the checkpoint before."""
+    folder = tmp_path / "ft"
+    config = finetune.finetune_config(setup["run"], None, settings(setup, "finetune.steps=3", "finetune.save_every=1",
+                                                                   "finetune.keep_checkpoints=true"))
+    first = finetune.run_finetune(config, folder)
+    (folder / "finetune.json").unlink()
+    newest = max((folder / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    damaged = newest / name
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    result = run_cli("--resume", str(folder))
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"{newest.name}/{name} is damaged (cut short by a kill or a full disk?); removing that checkpoint" in (
+        result.output.replace("\n", " ").replace("  ", " "))
+    assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
