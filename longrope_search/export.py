@@ -6,25 +6,36 @@ SRC is only ever read: weights are symlinked (or copied), config.json is rewritt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from longrope_search import builtin, hub, methods
+from longrope_search import builtin, checkpoint, hub, methods
 from longrope_search.config import load_config as load_run_config, parse_length
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import CheckpointError, ExportError, ModelError
 from longrope_search.eval_result import read_eval
 from longrope_search.factors import LONGROPE, FactorsFile, check_geometry, factors_path, load_factors
-from longrope_search.files import atomic_copy, atomic_write_text, make_dirs, storage_error
+from longrope_search.files import (
+    atomic_copy,
+    atomic_write_text,
+    make_dirs,
+    move_into,
+    remove_staging,
+    remove_temps,
+    staging_folder,
+    storage_error,
+)
 from longrope_search.fitness import perplexity
-from longrope_search.memory import chunk_mlp
+from longrope_search.memory import available_bytes, chunk_mlp
 from longrope_search.model import (
     DEFAULT_LOAD,
     LoadOptions,
@@ -37,8 +48,17 @@ from longrope_search.model import (
     rope_spec,
 )
 from longrope_search.model_card import CARD_FILE, model_card
+from longrope_search.plan import activation_bytes, format_bytes
 from longrope_search.rope import longrope_mscale
-from longrope_search.rundir import CONFIG_FILE, EVAL_FILE, EXPORT_FACTORS_FILE, FINETUNE_FILE, LOG_FILE
+from longrope_search.rundir import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    EXPORT_FACTORS_FILE,
+    FINETUNE_FILE,
+    LOG_FILE,
+    entries,
+)
+from longrope_search.shapes import shape_from_config
 
 # Files transformers loads weights from; symlinked by default because they are the only big ones.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -331,7 +351,7 @@ def _check_destination(out: Path, src: Path, force: bool) -> None:
             if not parent.is_dir():
                 raise ExportError(f"--out {out} cannot be created: {parent} is a file; choose a directory path.")
             break
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and entries(out) and not force:
         raise ExportError(f"--out {out} exists and is not empty; choose a new directory or pass --force to overwrite.")
     if out.is_dir():
         for name in [*OWN_FILES, *(p.name for p in _placed(src))]:
@@ -427,6 +447,22 @@ def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[f
 # --- export -----------------------------------------------------------------------------------------------
 
 
+def _check_verify_memory(config: Any, length: int, dtype: str, device: str | None) -> None:
+    """Refuse a check that cannot fit: one model's weights, a forward at `length` and two sets of full logits (the
+    export's and the searched model's), against the memory free on `device` (unknown there, or sharded: not refused)."""
+    free = available_bytes(device) if device is not None else None
+    if free is None:
+        return
+    shape = shape_from_config(config, "the model")
+    size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
+    need = (shape.params * size + max(activation_bytes(shape, length, size).values())
+            + 2 * length * shape.vocab_size * 4)
+    if need > free:
+        raise ExportError(f"--verify-length {length} needs about {format_bytes(need)} for the check on {device}, which "
+                          f"has {format_bytes(free)} free; pass a shorter --verify-length (the default, the original "
+                          "window + 16 tokens, already runs the long factors).")
+
+
 def _check_verify_settings(tolerance: float, dtype: str, device: str | None, device_map: str | None) -> None:
     """The logit check's own settings (and its device, when it runs and no device map places the models), refused
     before anything is read or written."""
@@ -461,12 +497,14 @@ def export(
     progress: Any = None,
 ) -> ExportReport:
     """Write a Hugging Face model directory at `out` that runs the searched factors as rope type longrope, with a
-    model card (README.md) of its own; optionally upload it to the hub repository `push_to_hub`.
+    model card (README.md) of its own; optionally upload it to the hub repository `push_to_hub`. The files are
+    written and checked in a folder beside `out` and moved into it only when the check passes: a failed or killed
+    export leaves `out` as it was (the next export removes what a kill left).
 
     source: a run directory or factors.json; model: the model to export onto (default: the one searched), a local
     folder, builtin:NAME or a hub id (downloaded with huggingface_hub; `revision` pins it, default: the run's
     model.revision). device_map (e.g. auto) shards the check's models over the GPUs. progress: called with a line
-    per phase. Every refusal happens before anything is written. A failed verification leaves `out` in place.
+    per phase. Every refusal happens before anything is written.
     """
     phase = progress if progress is not None else (lambda line: None)
     _check_verify_settings(tolerance, dtype, device if verify else None, device_map)
@@ -487,16 +525,21 @@ def export(
         raise ExportError(f"--verify-length {length} must exceed the original window {original} to test the long "
                           "factors; pass a longer --verify-length.")
 
-    phase(f"writing {out}")
-    notes = _write(ff, source_file, src, out, config.model_type, copy_weights, force, push_to_hub)
-    report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
     if verify:
-        phase(f"checking {out}: reloading it with plain transformers and comparing logits with the searched model")
-        ref = _verified(report, src, ff, length, tolerance, device, dtype, device_map, options)
-        if ff.n_hat > 0 and (cost := n_hat_cost(source_file.parent, src, ref, ff)) is not None:
-            kept, dropped = cost
-            notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
-                         f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
+        _check_verify_memory(config, length, dtype, device if device_map is None else None)
+
+    phase(f"writing {out}")
+    with _staged(out, force) as folder:
+        notes = _write(ff, source_file, src, folder, config.model_type, copy_weights, push_to_hub or str(out))
+        notes += checkpoint.unfinished_note(source_file.parent)
+        report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
+        if verify:
+            phase(f"checking {out}: reloading it with plain transformers and comparing logits with the searched model")
+            ref = _verified(report, folder, src, ff, length, tolerance, device, dtype, device_map, options)
+            if ff.n_hat > 0 and (cost := n_hat_cost(source_file.parent, src, ref, ff)) is not None:
+                kept, dropped = cost
+                notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
+                             f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
     if push_to_hub is not None:
         phase(f"uploading {out} to {push_to_hub}")
         report.pushed = hub.push_folder(out, push_to_hub, private)
@@ -516,12 +559,35 @@ def export_method(method: str, target: str | int, model: str, out: Path, force: 
     _check_destination(out.resolve(), src, force)
     if progress is not None:
         progress(f"writing {out}")
-    make_dirs(out)
-    ff.save(out / EXPORT_FACTORS_FILE)  # the factors file _write records: written first, read back unchanged
-    notes = _write(ff, out / EXPORT_FACTORS_FILE, src, out, config.model_type, False, force)
-    report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=False, notes=notes)
-    _verified(report, src, ff, spec.original_length + LONG_VERIFY_MARGIN, 1e-4, device, "float32")
+    with _staged(out, force) as folder:
+        ff.save(folder / EXPORT_FACTORS_FILE)  # the factors file _write records: written first, read back unchanged
+        notes = _write(ff, folder / EXPORT_FACTORS_FILE, src, folder, config.model_type, False, str(out))
+        report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=False, notes=notes)
+        _verified(report, folder, src, ff, spec.original_length + LONG_VERIFY_MARGIN, 1e-4, device, "float32")
     return report
+
+
+@contextlib.contextmanager
+def _staged(out: Path, force: bool) -> Iterator[Path]:
+    """A private folder beside `out` for the block to write and check the export in, moved into `out` when the block
+    succeeds (temp files a kill left there removed; with --force, the previous export's weights too) and deleted with
+    the folders made for it when it fails. Staging folders a killed export left for `out` go first."""
+    remove_staging(out)
+    created = make_dirs(out.parent)
+    folder = staging_folder(out)
+    try:
+        yield folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
+    if out.is_dir():
+        remove_temps(out)  # what a kill of an older version's export left
+        if force:
+            _remove_stale_weights(out)
+    move_into(folder, out, last=EXPORT_FACTORS_FILE)
 
 
 def source_model(ff: FactorsFile, source_file: Path, model: str | None = None, revision: str | None = None
@@ -542,7 +608,8 @@ def write_files(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_
     saved its own there), config.json with the longrope keys, longrope.json and the model card. Returns the notes."""
     out = Path(out).expanduser().absolute()
     _check_destination(out.resolve(), src, force=not weights)
-    return _write(ff, source_file, src, out, model_type, copy_weights, force=False, weights=weights)
+    make_dirs(out)
+    return _write(ff, source_file, src, out, model_type, copy_weights, str(out), weights=weights)
 
 
 def _run_options(source_file: Path, model: str | None, revision: str | None) -> LoadOptions:
@@ -558,19 +625,16 @@ def _run_options(source_file: Path, model: str | None, revision: str | None) -> 
 
 
 def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type: str, copy_weights: bool,
-           force: bool, repo: str | None = None, weights: bool = True) -> list[str]:
-    """DST's files: SRC's (weights linked or copied; none with `weights` False), config.json with the longrope keys,
-    longrope.json, the model card; the notes."""
+           name: str, weights: bool = True) -> list[str]:
+    """DST's files into the folder `out`: SRC's (weights linked or copied; none with `weights` False), config.json
+    with the longrope keys, longrope.json, the model card (naming the model `name`); the notes."""
     config_doc = json.loads((src / "config.json").read_text())
     model_type = str(config_doc.get("model_type", model_type))
     config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
-    make_dirs(out)
-    if force:
-        _remove_stale_weights(out)
     notes = _place_files(src, out, copy_weights, weights)
     atomic_write_text(out / "config.json", json.dumps(config_doc, indent=2) + "\n")
     atomic_write_text(out / EXPORT_FACTORS_FILE, source_file.read_text())  # provenance; runtime.apply reads it
-    atomic_write_text(out / CARD_FILE, model_card(ff, repo or str(out), _measured(source_file.parent)))
+    atomic_write_text(out / CARD_FILE, model_card(ff, name, _measured(source_file.parent)))
     notes += compatibility_notes(ff, model_type)
     if ff.n_hat > 0:
         notes.append(f"n_hat={ff.n_hat} dropped: DST runs the factors with n_hat=0 (the searched PPL used "
@@ -586,17 +650,18 @@ def _measured(run_dir: Path) -> Any:
         return None
 
 
-def _verified(report: ExportReport, src: Path, ff: FactorsFile, length: int, tolerance: float, device: str,
-              dtype: str, device_map: str | None = None, options: LoadOptions = DEFAULT_LOAD) -> Any:
-    """Run the reload check into `report`; raise when DST's logits differ; the loaded SRC model for later use."""
+def _verified(report: ExportReport, folder: Path, src: Path, ff: FactorsFile, length: int, tolerance: float,
+              device: str, dtype: str, device_map: str | None = None, options: LoadOptions = DEFAULT_LOAD) -> Any:
+    """Run the reload check of the export written in `folder` into `report`; raise when its logits differ; the loaded
+    SRC model for later use."""
     out = report.out
-    long_diff, short_diff, ref = verify_export(out, src, ff, n_hat=0, length=length, device=device, dtype=dtype,
+    long_diff, short_diff, ref = verify_export(folder, src, ff, n_hat=0, length=length, device=device, dtype=dtype,
                                                device_map=device_map, options=options)
     report.max_abs_diff, report.short_max_abs_diff, report.verify_length = long_diff, short_diff, length
     worst = max(long_diff, short_diff)
     if not worst <= tolerance:  # also catches NaN
         raise ExportError(
-            f"verification failed: {out} (written) differs from the search-time model by {worst:.3g} in logits "
+            f"verification failed: the export for {out} (not kept) differs from the search-time model by {worst:.3g} in logits "
             f"(tolerance {tolerance:g}; long {long_diff:.3g} at {length} tokens, short {short_diff:.3g}); "
             + ("do not use it, and report this with your transformers version." if dtype == "float32" else
                f"in {dtype} this may be rounding: check again with --dtype float32 before using it.")

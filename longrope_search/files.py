@@ -109,11 +109,11 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def file_mode() -> int:
-    """The mode a plain new file gets under the process's umask (0644 under the usual 022)."""
+def file_mode(folder: bool = False) -> int:
+    """The mode a plain new file (or folder) gets under the process's umask (0644, 0755 under the usual 022)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return (0o777 if folder else 0o666) & ~umask
 
 
 def make_readable(paths: Iterable[Path]) -> None:
@@ -195,6 +195,29 @@ def json_text(value: Any, indent: int | None = None) -> str:
     return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
+def unreadable(paths: Iterable[Path]) -> str | None:
+    """Why the first of `paths` this user cannot read (a folder must also be searchable) cannot be, as the start of
+    a message ("cannot read P (permission denied)", or a link to nothing); None when all can be read."""
+    for path in paths:
+        if path.is_symlink() and not path.exists():
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+        mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
+        if path.exists() and not os.access(path, mode):
+            return f"cannot read {path} (permission denied)"
+    return None
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, a file that could not be written when the work ends: a folder standing at `path`,
+    or a folder this user cannot write in (read-only, or another user's)."""
+    if path.is_dir() and not path.is_symlink():
+        raise StorageError(f"cannot write {path}: a folder stands where the file goes; move it aside.")
+    folder = path.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write {path} (permission denied or a read-only disk); make {folder} writable, or "
+                           "copy the run somewhere writable and pass that copy.")
+
+
 # --- what a kill leaves behind ----------------------------------------------------------------------------
 
 
@@ -206,6 +229,43 @@ def remove_temps(folder: Path, names: str = "*") -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def staging_folder(target: Path) -> Path:
+    """A new private folder next to `target` (".NAME.<random>.tmp") to build it in before moving it into place; the
+    caller removes it, or `remove_staging` after a kill."""
+    make_dirs(target.parent)
+    try:
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX))
+    except OSError as exc:
+        raise storage_error(exc, target.parent, "create a folder in") from None
+
+
+def remove_staging(target: Path) -> list[Path]:
+    """Delete the staging folders of `target` a kill left behind; returns them."""
+    removed = []
+    for path in Path(target).parent.glob(f".{Path(target).name}.*{TEMP_SUFFIX}"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def move_into(staging: Path, target: Path, last: str) -> None:
+    """Move what `staging` holds into `target` and remove `staging`: a rename of the whole folder when `target` is
+    absent or empty, else file by file, replacing (never writing through) what stands there, with `last` moved last so
+    its presence marks a complete move."""
+    try:
+        if not target.exists() or (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
+            os.chmod(staging, file_mode(folder=True))  # mkdtemp makes 0700: the folder must be served like any
+            os.replace(staging, target)
+        else:
+            for path in sorted(staging.iterdir(), key=lambda p: p.name == last):
+                os.replace(path, target / path.name)
+            staging.rmdir()
+        _sync_folder(target.parent)
+    except OSError as exc:
+        raise storage_error(exc, target, "move the finished files into") from None
 
 
 # --- the folder lock --------------------------------------------------------------------------------------

@@ -127,3 +127,22 @@ def measure_peak(fn: Callable[[], T]) -> tuple[T, int]:
     with _LiveTensors() as tracker:
         result = fn()
     return result, tracker.peak
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory free for new tensors on `device` (cuda[:N]: the GPU's free memory; cpu: the kernel's MemAvailable),
+    or None where it cannot be read (a check then lets the work try)."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -202,9 +202,15 @@ def test_verification_catches_a_config_that_does_not_reproduce_the_search(tmp_pa
     monkeypatch.setattr(export_module, "hf_rope_config", wrong_window)
     src = make_source(tmp_path, "llama")
     run = make_factors(tmp_path, src)
-    with pytest.raises(ExportError, match="verification failed.*tolerance"):
+    with pytest.raises(ExportError, match="verification failed: the export for .*dst \\(not kept\\).*tolerance"):
         export(run, tmp_path / "dst")
-    assert (tmp_path / "dst" / "config.json").is_file()  # left for inspection, the message says not to use it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "src-llama"]  # no unverified model, no staging folder
+
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="verification failed"):
+        export(run, tmp_path / "dst", force=True)
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["notes.txt"]  # --force: nothing replaced
 
 
 def test_drop_n_hat_reports_the_measured_ppl_cost(tmp_path):
