@@ -469,6 +469,7 @@ def eval_cmd(
     """
     import json
 
+    from longrope_search import checkpoint
     from longrope_search.eval_result import render_tables
     from longrope_search.evaluate import evaluate
     from longrope_search.factors import load_factors
@@ -496,6 +497,8 @@ def eval_cmd(
     if not result.heldout:
         console.print(f"note: these documents were not held out from the search: {result.not_heldout}.",
                       markup=False)
+    for note in checkpoint.unfinished_note(run_dir) if run_dir is not None else []:
+        console.print(f"note: {note}", markup=False)
     if run_dir is not None:
         kept = f" ({result.merge_note})" if result.merge_note else ""
         console.print(f"written to {run_dir / EVAL_FILE}{kept}", markup=False)
@@ -513,11 +516,14 @@ def plot(
 
     if importlib.util.find_spec("matplotlib") is None:
         raise DependencyError(f"longrope plot needs matplotlib, an optional part: {install_hint('plot')}")
+    from longrope_search import checkpoint
     from longrope_search.plot import plot_run
 
     def warn(line: str) -> None:
         console.print(f"warning: {line}", markup=False, style="yellow")
 
+    for note in checkpoint.unfinished_note(run):
+        warn(note)
     for path in plot_run(run, out, warn=warn):
         console.print(f"wrote {path} and {path.with_suffix('.svg').name}", markup=False)
 

@@ -20,6 +20,7 @@ import torch
 
 from longrope_search import builtin
 from longrope_search.errors import ConfigError, DataError, first_line
+from longrope_search.files import unreadable
 
 # suffix (after any compression suffix) -> `datasets` packaged builder
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -77,6 +78,8 @@ def local_files(source: str) -> list[Path]:
         return files
     path = Path(expanded)
     if path.is_dir():
+        if problem := unreadable([path, *(p for p in path.rglob("*") if p.is_dir() or _suffix(p) in BUILDERS)]):
+            raise DataError(f"{problem}; make the corpus readable by this user (chmod -R a+rX {source}) or copy it.")
         files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in BUILDERS)
         if not files:
             raise DataError(
@@ -85,6 +88,8 @@ def local_files(source: str) -> list[Path]:
         return files
     if not path.is_file():
         raise DataError(f"corpus file {source} does not exist; fix the path, or use hub:NAME for a hub dataset.")
+    if problem := unreadable([path]):
+        raise DataError(f"{problem}; make the corpus readable by this user (chmod a+r {source}) or copy it.")
     return [path]
 
 

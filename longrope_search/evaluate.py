@@ -23,6 +23,7 @@ from longrope_search.errors import ConfigError, DataError
 from longrope_search.eval_result import EvalResult
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.fitness import Evaluator
+from longrope_search.files import check_writable
 from longrope_search.methods import methods_for, unique_lengths
 from longrope_search.model import DEFAULT_LOAD, LoadOptions, load_config, load_model, rope_spec
 from longrope_search.passkey import passkey, passkey_prompt
@@ -266,6 +267,8 @@ def checked_inputs(lengths: Sequence[str | int], run_dir: Path | None, model: st
         raise ConfigError(f"cannot run {passkey_trials} passkey trials; pass --trials 1 or more.")
     if needle is not None:
         needle.check()
+    if run_dir is not None:
+        check_writable(run_dir / EVAL_FILE)  # a result that cannot be saved is refused before it is computed
     if progress is not None:
         progress(f"reading the config of {inputs.model}")
     check_geometry(inputs.factors.rope, rope_spec(load_config(inputs.model, inputs.options)),

@@ -41,7 +41,6 @@ from longrope_search.rundir import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
     EXPORT_FACTORS_FILE,
-    FAILED_START,
     FINETUNE_FILE,
     FINETUNE_RESUME_KEYS,
     LOG_FILE,
@@ -50,8 +49,8 @@ from longrope_search.rundir import (
     check_folder_path,
     is_finetune,
     claimed,
-    entries,
     read_run_config,
+    unstarted,
     write_resolved_config,
 )
 
@@ -307,7 +306,7 @@ def training_data(setup: Setup, tokenizer: Any) -> tuple[data.TokenStream, packi
 
 def check_new_folder(out: Path) -> None:
     check_folder_path(out)
-    if out.is_dir() and entries(out) - FAILED_START:
+    if not unstarted(out):
         raise CheckpointError(f"{out} already exists and is not empty; continue a fine-tune there with `longrope "
                               f"finetune --resume {out}`, or choose another --out.")
 
@@ -520,7 +519,10 @@ def run_finetune(config: Config | None, out: Path | None, resume: bool = False, 
         claim = stack.enter_context(claimed(folder, create=not resume)) if is_main_process() else None
         if claim is not None and (not resume or notes):
             write_resolved_config(folder, config, claim)
+        if claim is not None and not resume:
+            claim.write_text(LOG_FILE, "")  # a log a killed start left (no work in it) begins again
         if claim is not None and not setup.factors_file.is_file():  # a baseline's factors, kept with the fine-tune
+            claim.track(setup.factors_file.name)
             setup.factors.save(setup.factors_file)
         reporter.phase(f"reading and tokenising {setup.corpus.source} for {setup.config.finetune.steps} steps of "
                        f"{setup.batch_tokens} tokens")

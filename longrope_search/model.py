@@ -7,6 +7,7 @@ Every current HF RoPE model computes (cos, sin) once per forward in one module
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from longrope_search import builtin
 from longrope_search.errors import DependencyError, ModelError, first_line, install_hint
+from longrope_search.files import unreadable
 from longrope_search.memory import chunk_mlp
 from longrope_search.rope import (RopeSpec, base_inv_freq, baseline, cos_sin, longrope_mscale, scaled_inv_freq,
                                   yarn_factors, yarn_mscale)
@@ -253,6 +255,9 @@ def resolve_model_path(name_or_path: str) -> str:
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not path.exists():
         raise ModelError(f"model directory {name_or_path} does not exist; pass an existing directory or a hub id.")
+    if path.is_dir() and (problem := unreadable([path, *sorted(path.iterdir())] if os.access(path, os.R_OK) else [path])):
+        raise ModelError(f"{problem}; make the model readable by this user (chmod -R a+rX {path}), or export again "
+                         "where a link's target is gone.")
     return str(path) if path.exists() else name_or_path
 
 

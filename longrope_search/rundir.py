@@ -33,9 +33,10 @@ FINETUNE_FILE = "finetune.json"  # the fine-tune's result, written last: a folde
 START_DIR = "start"  # the run exported as `longrope export` writes it: the model training starts from
 CHECKPOINTS_DIR = "checkpoints"  # the trainer's checkpoints (checkpoint-N), what --resume continues from
 
-# A start that fails removes what it wrote; one killed before it logged its start (kill -9 while the model loads)
-# leaves only this file behind, and a new start may reuse the folder.
-FAILED_START = {CONFIG_FILE}
+# A start that fails removes what it wrote; one killed before any work (kill -9 while the model loads) leaves at
+# most these files behind, with no work in the log, and a new start may reuse the folder (`unstarted`).
+FAILED_START = {CONFIG_FILE, LOG_FILE, EXPORT_FACTORS_FILE}
+START_EVENTS = ("start", "resume")  # log lines that record no work
 
 
 # --- names ----------------------------------------------------------------------------------------------
@@ -73,9 +74,31 @@ def check_folder_path(path: Path) -> None:
             return
 
 
+def _logged_work(log: Path) -> bool:
+    """The log records work (an evaluation, a generation, a training step): the folder is a run to resume."""
+    try:
+        lines = log.read_bytes().splitlines() if log.is_file() else []
+    except OSError:
+        return True  # unreadable: never taken for empty
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # torn by the kill
+        if not isinstance(record, dict) or record.get("event") not in START_EVENTS:
+            return True
+    return False
+
+
+def unstarted(folder: Path) -> bool:
+    """A folder a new start may take: absent, empty, or holding only what a start that failed or was killed before
+    its first piece of work left (its config, a log with no work in it, a baseline's factors file)."""
+    return not folder.is_dir() or (entries(folder) <= FAILED_START and not _logged_work(folder / LOG_FILE))
+
+
 def check_new_run_dir(run_dir: Path) -> None:
     check_folder_path(run_dir)
-    if run_dir.is_dir() and entries(run_dir) - FAILED_START:
+    if not unstarted(run_dir):
         raise CheckpointError(
             f"{run_dir} already exists and is not empty; resume it with `longrope search --resume {run_dir}` "
             "or choose another --out."
@@ -93,10 +116,14 @@ class Claim:
     kept: bool = False
 
     def write_text(self, name: str, text: str) -> None:
+        self.track(name)
+        atomic_write_text(self.folder / name, text)
+
+    def track(self, name: str) -> None:
+        """`name` is about to be written outside `write_text` (an append, a save): undone like the rest."""
         path = self.folder / name
         if name not in self.previous:
             self.previous[name] = path.read_bytes() if path.is_file() and not path.is_symlink() else None
-        atomic_write_text(path, text)
 
     def keep(self) -> None:
         """The run exists now (its start or resume is logged): a later failure leaves it to be resumed."""

@@ -29,6 +29,7 @@ from longrope_search.factors import (
     AttentionFit,
     FactorsFile,
     SearchRecord,
+    load_factors,
     software_versions,
 )
 from longrope_search.fitness import Evaluator
@@ -225,6 +226,7 @@ class OpenedRun:
     claim: Claim | None = None  # rank 0: what this command added to the folder, undone if it fails before the start
     details: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> its eval line (per-sample NLLs, ...)
     needles_checked: bool = False  # log.jsonl records the chance check's decision (check_needles logs it once)
+    finished: bool = False  # a resume of a finished run with nothing changed: there is nothing to do
 
 
 @dataclass
@@ -251,6 +253,8 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
         # the lock first: a command already working there is named, and none can start there while this one checks
         claim = stack.enter_context(claimed(run_dir, create=True)) if stack is not None else None
         check_new_run_dir(run_dir)
+        if claim is not None:
+            claim.write_text(LOG_FILE, "")  # a log a killed start left (no work in it) begins again
         return OpenedRun(absolute_paths(config), run_dir, claim=claim)
     if run_dir is None:
         raise ConfigError("--resume needs the run directory to continue, e.g. --resume runs/tiny-8x.")
@@ -284,8 +288,10 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
         warnings.append(f"{STATE_DIR}/{checkpoint.state_path(run_dir, newest).name} is missing although {LOG_FILE} "
                         f"records generation {newest}; resuming from generation {state.generation} (later "
                         "generations run again from the logged scores)")
+    # nothing to do: done, nothing changed and no checkpoint to repair (a damaged one is replayed from the log)
+    finished = log.phase == "done" and (run_dir / FACTORS_FILE).is_file() and not notes and not warnings
     return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, state.fingerprint, fit,
-                     log.generations, claim, log.details, "needle_check" in log.newest)
+                     log.generations, claim, log.details, "needle_check" in log.newest, finished)
 
 
 def set_up(config: Config) -> tuple[Any, SearchSetup]:
@@ -501,6 +507,9 @@ def run_search(
     with contextlib.ExitStack() as stack:  # rank 0 holds the run folder's lock until the search ends
         # rank 0's files only: the other nodes may not share its filesystem
         opened = distributed.run_on_main(functools.partial(open_run, config, run_dir, resume, overrides, stack), ctx)
+        if opened.finished:  # its result stands, and the log gains no second `done`
+            reporter.note(f"{opened.run_dir} is finished; nothing to resume (--set search.generations=N searches on)")
+            return load_factors(opened.run_dir / FACTORS_FILE), opened.run_dir
         reporter.phase(f"reading the config of {opened.config.model.name}")
         model_config, setup = distributed.run_everywhere(functools.partial(set_up, opened.config), ctx)
         # ranks split into groups that score one sample together (size 1: ctx unchanged); same on every rank

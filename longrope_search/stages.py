@@ -28,8 +28,8 @@ from longrope_search.files import atomic_write_text
 from longrope_search.model import LoadOptions, load_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
-    CONFIG_FILE, EXPORT_FACTORS_FILE, FACTORS_FILE, FAILED_START, FINETUNE_FILE, FINETUNE_RESUME_KEYS, PIPELINE_FILE,
-    Claim, absolute_paths, absolute_raw_paths, claimed, default_stages_dir, entries, resume_change,
+    CONFIG_FILE, EXPORT_FACTORS_FILE, FACTORS_FILE, FINETUNE_FILE, FINETUNE_RESUME_KEYS, PIPELINE_FILE,
+    Claim, absolute_paths, absolute_raw_paths, claimed, default_stages_dir, entries, resume_change, unstarted,
 )
 from longrope_search.search import run_search
 
@@ -112,7 +112,7 @@ def _explicit_model(stage: Any) -> bool:
 
 def status(stage: Stage) -> str:
     run_dir = stage.run_dir
-    if not run_dir.is_dir() or not (entries(run_dir) - FAILED_START):
+    if unstarted(run_dir):
         return "new"
     if stage.kind == "export":
         return "finished" if _exported(stage) == _export_record(stage) else "unfinished"

@@ -407,6 +407,128 @@ def outside_files(tmp_path: Path, *names: str) -> dict[str, Path]:
     return paths
 
 
+def test_a_start_killed_before_any_work_is_rerun_in_the_same_folder(setup, reference, tmp_path, monkeypatch):
+    _, _, cfg = setup
+    run_dir = tmp_path / "run"
+    full_disk(monkeypatch, "log.jsonl")  # the start line cannot be appended: nothing of the run may stay
+    one_line_error(runner.invoke(app, ["search", "--config", str(cfg), "--out", str(run_dir)]), "No space left")
+    monkeypatch.undo()
+    assert not run_dir.exists()
+    run_dir.mkdir()  # killed (kill -9) after the start line, before the first evaluation: its config and log stay
+    (run_dir / "config.resolved.yaml").write_text((reference / "config.resolved.yaml").read_text())
+    (run_dir / "log.jsonl").write_text((reference / "log.jsonl").read_text().splitlines()[0] + "\n{\"event\": \"ev")
+    result = runner.invoke(app, ["search", "--config", str(cfg), "--out", str(run_dir)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert_same_as(reference, run_dir)  # a fresh start: one start line, the same search
+
+
+def test_a_start_killed_after_work_is_resumed_not_restarted(setup, reference, tmp_path):
+    _, _, cfg = setup
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.resolved.yaml").write_text((reference / "config.resolved.yaml").read_text())
+    (run_dir / "log.jsonl").write_text("".join((reference / "log.jsonl").read_text().splitlines(keepends=True)[:3]))
+    line = one_line_error(runner.invoke(app, ["search", "--config", str(cfg), "--out", str(run_dir)]),
+                          "already exists and is not empty")
+    assert f"longrope search --resume {run_dir}" in line  # the logged evaluations are not thrown away
+    resume(run_dir)
+    assert_same_as(reference, run_dir)
+
+
+def test_a_failed_export_leaves_no_model_and_a_killed_one_is_cleaned_by_the_next(reference, tmp_path, monkeypatch):
+    import longrope_search.export as export_module
+
+    out = tmp_path / "models" / "export"
+    monkeypatch.setattr(export_module, "verify_export", lambda *a, **k: (1.0, 1.0, None))  # the check fails
+    one_line_error(runner.invoke(app, ["export", str(reference), "--out", str(out), "--drop-n-hat"]),
+                   "verification failed", "(not kept)")
+    monkeypatch.undo()
+    assert not (tmp_path / "models").exists()  # neither the model, nor the folders made for it
+    (tmp_path / "models").mkdir()
+    killed = tmp_path / "models" / ".export.k1ll3d.tmp"  # what a kill -9 during an export leaves
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"\0" * 1000)
+    out.mkdir()
+    (out / ".model.safetensors.x1.tmp").write_bytes(b"\0" * 1000)  # an atomic copy's temp, from an older version
+    result = runner.invoke(app, ["export", str(reference), "--out", str(out), "--drop-n-hat"])
+    assert result.exit_code == 0, (result.output, result.exception)  # a folder holding only temps counts as empty
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["export"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())  # served like any folder
+    (out / ".config.json.x2.tmp").write_text("{}")
+    result = runner.invoke(app, ["export", str(reference), "--out", str(out), "--drop-n-hat", "--force"])
+    assert result.exit_code == 0 and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_finished_run_resumed_again_is_left_as_it_is(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = snapshot(run_dir)
+    result = resume(run_dir)
+    assert f"{run_dir} is finished; nothing to resume" in result.output
+    assert snapshot(run_dir) == before  # no second `done` line, nothing scored or written again
+
+
+def test_export_eval_and_plot_of_an_unfinished_run_say_so(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    unfinish(run_dir)
+    expected = (f"{run_dir} has not finished its search (it is still running, or was stopped): these are its best "
+                f"factors after generation {GENERATIONS}")
+    result = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "model"), "--drop-n-hat"])
+    assert result.exit_code == 0 and expected in " ".join(result.output.split())
+    result = runner.invoke(app, ["plot", str(run_dir)])
+    assert result.exit_code == 0 and expected in " ".join(result.output.split())
+    result = runner.invoke(app, ["export", str(reference), "--out", str(tmp_path / "finished"), "--drop-n-hat"])
+    assert result.exit_code == 0 and "has not finished" not in result.output
+
+
+def test_eval_refuses_a_run_it_could_not_write_into_before_measuring(reference, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "eval.json").mkdir()
+    one_line_error(runner.invoke(app, ["eval", str(run_dir), "--lengths", "1x"]),
+                   "eval.json: a folder stands where the file goes")
+    (run_dir / "eval.json").rmdir()
+    real_access = os.access  # root reads and writes everything: a read-only disk is what os.access reports then
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == run_dir and mode & os.W_OK
+                        else real_access(path, mode, **kw))
+    one_line_error(runner.invoke(app, ["eval", str(run_dir), "--lengths", "1x"]),
+                   "(permission denied or a read-only disk); make", "copy the run somewhere writable")
+
+
+@pytest.mark.parametrize("what", ["weights", "corpus folder", "corpus file", "dangling weights link"])
+def test_unreadable_weights_and_corpus_are_named_as_such(setup, tmp_path, monkeypatch, what):
+    model, corpus, cfg = setup
+    if what == "dangling weights link":
+        copy = tmp_path / "model"
+        shutil.copytree(model, copy)
+        (copy / "model.safetensors").unlink()
+        (copy / "model.safetensors").symlink_to(tmp_path / "gone.safetensors")
+        line = one_line_error(runner.invoke(app, ["search", "--config", str(cfg), "--set", f"model.name={copy}",
+                                                  "--out", str(tmp_path / "run")]),
+                              f"{copy}/model.safetensors is a link to {tmp_path}/gone.safetensors, which does not exist")
+        assert not (tmp_path / "run").exists()
+        return
+    folder = Path(corpus)
+    blocked = {"weights": Path(model) / "model.safetensors", "corpus folder": folder,
+               "corpus file": next(folder.glob("*.txt"))}[what]
+    source = str(blocked) if what == "corpus file" else corpus
+    real_access = os.access  # as a user without read permission sees it (root reads everything)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == blocked and mode & os.R_OK
+                        else real_access(path, mode, **kw))
+    fix = "make the model readable by this user" if what == "weights" else "make the corpus readable by this user"
+    one_line_error(runner.invoke(app, ["search", "--config", str(cfg), "--set", f"data.source={source}", "--out",
+                                       str(tmp_path / "run")]), f"cannot read {blocked} (permission denied); {fix}")
+    assert not (tmp_path / "run").exists()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def test_export_force_replaces_planted_links_and_never_writes_through_them(reference, tmp_path):
     out = tmp_path / "export"
     out.mkdir()
@@ -488,6 +610,9 @@ BAD_INPUTS = {
                                 "cannot use device 'quantum'"),
     "export --device cuda:99": (lambda p: ["export", p["run"], "--out", p["fresh"], "--device", "cuda:99"],
                                 "cannot use device 'cuda:99'"),
+    "export --verify-length 1000000000": (lambda p: ["export", p["run"], "--out", p["fresh"], "--drop-n-hat",
+                                                     "--verify-length", "1000000000"],
+                                          "--verify-length 1000000000 needs about"),
     "export --tolerance nan": (lambda p: ["export", p["run"], "--out", p["fresh"], "--tolerance", "nan"],
                                "--tolerance nan is not a finite number >= 0"),
     "search.mscale: .inf": (lambda p: ["search", "--config", p["cfg"], "--set", "search.mscale=.inf", "--out", p["fresh"]],
