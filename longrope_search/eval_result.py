@@ -17,6 +17,7 @@ from rich.text import Text
 from longrope_search.config import format_length
 from longrope_search.errors import CheckpointError
 from longrope_search.files import atomic_write_text, json_text
+from longrope_search.methods import FIXED_MARK
 
 
 NEEDLE_VARIANTS = {"single": "one needle", "multikey": "several keys, one asked"}
@@ -27,6 +28,8 @@ Accuracy = dict[str, dict[str, dict[int, dict[float, float]]]]  # variant -> met
 class EvalResult:
     """Scores per method per length. JSON schema (read by the plotter, keep it stable):
     {"lengths": [int], "ppl": {method: {"<length>": float | null}}, "passkey": {method: {"<length>": float}},
+     (method: none, pi, ntk, yarn rescaled to each length; pi@8x, ntk@8x, yarn@8x fixed at the factors' target;
+     longrope, or a baseline file's METHOD@TARGET; see methods.methods_for)
      "samples": int, "model": str, "factors": str | null,
      "needle": {variant: {method: {"<length>": {"<depth>": float}}}}, "needle_trials": int,
      "heldout": bool, "not_heldout": str};
@@ -135,7 +138,11 @@ def length_label(length: int, original_length: int | None = None) -> str:
 def render_tables(result: EvalResult, original_length: int | None = None) -> list[Any]:
     """Rich tables, rows = methods, columns = lengths; the best per column bold and starred (ties all starred)."""
     def build(title: str, scores: dict[str, dict[int, float]], better: Callable[..., float], fmt: str) -> Any:
-        table = Table(title=title, caption="* best per length")
+        fixed = next((m for m in scores if FIXED_MARK in m), None)
+        caption = "* best per length" + (
+            f"; pi, ntk, yarn: rescaled to each length (their best there); {FIXED_MARK}{fixed.split(FIXED_MARK)[1]}: "
+            "fixed at the target, as deployed (like longrope)" if fixed else "")
+        table = Table(title=title, caption=caption)
         table.add_column("method")
         lengths = [n for n in result.lengths if any(n in row for row in scores.values())]  # a merge may lack some
         for n in lengths:

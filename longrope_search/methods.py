@@ -1,6 +1,8 @@
-"""The RoPE methods `longrope eval` compares at a length: none, PI, NTK and YaRN for that length's scale, and the
-searched factors run as a served model runs them (long set past the original window, short set inside it); and a
-baseline at one target as a factors file (`method_file`), what `finetune --factors` and `export --factors` install.
+"""The RoPE methods `longrope eval` compares at a length: none, and PI, NTK and YaRN in two forms, rescaled to that
+length ("yarn": the best each can do there) and fixed at the factors' target ("yarn@8x": the configuration one
+would deploy for that target, the same at every length, like the searched factors); and the searched factors run as
+a served model runs them (long set past the original window, short set inside it). Also a baseline at one target as
+a factors file (`method_file`), what `finetune --factors` and `export --factors` install.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from longrope_search import rope
+from longrope_search.config import format_length
 from longrope_search.errors import ConfigError
 from longrope_search.factors import LONGROPE, STATIC_METHODS, FactorsFile, check_geometry, software_versions
 from longrope_search.rope import RopeSpec
 
-METHODS = ("none", *rope.BASELINES, LONGROPE)  # table row order
+METHODS = ("none", *rope.BASELINES, LONGROPE)  # table row order (the fixed rows, METHOD@TARGET, before longrope)
+FIXED_MARK = "@"  # "yarn@8x": YaRN fixed at the factors' target, at every length
 
 
 @dataclass(frozen=True)
@@ -33,28 +37,51 @@ class Method:
 
 
 def methods_for(spec: RopeSpec, length: int, ff: FactorsFile | None, only: Sequence[str] | None = None) -> list[Method]:
-    """none, pi, ntk, yarn at scale s = length / original (each with its own mscale), then the searched factors.
+    """none, pi, ntk, yarn rescaled to s = length / original (each with its own mscale); with a factors file, the
+    same three fixed at its target (`fixed_name`: pi@8x, ...) and then the file's own row: "longrope" for searched
+    factors, or METHOD@TARGET for a baseline's file (its fixed row is then not repeated).
 
-    At length <= original the baselines reduce to factors 1 and mscale 1 (nothing to stretch). "longrope" runs like
-    the exported model in transformers (and `runtime.apply`): the long factors with the file's n_hat and mscale
-    whenever length > original, at any length, not only the target; otherwise the short factors (all 1.0 when
-    the search kept none) with n_hat 0 and the SAME mscale, because transformers applies `attention_factor` to
-    both sets. So at length <= original, longrope differs from none by its mscale alone. n_hat > 0 is kept as
-    searched; an exported config.json cannot express it (export --drop-n-hat runs without it).
+    At length <= original the rescaled baselines reduce to factors 1 and mscale 1 (nothing to stretch); the fixed
+    ones run as transformers runs rope_type linear / yarn / a scaled rope_theta, the same at every length.
+    "longrope" runs like the exported model in transformers (and `runtime.apply`): the long factors with the file's
+    n_hat and mscale whenever length > original, at any length, not only the target; otherwise the short factors
+    (all 1.0 when the search kept none) with n_hat 0 and the SAME mscale, because transformers applies
+    `attention_factor` to both sets. So at length <= original, longrope differs from none by its mscale alone.
+    n_hat > 0 is kept as searched; an exported config.json cannot express it (export --drop-n-hat runs without it).
     """
-    scale = max(spec.scale(length), 1.0)
-    methods = []
-    for name in METHODS[:-1]:
-        factors = rope.baseline(name)(spec, scale)  # (d/2,)
-        mscale = rope.BASELINE_MSCALE[name](scale, spec.original_length)
-        methods.append(Method(name, tuple(float(x) for x in factors), 0, float(mscale)))
+    methods = [_baseline(name, spec, max(spec.scale(length), 1.0)) for name in METHODS[:-1]]
     if ff is not None:
         check_geometry(ff.rope, spec, "the factors file", "the model", "evaluate them on the searched model.")
+        methods += [_baseline(name, spec, spec.scale(ff.target_length), fixed_name(name, ff))
+                    for name in rope.BASELINES if name != ff.method]
+        name = file_row(ff)
         if length > ff.rope.original_length:
-            methods.append(Method(LONGROPE, tuple(ff.factors), ff.n_hat, ff.mscale))
+            methods.append(Method(name, tuple(ff.factors), ff.n_hat, ff.mscale))
         else:
-            methods.append(Method(LONGROPE, tuple(ff.short_or_ones), 0, ff.mscale))
+            methods.append(Method(name, tuple(ff.short_or_ones), 0, ff.mscale))
     return [m for m in methods if only is None or m.name in only]
+
+
+def _baseline(name: str, spec: RopeSpec, scale: float, label: str | None = None) -> Method:
+    factors = rope.baseline(name)(spec, scale)  # (d/2,)
+    mscale = rope.BASELINE_MSCALE[name](scale, spec.original_length)
+    return Method(label or name, tuple(float(x) for x in factors), 0, float(mscale))
+
+
+def fixed_name(name: str, ff: FactorsFile) -> str:
+    """Baseline `name` fixed at the factors' target: yarn@8x (a whole multiple of the window), else yarn@20k."""
+    ratio = ff.target_length / ff.rope.original_length
+    return f"{name}{FIXED_MARK}{ratio:g}x" if ratio.is_integer() else f"{name}{FIXED_MARK}{format_length(ff.target_length)}"
+
+
+def file_row(ff: FactorsFile) -> str:
+    """The name of the factors file's own row: longrope for searched factors, METHOD@TARGET for a baseline's file."""
+    return LONGROPE if ff.method == LONGROPE else fixed_name(ff.method, ff)
+
+
+def is_fixed(name: str) -> bool:
+    """A row that runs one configuration at every length (METHOD@TARGET), as opposed to one rescaled per length."""
+    return FIXED_MARK in name
 
 
 def unique_lengths(lengths: Sequence[int]) -> list[int]:

@@ -33,7 +33,7 @@ from longrope_search.config import parse_length
 from longrope_search.evaluate import eval_ppl, needle_fillers, run_inputs
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.finetune import load_result
-from longrope_search.methods import LONGROPE
+from longrope_search.methods import file_row
 from longrope_search.model import load_model
 from longrope_search.retrieval import NeedleSettings, mean_over_depths, needle_accuracy
 from longrope_search.rundir import EXPORT_FACTORS_FILE
@@ -61,7 +61,7 @@ def score(name: str, model_dir: str, ff: FactorsFile | None, inputs, lengths: li
     """PPL (and needle accuracy at `needles`) of the model as it runs: its own RoPE from `ff` (None: unmodified)."""
     loaded, tokenizer = load_model(model_dir, device="cpu", dtype="float32")
     spec = inputs.factors.rope
-    only = (LONGROPE,) if ff is not None else ("none",)
+    only = (file_row(ff),) if ff is not None else ("none",)
     result = eval_ppl(loaded, tokenizer, spec, inputs.corpus, lengths, ff, inputs.samples, 0, inputs.cache_dir,
                       inputs.chunk_size, inputs.exclude, only=only)
     ppl = result.ppl[only[0]]

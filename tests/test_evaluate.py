@@ -27,7 +27,7 @@ from longrope_search.rope import RopeSpec, ntk_factors, scaled_inv_freq
 from longrope_search.search import run_search
 
 SPEC = RopeSpec(base=10000.0, rotary_dim=16, original_length=32)  # the tiny llama saved by write_model
-ALL = {"none", "pi", "ntk", "yarn", "longrope"}
+ALL = {"none", "pi", "ntk", "yarn", "pi@4x", "ntk@4x", "yarn@4x", "longrope"}
 
 
 def write_mixed_corpus(root: Path, long_words: int = 120, documents: int = 16) -> Path:
@@ -82,6 +82,28 @@ def test_methods_reduce_to_ones_inside_the_window_and_longrope_keeps_its_mscale(
     methods = {m.name: m for m in mt.methods_for(SPEC, 256, ff)}
     assert methods["longrope"].factors == (1.5,) * 8 and methods["pi"].factors == (8.0,) * 8
     assert [m.name for m in mt.methods_for(SPEC, 128, None)] == ["none", "pi", "ntk", "yarn"]
+
+
+def test_fixed_rows_run_the_target_configuration_at_every_length_as_transformers_does():
+    """pi@4x, ntk@4x, yarn@4x: the configuration deployed for the factors' target (what `export --factors yarn
+    --target 4x` writes), identical at every length; at the target itself the same as the rescaled rows."""
+    ff = factors_file([1.5] * 8, mscale=1.2)
+    deployed = {name: mt.method_file(name, "tiny", SPEC, 128) for name in ("pi", "ntk", "yarn")}
+    for length in (16, 64, 128, 512):
+        methods = {m.name: m for m in mt.methods_for(SPEC, length, ff)}
+        assert list(methods) == ["none", "pi", "ntk", "yarn", "pi@4x", "ntk@4x", "yarn@4x", "longrope"]
+        for name, file in deployed.items():
+            assert methods[f"{name}@4x"] == mt.Method(f"{name}@4x", tuple(file.factors), 0, file.mscale)
+            assert (methods[f"{name}@4x"].key == methods[name].key) == (length == 128)
+    assert methods["yarn@4x"].mscale == pytest.approx(0.1 * math.log(4.0) + 1.0)
+    # a baseline's own file: its row is named METHOD@TARGET (never "longrope") and not repeated
+    rows = [m.name for m in mt.methods_for(SPEC, 512, deployed["yarn"])]
+    assert rows == ["none", "pi", "ntk", "yarn", "pi@4x", "ntk@4x", "yarn@4x"]
+    assert mt.methods_for(SPEC, 512, deployed["yarn"])[-1].factors == tuple(deployed["yarn"].factors)
+    odd = factors_file([1.5] * 8, mscale=1.2, target=80)  # not a whole multiple of the window: named by length
+    assert [m.name for m in mt.methods_for(SPEC, 80, odd)][4:] == ["pi@80", "ntk@80", "yarn@80", "longrope"]
+    table = er.render_tables(er.EvalResult([32], {"yarn": {32: 2.0}, "yarn@4x": {32: 3.0}}, 1, "m"))[0]
+    assert "yarn: rescaled to each length" in table.caption and "@4x: fixed at the target" in table.caption
 
 
 def test_factors_of_another_geometry_are_refused():
@@ -300,7 +322,8 @@ def test_passkey_accuracy_per_method_and_length_is_deterministic_and_uses_the_in
         with_kwargs=True,
     )
     scores = pk.passkey(model, tokenizer, SPEC, [256, 288], ff, trials=2, seed=7)
-    assert set(scores) == ALL and all(set(row) == {256, 288} for row in scores.values())
+    assert set(scores) == {name.replace("@4x", "@8x") for name in ALL}  # the file's target: 256 = 8x the window
+    assert all(set(row) == {256, 288} for row in scores.values())
     assert all(v in (0.0, 0.5, 1.0) for row in scores.values() for v in row.values())  # a random model: ~0
     again = pk.passkey(model, tokenizer, SPEC, [288], ff, trials=2, seed=7)
     assert again == {name: {288: row[288]} for name, row in scores.items()}

@@ -134,7 +134,7 @@ def test_accuracy_per_method_length_and_depth_is_deterministic(tokenizer):
     settings = retrieval.NeedleSettings(trials=3, depths=(0.0, 1.0), keys=2)
     result = retrieval.needle_accuracy(model, tokenizer, spec, [128, 256], ff, fillers, settings)
     assert set(result) == {"single", "multikey"}
-    assert set(result["single"]) == {"none", "pi", "ntk", "yarn", "longrope"}
+    assert set(result["single"]) == {"none", "pi", "ntk", "yarn", "pi@2x", "ntk@2x", "yarn@2x", "longrope"}
     for rows in result.values():
         for by_length in rows.values():
             assert set(by_length) == {128, 256}
