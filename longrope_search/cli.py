@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 import typer
 from rich.console import Console
 
-from longrope_search.config import DEFAULT_TARGET  # light: stdlib, yaml, pydantic
+from longrope_search.config import DEFAULT_TARGET, canonical_dtype  # light: stdlib, yaml, pydantic
 from longrope_search.errors import ConfigError, DependencyError, LongRopeError, StorageError, install_hint
 from longrope_search.progress import phases  # light: rich, and the search's state and setup types
 
@@ -153,6 +153,35 @@ def parse_shares(text: str) -> tuple[float, ...]:
         raise ConfigError(f"cannot read {text!r} as comma-separated numbers; write e.g. 0,0.25,0.5,0.75,1.") from None
 
 
+# The model flags of search, finetune and eval: the config's model section under the names transformers and
+# lm-evaluation-harness use (one definition, shared by the commands).
+MODEL_FLAG = typer.Option(None, "--model", "-m", help="Hub id, local folder or builtin:NAME (model.name).")
+DTYPE_FLAG = typer.Option(None, "--dtype", help="bf16, fp16, fp32 or auto (model.dtype; auto: bf16 on GPU, fp32 on CPU).")
+REVISION_FLAG = typer.Option(None, "--revision", help="Hub branch, tag or commit of the model (model.revision).")
+REMOTE_CODE_FLAG = typer.Option(
+    False, "--trust-remote-code", help="Run model code from the hub repository (model.trust_remote_code).")
+ATTENTION_FLAG = typer.Option(
+    None, "--attn-implementation", help="flash_attention_2, sdpa, eager or auto (model.attn_implementation).")
+JSON_FLAG = typer.Option(False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr.")
+
+
+def model_overrides(model: str | None, dtype: str | None, revision: str | None, trust_remote_code: bool,
+                    attn_implementation: str | None, dtype_key: str = "model.dtype") -> list[str]:
+    """The model flags as --set overrides, so they pass the config's checks like any value (a fine-tune's --dtype is
+    its training precision, finetune.precision)."""
+    values = {"model.name": model, dtype_key: canonical_dtype(dtype, "--dtype") if dtype is not None else None,
+              "model.revision": revision, "model.trust_remote_code": "true" if trust_remote_code else None,
+              "model.attn_implementation": attn_implementation}
+    return [f"{key}={value}" for key, value in values.items() if value is not None]
+
+
+def print_json(doc: Any) -> None:
+    """One JSON object on stdout (strict: no NaN or Infinity), for scripts."""
+    from longrope_search.files import json_text
+
+    typer.echo(json_text(doc, indent=2))
+
+
 def parse_overrides(items: list[str] | None) -> list[str]:
     for item in items or []:
         if "=" not in item:
@@ -174,6 +203,12 @@ def search(
         False, "--short", help="Search the short-context set (inputs within the original window) for --init-from."),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", metavar="KEY=VALUE", help="Override a config value: --set search.generations=10."),
+    model: Optional[str] = MODEL_FLAG,
+    dtype: Optional[str] = DTYPE_FLAG,
+    revision: Optional[str] = REVISION_FLAG,
+    trust_remote_code: bool = REMOTE_CODE_FLAG,
+    attn_implementation: Optional[str] = ATTENTION_FLAG,
+    json_out: bool = JSON_FLAG,
 ) -> None:
     """Search per-dimension rescale factors (and n_hat) for a target context length.
 
@@ -193,7 +228,7 @@ def search(
 
     quiet_libraries()
     config = find_config(config) if config is not None else None
-    overrides = parse_overrides(set_)
+    overrides = parse_overrides(set_) + model_overrides(model, dtype, revision, trust_remote_code, attn_implementation)
     if target is not None:
         overrides.append(f"search.target={target}")
     if init_from is not None:
@@ -201,7 +236,7 @@ def search(
     if short:
         overrides.append("search.short=true")
     ctx = distributed.init_from_env()  # under torchrun: join the ranks; otherwise one process
-    reporter = RichReporter(console) if ctx.is_main else None
+    reporter = RichReporter(err_console if json_out else console) if ctx.is_main else None
     planned = None
     try:
         with saved_on_stop(reporter, "finished generations and evaluations are saved",
@@ -214,7 +249,9 @@ def search(
         if reporter is not None:
             reporter.stop()
         distributed.shutdown(ctx, wait=sys.exc_info()[0] is None)
-    if ctx.is_main:
+    if ctx.is_main and json_out:
+        print_json(result.to_json())
+    elif ctx.is_main:
         show_job(result)
 
 
@@ -316,6 +353,12 @@ def finetune(
                                          "default: RUN's target."),
     set_: Optional[list[str]] = typer.Option(
         None, "--set", metavar="KEY=VALUE", help="Override a config value: --set finetune.steps=200."),
+    model: Optional[str] = MODEL_FLAG,
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Training precision: bf16, fp32 or auto (finetune.precision)."),
+    revision: Optional[str] = REVISION_FLAG,
+    trust_remote_code: bool = REMOTE_CODE_FLAG,
+    attn_implementation: Optional[str] = ATTENTION_FLAG,
+    json_out: bool = JSON_FLAG,
 ) -> None:
     """Fine-tune the model with RUN's factors installed as the export runs them, and write it as a Hugging Face model
     directory (the stabilising fine-tune of the progressive route). With --factors yarn (pi, ntk) the same training
@@ -333,7 +376,8 @@ def finetune(
     from longrope_search.rundir import CONFIG_FILE
 
     quiet_libraries()
-    overrides = parse_overrides(set_)
+    overrides = parse_overrides(set_) + model_overrides(model, dtype, revision, trust_remote_code, attn_implementation,
+                                                        dtype_key="finetune.precision")
     if resume is not None and (run is not None or config is not None or out is not None or factors or target):
         raise ConfigError("--resume continues the saved fine-tune; drop RUN, --config, --out, --factors and --target "
                           "(changes that keep what is trained go in --set).")
@@ -344,7 +388,7 @@ def finetune(
         overrides.append(f"finetune.factors={factors}")
     if target is not None:
         overrides.append(f"finetune.target={target}")
-    reporter = RichReporter(console)
+    reporter = RichReporter(err_console if json_out else console)
     folder = resume
 
     def resume_command() -> str | None:  # once the fine-tune's folder holds its config, it can be continued
@@ -361,7 +405,10 @@ def finetune(
                 result = run_finetune(settings, folder, reporter=reporter)
     finally:
         reporter.stop()
-    show_finetune(result)
+    if json_out:
+        print_json(result.to_json())
+    else:
+        show_finetune(result)
 
 
 def show_finetune(result: Any) -> None:
@@ -401,10 +448,11 @@ def export_cmd(
     device: str = typer.Option("cpu", "--device", help="Device for the check (cuda for big models)."),
     device_map: Optional[str] = typer.Option(
         None, "--device-map", help="auto: shard the check's models over all GPUs (needs accelerate)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 (exact check) or bfloat16 (half the memory)."),
+    dtype: str = typer.Option("float32", "--dtype", help="fp32 (exact check) or bf16 (half the memory)."),
     push_to_hub: Optional[str] = typer.Option(
         None, "--push-to-hub", metavar="REPO", help="Upload --out to this hub model repository (org/name)."),
     private: bool = typer.Option(False, "--private", help="Create the --push-to-hub repository as private."),
+    json_out: bool = JSON_FLAG,
 ) -> None:
     """Write a Hugging Face model directory that runs the searched factors as rope type longrope.
 
@@ -427,6 +475,9 @@ def export_cmd(
                             verify=verify, tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype,
                             device_map=device_map, revision=revision, push_to_hub=push_to_hub, private=private,
                             progress=phase)
+    if json_out:
+        print_json(report.to_json())
+        return
     for note in report.notes:
         console.print(f"note: {note}", markup=False)
     if report.max_abs_diff is not None:
@@ -457,7 +508,14 @@ def eval_cmd(
     device_map: Optional[str] = typer.Option(
         None, "--device-map", help="auto: shard the model over all GPUs (needs accelerate; default: the run's "
         "model.device_map)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout and nothing else."),
+    dtype: Optional[str] = DTYPE_FLAG,
+    revision: Optional[str] = REVISION_FLAG,
+    trust_remote_code: bool = REMOTE_CODE_FLAG,
+    attn_implementation: Optional[str] = ATTENTION_FLAG,
+    output_path: Optional[Path] = typer.Option(
+        None, "--output-path", "-o", help="The eval.json to write, merged with what it holds (default: RUN_DIR/eval.json; "
+        "none without RUN_DIR)."),
+    json_out: bool = JSON_FLAG,
 ) -> None:
     """Perplexity (and passkey and needle retrieval) per length of no scaling, PI, NTK, YaRN and the searched
     factors.
@@ -467,8 +525,6 @@ def eval_cmd(
     number in held-out text at each depth and asks for it at the end (one needle, and several keys with one
     asked): the share of exact greedy answers per length and depth.
     """
-    import json
-
     from longrope_search import checkpoint
     from longrope_search.eval_result import render_tables
     from longrope_search.evaluate import evaluate
@@ -482,14 +538,17 @@ def eval_cmd(
         raise ConfigError(f"--passkey with --trials {trials} measures nothing; pass --trials 1 or more (default 10).")
     quiet_libraries()
     settings = NeedleSettings(needle_trials, parse_shares(depths), keys, seed) if needle else None
+    load = {key: value for key, value in (("revision", revision), ("attn_implementation", attn_implementation),
+                                          ("trust_remote_code", trust_remote_code or None)) if value is not None}
     with phases(err_console) as phase:
         result = evaluate(
             [x.strip() for x in lengths.split(",") if x.strip()], run_dir=run_dir, model=model, factors=factors,
             data=data, samples=samples, seed=seed, passkey_trials=trials if passkey else 0, device=device,
-            progress=phase, needle=settings, device_map=device_map,
+            dtype=canonical_dtype(dtype, "--dtype") if dtype is not None else None, progress=phase, needle=settings,
+            device_map=device_map, load=load, output=output_path,
         )
     if json_out:
-        typer.echo(json.dumps(result.to_json(), indent=2))
+        print_json(result.to_json())
         return
     window = load_factors(result.factors).rope.original_length
     for table in render_tables(result, original_length=window):
@@ -499,9 +558,10 @@ def eval_cmd(
                       markup=False)
     for note in checkpoint.unfinished_note(run_dir) if run_dir is not None else []:
         console.print(f"note: {note}", markup=False)
-    if run_dir is not None:
+    written = output_path or (run_dir / EVAL_FILE if run_dir is not None else None)
+    if written is not None:
         kept = f" ({result.merge_note})" if result.merge_note else ""
-        console.print(f"written to {run_dir / EVAL_FILE}{kept}", markup=False)
+        console.print(f"written to {written}{kept}", markup=False)
 
 
 @app.command()
@@ -538,7 +598,7 @@ def plan(
     gpu_mem: float = typer.Option(80.0, "--gpu-mem", help="Memory of one GPU in GB."),
     tflops: Optional[float] = typer.Option(None, "--tflops", help="Achieved bf16 TFLOP/s per GPU (default 400: an assumption for H100/H200; A100 about 150)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Windows per evaluation (default: the config's, else the paper's 5, or 3 from 512k)."),
-    dtype_bytes: int = typer.Option(2, "--dtype-bytes", help="Bytes per weight and activation: 2 for bf16, 4 for fp32."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Weights and activations: bf16, fp16 or fp32."),
     mlp_chunk: Optional[int] = typer.Option(None, "--mlp-chunk", help="Positions per MLP chunk when chunking (default 16384)."),
     eager: bool = typer.Option(False, "--eager", help="Eager attention (L x L scores) instead of flash/SDPA."),
     json_out: bool = typer.Option(False, "--json", help="Print the estimates as JSON on stdout and nothing else."),
@@ -548,17 +608,18 @@ def plan(
 
     Time is FLOPs over --tflops, an assumption: measure one evaluation and pass what you get.
     """
-    import json
-
     from longrope_search import plan as plan_mod
-    from longrope_search.config import find_config
+    from longrope_search.config import DTYPE_BYTES, find_config
 
+    name = canonical_dtype(dtype, "--dtype")
+    if name not in DTYPE_BYTES:
+        raise ConfigError(f"--dtype {dtype} leaves the size open; plan needs bf16, fp16 or fp32.")
     documents = []
     for planned in plan_mod.planned_searches(find_config(config) if config is not None else None, model, target):
         if planned.note and not json_out:
             console.print(f"note: {planned.note}", markup=False)
         result = plan_mod.estimate(
-            planned.shape, planned.length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=dtype_bytes,
+            planned.shape, planned.length, gpus=gpus, gpu_mem_gb=gpu_mem, dtype_bytes=DTYPE_BYTES[name],
             samples=planned.samples if samples is None else samples, budget=planned.budget, flash=not eager,
             tflops=plan_mod.DEFAULT_TFLOPS if tflops is None else tflops,
             mlp_chunk=planned.mlp_chunk if mlp_chunk is None else mlp_chunk,
@@ -569,7 +630,7 @@ def plan(
         else:
             show_plan(planned.title, planned.shape, planned.length, gpus, gpu_mem, result)
     if json_out:
-        typer.echo(json.dumps(documents, indent=2))
+        print_json(documents)
 
 
 def show_plan(title: str, shape: Any, length: int, gpus: int, gpu_mem: float, result: Any) -> None:

@@ -98,6 +98,21 @@ def check_length(text: str | int) -> str | int:
     return text
 
 
+# dtype names as people write them (transformers, lm-evaluation-harness, torch) -> the one the config stores
+DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16"}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def canonical_dtype(name: str, where: str = "model.dtype") -> str:
+    """bf16, fp16, half, torch.float32, ... -> bfloat16, float16, float32 (or auto); a name no one means, one line."""
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ConfigError(f"{where} {name!r} is not a dtype; use bf16, fp16, fp32 (or bfloat16, float16, float32), "
+                          "or auto.")
+    return DTYPE_NAMES[key]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -115,6 +130,11 @@ class ModelSection(Section):
     # auto (or balanced, sequential): accelerate spreads the layers over the visible GPUs, for a model larger than
     # one GPU (eval and export's check; a search keeps one model per GPU). null: the whole model on model.device.
     device_map: str | None = None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: Any) -> Any:  # bf16, fp16, ... as written; an unknown name gets the list of choices
+        return DTYPE_NAMES.get(str(value).strip().lower().removeprefix("torch."), value)
 
 
 class DataSection(Section):

@@ -249,9 +249,11 @@ def needle_fillers(tokenizer: Any, inputs: EvalInputs, longest: int, shortest: i
 def checked_inputs(lengths: Sequence[str | int], run_dir: Path | None, model: str | None,
                    factors: str | Path | None, data: str | None, samples: int | None, passkey_trials: int,
                    needle: NeedleSettings | None, placement: tuple[str | None, str | None, str | None],
-                   progress: Progress | None) -> tuple[EvalInputs, list[int]]:
+                   progress: Progress | None, load: dict[str, Any] | None = None,
+                   output: Path | None = None) -> tuple[EvalInputs, list[int]]:
     """What `evaluate` will run on and its lengths in tokens, after every check that needs no weights (the model's
-    config only): a mistake is one error before a long load. placement: (device, dtype, device_map)."""
+    config only): a mistake is one error before a long load. placement: (device, dtype, device_map); load: how
+    from_pretrained is called (LoadOptions fields), over the run's; output: where the result will be written."""
     if not lengths:
         raise ConfigError("no lengths to evaluate; pass --lengths, e.g. --lengths 1x,8x,16x or 4k,32k.")
     if run_dir is not None and (factors is not None or data is not None):
@@ -261,14 +263,16 @@ def checked_inputs(lengths: Sequence[str | int], run_dir: Path | None, model: st
         )
     inputs = (run_inputs(run_dir, model, samples, *placement) if run_dir is not None
               else flag_inputs(model, factors, data, samples, *placement))
+    if load:
+        inputs = dataclasses.replace(inputs, options=dataclasses.replace(inputs.options, **load))
     if inputs.samples < 1:
         raise ConfigError(f"cannot evaluate on {inputs.samples} samples; pass --samples 1 or more.")
     if passkey_trials < 0:
         raise ConfigError(f"cannot run {passkey_trials} passkey trials; pass --trials 1 or more.")
     if needle is not None:
         needle.check()
-    if run_dir is not None:
-        check_writable(run_dir / EVAL_FILE)  # a result that cannot be saved is refused before it is computed
+    if output is not None:
+        check_writable(output)  # a result that cannot be saved is refused before it is computed
     if progress is not None:
         progress(f"reading the config of {inputs.model}")
     check_geometry(inputs.factors.rope, rope_spec(load_config(inputs.model, inputs.options)),
@@ -290,9 +294,12 @@ def evaluate(
     progress: Progress | None = None,
     needle: NeedleSettings | None = None,
     device_map: str | None = None,
+    load: dict[str, Any] | None = None,
+    output: str | Path | None = None,
 ) -> EvalResult:
     """`longrope eval`: a run directory (model, corpus and factors from it; writes RUN/eval.json), or
-    --model with --factors and --data. Input checks run before the weights load (passkey lengths, which need the
+    --model with --factors and --data. `output`: the eval.json to write (and merge into) instead; `load`: how the
+    model loads (revision, trust_remote_code, attn_implementation), over the run's. Input checks run before the weights load (passkey lengths, which need the
     tokenizer, right after), so a mistake never costs a long evaluation.
 
     Lengths may be relative ('8x' of the factors' original window) or absolute ('16k'). passkey_trials 0 skips
@@ -301,8 +308,9 @@ def evaluate(
     needle: measure needle retrieval with these settings (retrieval.py) on held-out documents too.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
+    output = Path(output) if output is not None else run_dir / EVAL_FILE if run_dir is not None else None
     inputs, resolved = checked_inputs(lengths, run_dir, model, factors, data, samples, passkey_trials, needle,
-                                      (device, dtype, device_map), progress)
+                                      (device, dtype, device_map), progress, load, output)
     ff, spec = inputs.factors, inputs.factors.rope  # the spec carries a window override the model's config lacks
 
     if progress is not None:
@@ -322,9 +330,9 @@ def evaluate(
     result.model, result.factors = inputs.model, str(inputs.factors_file)
     result.heldout, result.not_heldout = inputs.not_heldout is None, inputs.not_heldout
     result.measured = measured(loaded.config, ff, inputs.corpus)
-    if run_dir is not None:
-        merged = result.merged_into(run_dir / EVAL_FILE)
-        merged.save(run_dir / EVAL_FILE)
+    if output is not None:
+        merged = result.merged_into(output)
+        merged.save(output)
         result.merge_note = merged.merge_note
     return result
 

@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from longrope_search import builtin, checkpoint, hub, methods
-from longrope_search.config import load_config as load_run_config, parse_length
+from longrope_search.config import canonical_dtype, load_config as load_run_config, parse_length
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import CheckpointError, ExportError, ModelError
 from longrope_search.eval_result import read_eval
@@ -87,6 +87,9 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
     short_max_abs_diff: float | None = None  # same check inside the original window (short factors)
     pushed: str | None = None  # the hub repository's URL after --push-to-hub
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "out": str(self.out)}
 
 
 # --- config.json ------------------------------------------------------------------------------------------
@@ -507,6 +510,7 @@ def export(
     per phase. Every refusal happens before anything is written.
     """
     phase = progress if progress is not None else (lambda line: None)
+    dtype = canonical_dtype(dtype, "--dtype")
     _check_verify_settings(tolerance, dtype, device if verify else None, device_map)
     ff = load_factors(source)  # a run directory (not a stages folder) or a factors.json
     source_file = factors_path(source)
@@ -590,11 +594,12 @@ def _staged(out: Path, force: bool) -> Iterator[Path]:
     move_into(folder, out, last=EXPORT_FACTORS_FILE)
 
 
-def source_model(ff: FactorsFile, source_file: Path, model: str | None = None, revision: str | None = None
-                 ) -> tuple[Path, Any, LoadOptions]:
-    """SRC of an export of `ff` (read from `source_file`) as a local folder, its config and how it loads; refuses a
-    model of another geometry or factors that do not extend its window."""
-    options = _run_options(source_file, model, revision)
+def source_model(ff: FactorsFile, source_file: Path, model: str | None = None, revision: str | None = None,
+                 options: LoadOptions | None = None) -> tuple[Path, Any, LoadOptions]:
+    """SRC of an export of `ff` (read from `source_file`) as a local folder, its config and how it loads (`options`,
+    else the run's when SRC is the searched model); refuses a model of another geometry or factors that do not
+    extend its window."""
+    options = options or _run_options(source_file, model, revision)
     src = _source_model_dir(model or ff.model, options)
     config = load_config(str(src), options)
     _check_geometry(ff, config, src)

@@ -229,7 +229,8 @@ def make_setup(config: Config) -> Setup:
     if same_documents(corpus, searched) and (not f.source.startswith("hub:") or f.split == searched.split):
         raise ConfigError(f"finetune.source {f.source} is the corpus the run searched and is evaluated on; train on "
                           "another corpus or split (e.g. a hub dataset's train split), so held-out numbers stay held out.")
-    src, model_config, options = export.source_model(ff, factors_file, config.model.name)
+    src, model_config, options = export.source_model(ff, factors_file, config.model.name,
+                                                     options=LoadOptions.of(config.model))
     original = ff.rope.original_length
     length = parse_length(f.length if f.length is not None else ff.target_length, original)
     short_length = parse_length(f.short_length if f.short_length is not None else original, original)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from longrope_search import distributed
 from longrope_search.config import Config, has_stages, load_config
@@ -50,6 +50,12 @@ class JobResult:
     run_dir: Path  # the run to export
     stages: list[StageResult] = field(default_factory=list)  # stages, or a sweep's searches; empty for one search
     sweep: SweepResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """`longrope search --json`: the run to export, its factors file, and each stage's (or search's) outcome."""
+        return {"run_dir": str(self.run_dir), "factors": self.final.to_json() if self.final is not None else None,
+                "stages": [{"name": r.stage.name, "kind": r.stage.kind, "status": r.status,
+                            "run_dir": str(r.stage.run_dir)} for r in self.stages]}
 
 
 def prepare(config_path: Path | None, resume: Path | None, out: Path | None, overrides: list[str],
