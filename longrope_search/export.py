@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from longrope_search import builtin, checkpoint, hub, methods
@@ -636,6 +637,7 @@ def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type:
     config_doc = json.loads((src / "config.json").read_text())
     model_type = str(config_doc.get("model_type", model_type))
     config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
+    config_doc["transformers_version"] = transformers.__version__  # what wrote this config, not SRC's
     notes = _place_files(src, out, copy_weights, weights)
     atomic_write_text(out / "config.json", json.dumps(config_doc, indent=2) + "\n")
     atomic_write_text(out / EXPORT_FACTORS_FILE, source_file.read_text())  # provenance; runtime.apply reads it

@@ -10,7 +10,7 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from longrope_search.errors import ExportError, GeometryError
+from longrope_search.errors import ConfigError, ExportError, GeometryError
 from longrope_search.export import export, hf_rope_config
 from longrope_search.factors import FactorsFile
 from longrope_search.model import install_rope, rope_spec
@@ -182,7 +182,7 @@ def test_refuses_verify_length_inside_the_window(tmp_path):
 def test_verification_in_bfloat16_and_a_bad_dtype(tmp_path):
     src = make_source(tmp_path, "llama")
     run = make_factors(tmp_path, src)
-    with pytest.raises(ExportError, match="--dtype 'fp8' is not one of float32, bfloat16, float16"):
+    with pytest.raises(ConfigError, match="--dtype 'fp8' is not a dtype; use bf16, fp16, fp32"):
         export(run, tmp_path / "bad", dtype="fp8")
     assert not (tmp_path / "bad").exists()
     # half the memory; the same operations on both sides, so the logits still agree (measured: exactly)
@@ -267,7 +267,12 @@ def test_export_of_the_builtin_model_copies_weights_and_writes_a_model_card(tmp_
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # 4.x and 5.x load it
     assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]  # no token_type_ids for generate
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers_version"] == transformers.__version__  # what wrote it, not the source's version
+    assert config["dtype"] == "float16"  # the weights' own dtype (they are SRC's, copied)
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     inputs = tokenizer("x = 1", return_tensors="pt")
