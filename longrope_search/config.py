@@ -356,6 +356,8 @@ class FinetuneSection(Section):
     context_parallel: int = Field(1, ge=1)
     save_every: int = Field(50, ge=1)  # steps between checkpoints (the last step is always saved)
     keep_checkpoints: bool = False  # keep checkpoints/ (optimizer state included) once the model is written and verified
+    # where the Trainer also logs the run: none, or its integrations (tensorboard, wandb, mlflow, ...; a list or "all")
+    report_to: str | list[str] = "none"
     drop_n_hat: bool = False  # train factors searched with n_hat > 0 without it (no runtime can run n_hat)
 
     _lengths = field_validator("length", "short_length", "batch_tokens", "target")(

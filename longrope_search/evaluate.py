@@ -27,6 +27,7 @@ from longrope_search.files import check_writable
 from longrope_search.methods import methods_for, unique_lengths
 from longrope_search.model import DEFAULT_LOAD, LoadOptions, load_config, load_model, rope_spec
 from longrope_search.passkey import passkey, passkey_prompt
+from longrope_search.progress import Countdown
 from longrope_search.retrieval import NeedleSettings, cell_samples, draw_trials, needle_accuracy
 from longrope_search.rope import RopeSpec
 from longrope_search.rundir import CONFIG_FILE, EVAL_FILE, FACTORS_FILE, STATE_DIR, config_for_resume
@@ -139,20 +140,21 @@ def eval_ppl(
     once per length, so they report exactly the same number. `seed` orders the documents only without a run.
     `only`: these methods by name (default all).
     """
-    lengths = unique_lengths(lengths)
+    plan = {length: methods_for(spec, length, ff, only) for length in unique_lengths(lengths)}
+    count = Countdown(sum(len(methods) for methods in plan.values()))
     ppl: dict[str, dict[int, float]] = {}
-    for i, length in enumerate(lengths, 1):
+    for i, (length, methods) in enumerate(plan.items(), 1):
         if progress is not None:
-            progress(f"length {i} of {len(lengths)}: reading and tokenising {samples} windows of {length} tokens")
+            progress(f"length {i} of {len(plan)}: reading and tokenising {samples} windows of {length} tokens")
         ids, _ = heldout_windows(tokenizer, corpus, length, samples, seed, cache_dir, exclude)  # (samples, length)
         evaluator = Evaluator(model, ids, chunk_size=chunk_size)
-        for method in methods_for(spec, length, ff, only):
+        for method in methods:
             if progress is not None:
-                progress(f"length {i} of {len(lengths)}: perplexity of {method.name} at {length} tokens")
+                progress(f"perplexity of {method.name} at {length} tokens ({count.next()})")
             ppl.setdefault(method.name, {})[length] = evaluator.score(
                 method.key, method.factors, method.n_hat, method.mscale
             ).ppl
-    return EvalResult(lengths=lengths, ppl=ppl, samples=samples,
+    return EvalResult(lengths=list(plan), ppl=ppl, samples=samples,
                       model=ff.model if ff is not None else str(getattr(model, "name_or_path", "")))
 
 

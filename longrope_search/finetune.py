@@ -349,7 +349,7 @@ class _Logger(TrainerCallback):
         if logs.get("grad_norm") is not None:
             record["grad_norm"] = float(logs["grad_norm"])
         checkpoint.append_log(self.log_path, record)
-        self.reporter.trained(step, logs)
+        self.reporter.trained(step, {**logs, "tokens": step * self.batch_tokens})
 
 
 class _PlannedOrder(Trainer):
@@ -387,7 +387,7 @@ def training_arguments(setup: Setup, folder: Path) -> TrainingArguments:
         warmup_steps=f.warmup_steps, weight_decay=f.weight_decay, max_grad_norm=f.max_grad_norm or 0.0,
         logging_steps=1, logging_nan_inf_filter=False,  # a diverged step must show its loss (_Logger stops there)
         save_strategy="steps", save_steps=f.save_every, save_total_limit=CHECKPOINTS_KEPT,
-        report_to="none", disable_tqdm=True, seed=f.seed, data_seed=f.seed,
+        report_to=f.report_to, disable_tqdm=True, seed=f.seed, data_seed=f.seed,  # the reporter draws the bar
         bf16=cuda and f.precision == "auto", use_cpu=not cuda and not device.startswith(("mps", "xpu")),
         remove_unused_columns=False, dataloader_num_workers=0, log_level="warning", **extra, **checkpointing,
     )

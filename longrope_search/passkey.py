@@ -14,6 +14,7 @@ from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile
 from longrope_search.methods import methods_for, unique_lengths
 from longrope_search.model import greedy_continuation, install_rope
+from longrope_search.progress import Countdown
 from longrope_search.rope import RopeSpec
 
 Progress = Callable[[str], None]
@@ -111,12 +112,14 @@ def passkey(
     if trials < 1:
         raise ConfigError(f"cannot run {trials} passkey trials; pass --trials 1 or more.")
     accuracy: dict[str, dict[int, float]] = {}
-    for length in unique_lengths(lengths):
+    plan = {length: methods_for(spec, length, ff) for length in unique_lengths(lengths)}
+    count = Countdown(sum(len(methods) for methods in plan.values()))
+    for length, methods in plan.items():
         prompts = [passkey_prompt(tokenizer, length, key, depth) for key, depth in passkey_trials(trials, seed)]
         hits: dict[str, float] = {}  # method key -> accuracy, shared by identical methods
-        for method in methods_for(spec, length, ff):
+        for method in methods:
             if progress is not None:
-                progress(f"passkey: {method.name} at {length} tokens")
+                progress(f"passkey: {method.name} at {length} tokens ({count.next()})")
             if method.key not in hits:
                 install_rope(model, method.factors, method.n_hat, method.mscale)
                 hits[method.key] = sum(retrieve(model, tokenizer, p) for p in prompts) / trials

@@ -40,6 +40,21 @@ def clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+class Countdown:
+    """Units of like work counted for a phase line: `next()` before each unit gives "3 of 42, about 1:10 left" (the
+    time left from the units finished so far)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.started, self.finished = total, time.monotonic(), 0
+
+    def next(self) -> str:
+        elapsed = time.monotonic() - self.started
+        left = (f", about {clock(elapsed / self.finished * (self.total - self.finished))} left"
+                if self.finished else "")
+        self.finished += 1
+        return f"{self.finished} of {self.total}{left}"
+
+
 class PlainPhases:
     """Phases as plain lines (no terminal): the current phase is printed, with the time since `start`, once it has
     lasted `delay` seconds and then every `every` seconds while it lasts (from a daemon thread)."""
@@ -267,6 +282,7 @@ class RichReporter:
         self.console.print(what, markup=False)
         self.total, self.done = steps, done
         self.first, self.running = done, done
+        self.began = time.monotonic()  # the training's own clock: tokens/s and the time left leave the loading out
         self.every_step = max(1, steps // 20)  # about 20 printed lines per fine-tune
         self.last_line = time.monotonic()
         if not self.live:
@@ -276,18 +292,19 @@ class RichReporter:
         self.progress.start()
 
     def trained(self, step: int, logs: dict[str, float]) -> None:
-        """One optimizer step done: the bar moves; a line with its loss every ~5% of the steps (and the last)."""
+        """One optimizer step done (`logs`: the Trainer's, with "tokens" trained so far): the bar moves with the loss
+        and tokens/s; a line every ~5% of the steps (and the last)."""
         self.done = step
         loss = logs.get("loss", math.nan)
+        fresh, training = step - self.first, time.monotonic() - self.began  # this process's steps, its training time
+        rate = f", {logs['tokens'] / step * fresh / training:,.0f} tokens/s" if "tokens" in logs and fresh and training else ""
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, description=f"fine-tuning, loss {loss:.4f}")
+            self.progress.update(self.task, completed=step, description=f"fine-tuning, loss {loss:.4f}{rate}")
         if step % self.every_step and step != self.total:
             return
-        elapsed = time.monotonic() - self.started
-        fresh = step - self.first
-        left = f", about {clock(elapsed / fresh * (self.total - step))} left" if fresh and step < self.total else ""
+        left = f", about {clock(training / fresh * (self.total - step))} left" if fresh and step < self.total else ""
         line = (f"step {step} of {self.total}: loss {loss:.4f}, learning rate {logs.get('learning_rate', math.nan):.3g}"
-                f", {clock(elapsed)} elapsed{left}")
+                f"{rate}, {clock(time.monotonic() - self.started)} elapsed{left}")
         (self.progress.console if self.progress is not None else self.console).print(line, markup=False,
                                                                                      highlight=False)
 

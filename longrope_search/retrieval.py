@@ -16,6 +16,7 @@ from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile
 from longrope_search.methods import methods_for, unique_lengths
 from longrope_search.model import install_rope
+from longrope_search.progress import Countdown
 from longrope_search.needle import Needle, NeedleSample, build_sample, draw_needles, greedy_answer, is_retrieved
 from longrope_search.rope import RopeSpec
 
@@ -98,14 +99,17 @@ def needle_accuracy(
     if len(fillers) < settings.trials:
         raise ConfigError(f"{settings.trials} needle trials need as many filler documents, got {len(fillers)}.")
     out: Accuracy = {}
+    plan = {length: methods_for(spec, length, ff, only) for length in unique_lengths(lengths)}
+    count = Countdown(len(VARIANTS) * sum(len(methods) for methods in plan.values()))
     for variant in VARIANTS:
         trials = draw_trials(settings, variant)
-        for length in unique_lengths(lengths):
+        for length, methods in plan.items():
             cells = {depth: cell_samples(tokenizer, fillers, length, depth, trials) for depth in settings.depths}
             scored: dict[str, dict[float, float]] = {}  # method key -> depth -> accuracy, shared by equal methods
-            for method in methods_for(spec, length, ff, only):
+            for method in methods:
                 if progress is not None:
-                    progress(f"needle ({variant}): {method.name} at {length} tokens")
+                    progress(f"needle ({variant}): {method.name} at {length} tokens, {len(cells)} depths x "
+                             f"{settings.trials} prompts ({count.next()})")
                 if method.key not in scored:
                     install_rope(model, method.factors, method.n_hat, method.mscale)
                     scored[method.key] = {depth: accuracy(model, tokenizer, samples) for depth, samples in cells.items()}

@@ -219,7 +219,7 @@ POPULATION_DONE = ("search.population sizes generation 0 only, and this run has 
 Change = Literal["memory", "budget", "identity"]
 
 # A fine-tune's settings that a resume may change: speed, memory and what is kept, never the trained numbers.
-FINETUNE_RESUME_KEYS = ("save_every", "keep_checkpoints", "gradient_checkpointing")
+FINETUNE_RESUME_KEYS = ("save_every", "keep_checkpoints", "gradient_checkpointing", "report_to")
 
 
 def resume_change(section: str, key: str, generation_zero_done: bool) -> Change:

@@ -453,3 +453,10 @@ def test_a_checkpoint_cut_short_is_warned_about_and_the_one_before_it_used(setup
     assert f"{newest.name}/{name} is damaged (cut short by a kill or a full disk?); removing that checkpoint" in (
         result.output.replace("\n", " ").replace("  ", " "))
     assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
+
+
+def test_report_to_reaches_the_trainer(setup, tmp_path):
+    for value, expected in (("[tensorboard]", ["tensorboard"]), ("none", [])):
+        config = finetune.finetune_config(setup["run"], None, settings(setup, f"finetune.report_to={value}"))
+        args = finetune.training_arguments(finetune.make_setup(config), tmp_path / "ft")
+        assert args.report_to == expected and args.disable_tqdm  # our bar, not the Trainer's

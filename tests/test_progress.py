@@ -46,3 +46,25 @@ def test_phases_print_timestamped_lines_without_a_terminal_once_a_phase_lasts():
         time.sleep(1.5)
     assert re.fullmatch(r"\[0:0[01]\] loading a large model\n", slow.getvalue())
     assert progress.clock(3725) == "1:02:05" and progress.clock(65) == "1:05"
+
+
+def test_countdown_counts_units_and_estimates_the_time_left(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    count = progress.Countdown(4)
+    assert count.next() == "1 of 4"  # nothing finished yet: no estimate
+    now[0] += 30.0
+    assert count.next() == "2 of 4, about 1:30 left"  # 30 s per unit, 3 to go
+    now[0] += 10.0
+    assert count.next() == "3 of 4, about 0:40 left"
+
+
+def test_a_fine_tune_reports_its_loss_and_tokens_per_second(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    out = io.StringIO()
+    reporter = progress.RichReporter(Console(file=out, width=200))
+    reporter.train_start(4, 2, "fine-tuning tiny: 4 steps of 1024 tokens; resuming after step 2")
+    now[0] += 8.0  # two steps of 1024 tokens in 8 s after the resume: 256 tokens/s
+    reporter.trained(4, {"loss": 2.5, "learning_rate": 1e-4, "tokens": 4 * 1024})
+    assert "step 4 of 4: loss 2.5000, learning rate 0.0001, 256 tokens/s, 0:08 elapsed" in out.getvalue()
