@@ -314,6 +314,14 @@ def show_result(final: Any, run_dir: Path) -> None:
     for name, row in rows.items():
         table.add_row(name, *(f"{row[c]:{'.0%' if c == 'needle' else '.4f'}}" if c in row else "-" for c in shown))
     console.print(table)
+    text = "heldout_ppl" if "heldout_ppl" in final.ppl else "heldout"  # plain perplexity when the fitness is joint
+    mine, yarn = final.ppl.get(text), final.baselines.get("yarn", {}).get(text)
+    if mine is not None and yarn is not None and mine > yarn:
+        target = f"{length / final.rope.original_length:g}x"
+        console.print(f"warning: the winner's held-out perplexity {mine:.4f} is worse than YaRN's {yarn:.4f}; export "
+                      f"YaRN instead (longrope export --factors yarn --target {target} --model {final.model} --out "
+                      "DIR), or search longer (search.generations) on more samples (data.samples).",
+                      markup=False, style="yellow")
     record = final.search
     stopped = f", {record.rejected} stopped early (search.race_margin, search.screen_windows)" if record.rejected else ""
     console.print(f"work: {record.evaluations} evaluations{stopped}, {record.forward_tokens / 1e6:.2f}M forward tokens, "
@@ -457,7 +465,7 @@ def export_cmd(
     """Write a Hugging Face model directory that runs the searched factors as rope type longrope.
 
     transformers (4.57+ and 5.x) and vLLM load it; it gets its own model card (README.md). The check reloads it
-    and compares logits past the original window with the search-time model. SRC is never written; weights are
+    and compares logits past the original window with the search-time model. The original model is never written; weights are
     symlinked (copied for the built-in model).
     """
     from longrope_search.export import export, export_method
@@ -556,6 +564,10 @@ def eval_cmd(
     if not result.heldout:
         console.print(f"note: these documents were not held out from the search: {result.not_heldout}.",
                       markup=False)
+    if result.passkey and not any(v > 0 for row in result.passkey.values() for v in row.values()):
+        console.print("note: no method, the unmodified model included, retrieved a passkey at any length measured: "
+                      "this model cannot do the task, so the table says nothing about the factors (--needle measures "
+                      "retrieval in text like the corpus).", markup=False)
     for note in checkpoint.unfinished_note(run_dir) if run_dir is not None else []:
         console.print(f"note: {note}", markup=False)
     written = output_path or (run_dir / EVAL_FILE if run_dir is not None else None)

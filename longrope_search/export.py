@@ -200,7 +200,7 @@ def compatibility_notes(ff: FactorsFile, model_type: str) -> list[str]:
     if ff.mscale != 1.0:
         notes.append(
             f"transformers and vLLM apply the attention factor {ff.mscale:.6g} inside the original window too, so "
-            "DST differs from SRC on short inputs even where the short factors are 1.0."
+            "the exported model differs from the original one on short inputs even where the short factors are 1.0."
         )
     return notes
 
@@ -644,7 +644,7 @@ def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type:
     atomic_write_text(out / CARD_FILE, model_card(ff, name, _measured(source_file.parent)))
     notes += compatibility_notes(ff, model_type)
     if ff.n_hat > 0:
-        notes.append(f"n_hat={ff.n_hat} dropped: DST runs the factors with n_hat=0 (the searched PPL used "
+        notes.append(f"n_hat={ff.n_hat} dropped: the exported model runs the factors with n_hat=0 (the searched PPL used "
                      f"n_hat={ff.n_hat}); {EXPORT_FACTORS_FILE} keeps it for longrope_search.runtime.apply.")
     return notes
 

@@ -42,7 +42,7 @@ def push_folder(folder: Path, repo_id: str, private: bool = False) -> str:
     except Exception as exc:  # noqa: BLE001 - HTTP, auth, and validation errors of huggingface_hub
         raise ExportError(
             f"cannot upload {folder} to the hub repository {repo_id!r} ({first_line(exc)}); log in with "
-            f"huggingface-cli login (or set HF_TOKEN) with write access, then push again: longrope export SRC "
-            f"--out {folder} --force --push-to-hub {repo_id}."
+            f"huggingface-cli login (or set HF_TOKEN) with write access, then push again: longrope export RUN "
+            f"--out {folder} --force --push-to-hub {repo_id} (RUN: the run you exported)."
         ) from exc
     return f"https://huggingface.co/{repo_id}"

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from longrope_search.config import format_length
-from longrope_search.eval_result import EvalResult
+from longrope_search.eval_result import NEEDLE_VARIANTS, EvalResult
 from longrope_search.factors import LONGROPE, FactorsFile
 
 CARD_FILE = "README.md"
@@ -53,6 +53,23 @@ def _eval_table(result: EvalResult, original: int) -> list[str]:
     return lines + [""]
 
 
+def _needle_tables(result: EvalResult, original: int) -> list[str]:
+    """eval.json's needle retrieval by length (`longrope eval --needle`), averaged over the depths: one table per
+    variant."""
+    lines: list[str] = []
+    for variant, methods in result.needle.items():
+        lengths = sorted({n for rows in methods.values() for n in rows})
+        lines += [f"Needle retrieval ({NEEDLE_VARIANTS.get(variant, variant)}) by context length from `longrope eval "
+                  f"--needle`: exact answers over {result.needle_trials} prompts per depth, averaged over the depths "
+                  "(higher is better):", "",
+                  "| method | " + " | ".join(f"{format_length(n)} ({n / original:g}x)" for n in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        lines += [f"| {method} | " + " | ".join(f"{sum(rows[n].values()) / len(rows[n]):.0%}" if rows.get(n) else "-"
+                                                for n in lengths) + " |" for method, rows in methods.items()]
+        lines.append("")
+    return lines
+
+
 def model_card(ff: FactorsFile, repo: str | None = None, result: EvalResult | None = None) -> str:
     """The card's markdown. `repo` is the name users load it by (a hub repo when pushed), else a local path."""
     if ff.method != LONGROPE:
@@ -88,6 +105,7 @@ def model_card(ff: FactorsFile, repo: str | None = None, result: EvalResult | No
         "",
         *_search_table(ff),
         *(_eval_table(result, original) if result is not None else []),
+        *(_needle_tables(result, original) if result is not None else []),
         "## Load with transformers",
         "",
         "```python",

@@ -352,3 +352,34 @@ def test_a_later_eval_adds_to_eval_json_instead_of_erasing_it(tmp_path):
     replaced = other.merged_into(path)
     assert replaced.ppl == other.ppl and replaced.lengths == [32] and "replaced" in replaced.merge_note
     assert merged.merge_note == "kept from the earlier eval.json: lengths 256, 512"
+
+
+def test_eval_says_when_no_method_retrieves_a_passkey_and_search_warns_of_a_winner_worse_than_yarn(tiny_run,
+                                                                                                   monkeypatch):
+    import io
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from longrope_search import cli
+
+    run_dir, _, _ = tiny_run
+    measured = er.EvalResult([32, 128], {"none": {32: 9.0, 128: 30.0}}, 2, "m", str(run_dir / "factors.json"),
+                             passkey={"none": {32: 0.0, 128: 0.0}, "longrope": {32: 0.0, 128: 0.0}})
+    monkeypatch.setattr(ev, "evaluate", lambda *args, **kwargs: measured)  # the shipped model's passkey result
+    result = CliRunner().invoke(cli.app, ["eval", str(run_dir), "--lengths", "1x,4x", "--passkey"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "no method, the unmodified model included, retrieved a passkey" in " ".join(result.output.split())
+    measured.passkey["longrope"][128] = 0.5
+    assert "retrieved a passkey" not in CliRunner().invoke(cli.app, ["eval", str(run_dir), "-l", "1x", "--passkey"]).output
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=300))
+    ff = load_factors(run_dir)
+    ff.ppl["heldout"], ff.baselines["yarn"]["heldout"] = 20.0, 19.0
+    cli.show_result(ff, run_dir)
+    assert "warning: the winner's held-out perplexity 20.0000 is worse than YaRN's 19.0000; export YaRN instead " \
+           "(longrope export --factors yarn --target 4x" in out.getvalue()
+    ff.ppl["heldout"] = 18.0
+    out.truncate(0)
+    cli.show_result(ff, run_dir)
+    assert "worse than YaRN" not in out.getvalue()

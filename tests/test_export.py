@@ -290,6 +290,13 @@ def test_hub_model_card_names_its_base_model(tmp_path):
     card = model_card(ff, "me/llama-2-7b-256k")
     assert "\nbase_model: meta-llama/Llama-2-7b-hf\n" in card
     assert 'from_pretrained("me/llama-2-7b-256k")' in card and "--max-model-len 262144" in card
+    from longrope_search.eval_result import EvalResult
+
+    needle = {"single": {"yarn@64x": {262144: {0.0: 0.5, 1.0: 1.0}}, "longrope": {262144: {0.0: 1.0, 1.0: 0.75}}}}
+    card = model_card(ff, "me/llama-2-7b-256k", EvalResult([262144], {"longrope": {262144: 7.5}}, 8, "m",
+                                                           needle=needle, needle_trials=20))
+    assert "Needle retrieval (one needle) by context length" in card and "over 20 prompts per depth" in card
+    assert "| yarn@64x | 75% |" in card and "| longrope | 88% |" in card
 
 
 def test_export_from_a_hub_id_downloads_a_snapshot_and_pushes_with_the_hub_api(tmp_path, monkeypatch):
