@@ -460,6 +460,9 @@ def export_cmd(
     push_to_hub: Optional[str] = typer.Option(
         None, "--push-to-hub", metavar="REPO", help="Upload --out to this hub model repository (org/name)."),
     private: bool = typer.Option(False, "--private", help="Create the --push-to-hub repository as private."),
+    format_: str = typer.Option(
+        "hf", "--format", help="hf: a Hugging Face model directory; longrope-csv: the factors as microsoft/LongRoPE's "
+        "CSVs (result_final.csv, result_short.csv) in --out."),
     json_out: bool = JSON_FLAG,
 ) -> None:
     """Write a Hugging Face model directory that runs the searched factors as rope type longrope.
@@ -469,8 +472,23 @@ def export_cmd(
     symlinked (copied for the built-in model).
     """
     from longrope_search.export import export, export_method
+    from longrope_search.reference_csv import export_csv
 
     quiet_libraries()
+    if format_ not in ("hf", "longrope-csv"):
+        raise ConfigError(f"--format {format_!r} is not one of hf, longrope-csv.")
+    if format_ == "longrope-csv":
+        if source is None:
+            raise ConfigError("--format longrope-csv writes a run's factors: longrope export RUN --format longrope-csv "
+                              "--out DIR.")
+        written = export_csv(source, out, force)
+        if json_out:
+            print_json(written.to_json())
+            return
+        for note in written.notes:
+            console.print(f"note: {note}", markup=False)
+        console.print(f"wrote {', '.join(str(p) for p in written.files)}", markup=False)
+        return
     if (factors is None) == (source is None) or (factors is not None and (model is None or target is None)):
         raise ConfigError("pass a run to export (longrope export RUN --out DIR), or a baseline with the model and "
                           "length: longrope export --factors yarn --target 16x --model MODEL --out DIR.")

@@ -218,7 +218,7 @@ class SearchSection(Section):
     # of the best seed join it and breed its mutants (a far-behind seed breeds only losers); null: every seed and
     # mutants of every seed (the paper).
     seed_margin: float | None = Field(DEFAULT_SEED_MARGIN, ge=0.0, allow_inf_nan=False)
-    init_factors: str | None = None  # a factors.json whose factors join the initial population
+    init_factors: str | None = None  # a factors.json (or a microsoft/LongRoPE factor CSV) whose factors join the initial population
     # Progressive extension: a run directory (or factors.json) whose long factors the model already runs
     # with; this search multiplies its own factors onto them. A LongRoPE-extended model needs none.
     init_from: str | None = None

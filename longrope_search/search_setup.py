@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from longrope_search import rope
+from longrope_search import reference_csv, rope
 from longrope_search.config import Config, parse_length
 from longrope_search.errors import ConfigError, LongRopeError
 from longrope_search.evolution import Candidate, SearchSpace, distinct_seeds
@@ -290,16 +290,7 @@ def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
     if setup.short:
         seeds.setdefault("none", np.ones(spec.num_factors))  # "keep the original RoPE" is the natural start
     if setup.config.search.init_factors:
-        init = load_factors(setup.config.search.init_factors)
-        check_geometry(init.rope, setup.spec, f"search.init_factors {setup.config.search.init_factors}",
-                       setup.config.model.name, "use a factors file searched on the same model.")
-        # the space holds this stage's factors: a later stage divides out the prior, a short search seeds its set
-        if setup.short:
-            seeds["init"] = np.asarray(init.short_or_ones, dtype=np.float64)
-        elif setup.prior is not None:
-            seeds["init"] = np.asarray(init.factors, dtype=np.float64) / setup.prior.factors
-        else:
-            seeds["init"] = np.asarray(init.factors, dtype=np.float64)
+        seeds["init"] = init_seed(setup)
     if setup.critical_dim is not None:
         critical, pairs = setup.critical_dim, np.arange(spec.num_factors)
         for m in CRITICAL_SEED_SCALES:  # t^(i / cd): an NTK-style curve reaching t at the critical dimension
@@ -307,6 +298,24 @@ def seed_vectors(setup: SearchSetup) -> dict[str, np.ndarray]:
             curve = t ** (pairs / critical) if critical else np.full(spec.num_factors, t)
             seeds[f"ntk@{m:g}"] = np.minimum(curve, setup.space.max_factor)  # the curve runs on past the top
     return seeds
+
+
+def init_seed(setup: SearchSetup) -> np.ndarray:
+    """search.init_factors as a seed of this search's space: a factors file's long set (its short set for a short
+    search), or the one set of a reference-code CSV; a later stage divides out the prior."""
+    path = setup.config.search.init_factors
+    if reference_csv.is_csv(path):
+        factors = reference_csv.read_csv(path, setup.spec.num_factors)  # no geometry recorded: the count is checked
+        short = factors
+    else:
+        init = load_factors(path)
+        check_geometry(init.rope, setup.spec, f"search.init_factors {path}", setup.config.model.name,
+                       "use a factors file searched on the same model.")
+        factors, short = init.factors, init.short_or_ones
+    if setup.short:
+        return np.asarray(short, dtype=np.float64)
+    seed = np.asarray(factors, dtype=np.float64)
+    return seed / setup.prior.factors if setup.prior is not None else seed
 
 
 # --- identity -------------------------------------------------------------------------------------------
