@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from longrope_search.errors import CheckpointError, StorageError
 from longrope_search.eval_result import EvalResult, read_eval
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_bytes, make_dirs
+from longrope_search.methods import FIXED_MARK
 from longrope_search.rundir import EVAL_FILE, PLOTS_DIR
 
 SEARCHED = "longrope"
@@ -145,19 +147,21 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
     ppls = np.array([e.ppl for e in state.history], dtype=float)
     origins = [e.origin for e in state.history]
     finite = np.isfinite(ppls)
+    stopped = np.array([e.rejected for e in state.history], dtype=bool)  # their scores are partial: drawn apart
     # Spread each generation's points over its own slot so equal scores do not hide each other.
     x = generations.astype(float)
     for g in np.unique(generations):
         members = np.flatnonzero(generations == g)
         x[members] += np.linspace(-0.3, 0.3, members.size) if members.size > 1 else 0.0
 
-    # The seeds are the baselines snapped to the grid: their PPLs are the bar the search has to clear. Named as in the
-    # search's table (pi, ntk, yarn); the table scores the exact formulas, so a seed may differ from its row a little.
+    # The seeds are the baselines snapped to the grid, run with the search's attention factor: their scores are the
+    # bar the search has to clear. The table runs each method as published (its own attention factor, unrounded), so a
+    # seed may differ from its row.
     others = iter(EXTRA_COLORS)
     marks: dict[str, float] = {}  # right-axis ticks: where each seed and the best end up
     rounded = False  # some seed's PPL differs from its table row
     for origin in dict.fromkeys(origins):
-        chosen = finite & np.array([o == origin for o in origins])
+        chosen = finite & ~stopped & np.array([o == origin for o in origins])
         if not chosen.any():
             continue
         if origin in rope.BASELINES:
@@ -168,31 +172,58 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
             ax.scatter(x[chosen], ppls[chosen], s=45, marker="D", color=METHOD_COLORS[origin], zorder=4)
             rounded = rounded or differs
             ax.axhline(ppl, color=METHOD_COLORS[origin], linestyle="--", linewidth=1, alpha=0.8,
-                       label=f"{origin} seed: {ppl:.4f}" + (f" (table: {exact:.4f}*)" if differs else ""))
+                       label=f"{origin} seed {ppl:.2f}" + (f" (table* {exact:.2f})" if differs else ""))
         else:
             ax.scatter(x[chosen], ppls[chosen], s=18, alpha=0.8, zorder=3,
                        color=ORIGIN_COLORS.get(origin) or next(others, None), label=f"{origin} ({chosen.sum()})")
 
+    if (finite & stopped).any():
+        ax.scatter(x[finite & stopped], ppls[finite & stopped], s=14, facecolors="none", edgecolors="0.45", zorder=2,
+                   label=f"stopped early ({(finite & stopped).sum()}; partial score)")
     last = int(generations.max()) if generations.size else 0
-    best_so_far = [min((p for g, p in zip(generations, ppls) if g <= gen and math.isfinite(p)), default=math.nan)
-                   for gen in range(last + 1)]
+    best_so_far = [min((p for g, p, r in zip(generations, ppls, stopped) if g <= gen and math.isfinite(p) and not r),
+                       default=math.nan) for gen in range(last + 1)]
     edges = [-0.4, *(g + 0.5 for g in range(last)), last + 0.4]  # each generation's slot of points
     ax.stairs(best_so_far, edges, color=METHOD_COLORS[SEARCHED], linewidth=2.5, zorder=5, baseline=None,
               label=f"best so far: {best_so_far[-1]:.6g}")
     if not finite.all():
         ax.plot([], [], " ", label=f"{(~finite).sum()} non-finite PPL not shown")
-    if rounded:
-        ax.plot([], [], " ", label="* the table scores the exact method; its seed is rounded to the search grid")
+    footnote = "".join("\n" + line for line in textwrap.wrap(
+        f"* the table runs each method as published (its own attention factor); its seed here runs with the "
+        f"search's ({ff.mscale:.3f}), rounded to the grid", 95)) if rounded else ""
 
-    _log_y(ax, ppls[finite].tolist())
+    # the search's own range: from its best to the bulk of its candidates, so the progress of the best reads; scores
+    # beyond (the worst seeds, failed children) sit at the top edge, their values in the legend
+    low, high = _search_range(ppls[finite & ~stopped], best_so_far, min(marks.values(), default=math.nan))
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    _readable_log_axis(ax.yaxis, [low, high])
+    above = finite & (ppls > high)
+    if above.any():
+        ax.scatter(x[above], np.full(above.sum(), high), marker="^", s=22, color="0.4", clip_on=False, zorder=4,
+                   label=f"{above.sum()} scores above {high:.4g} (at the top edge)")
     ax.set_xticks(range(last + 1) if last < 25 else np.linspace(0, last, 11).round().astype(int))
     ax.set_xlim(-0.6, last + 0.6)
     if math.isfinite(best_so_far[-1]):
         marks["best"] = best_so_far[-1]
     _value_ticks(ax, marks)
-    return _finish(fig, ax, "generation (0 = initial population)", "perplexity on the search samples (lower is better)",
-                   f"Search for {ff.scored_length:,} tokens ({ff.scored_length / ff.rope.original_length:g}x): "
-                   f"{len(state.history)} evaluations over {last} generations", legend_columns=2)
+    fig = _finish(fig, ax, "generation (0 = initial population)", "score on the search samples (lower is better)",
+                  f"Search for {ff.scored_length:,} tokens ({ff.scored_length / ff.rope.original_length:g}x): "
+                  f"{len(state.history)} evaluations over {last} generations", legend_columns=3)
+    ax.set_title(ax.get_title() + footnote, fontsize=10)
+    return fig
+
+
+def _search_range(scores: np.ndarray, best_so_far: list[float], best_seed: float) -> tuple[float, float]:
+    """The y-range of search.png: just below the final best, up to the 75th percentile of the scores, a little above
+    the first generation's best or the best seed (the bar the search had to clear), whichever is highest."""
+    if scores.size == 0:
+        return 1.0, 10.0
+    best = [b for b in best_so_far if math.isfinite(b)]
+    low = min(best) if best else float(scores.min())
+    high = max(float(np.percentile(scores, 75)), (best[0] if best else low) * 1.02, low * 1.05,
+               best_seed * 1.02 if math.isfinite(best_seed) else 0.0)
+    return low / 1.01, high * 1.01
 
 
 def work_curve(state: SearchState) -> tuple[list[int], list[float]]:
@@ -211,30 +242,49 @@ def work_curve(state: SearchState) -> tuple[list[int], list[float]]:
 
 
 def work_figure(state: SearchState, ff: FactorsFile) -> Figure:
-    """The best search score (and the validated best, when the search validated) against the forward tokens spent:
-    where a search's work went, comparable between runs with and without early rejection."""
-    fig = Figure(figsize=(9, 6), layout="constrained")
-    ax = fig.add_subplot()
+    """The best search score against the forward tokens spent, with the reference methods on the same samples: where a
+    search's work went, comparable between runs with and without early rejection. When the search validated, a
+    second panel shows that best candidate on the validation samples (no reference method is scored there)."""
+    validated = {int(g): float(v) for g, _, v in ff.search.validation if v is not None}
+    fig = Figure(figsize=(9, 7.5 if validated else 6), layout="constrained")
+    axes = fig.subplots(2 if validated else 1, 1, sharex=True, squeeze=False, height_ratios=[2, 1] if validated else
+                        None)[:, 0]
+    ax = axes[0]
     tokens, scores = work_curve(state)
     millions = np.array(tokens) / 1e6
     ax.step(millions, scores, where="post", color=METHOD_COLORS[SEARCHED], linewidth=2.5,
             label=f"best so far on the search samples: {scores[-1]:.6g}")
-    validated = {int(g): float(v) for g, _, v in ff.search.validation if v is not None}
+    references = {name: row["search"] for name, row in ff.baselines.items()
+                  if name in rope.BASELINES and math.isfinite(row.get("search", math.nan))}
+    values = [v for v in scores if math.isfinite(v)]
+    # the search's own range, up to the nearest reference above its start: the others are named, off the scale
+    start = values[0] if values else math.inf
+    high = min((v for v in references.values() if v >= start), default=start)
+    low = min([*values, *(v for v in references.values() if v < start)], default=start) / 1.01
+    for name, value in references.items():
+        off = not low <= value <= high * 1.03
+        ax.axhline(value, color=METHOD_COLORS[name], linestyle="--", linewidth=1, alpha=0.8,
+                   label=f"{METHOD_LABELS[name]} on the search samples: {value:.4f}" + (" (off the scale)" if off
+                                                                                       else ""))
+    if values:
+        ax.set_yscale("log")
+        ax.set_ylim(low, high * 1.03)
+        _readable_log_axis(ax.yaxis, [low, high * 1.03])
+    ax.set_ylabel("search samples (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
     if validated:
         gens = sorted(g for g in validated if g < len(tokens))
-        ax.plot(millions[gens], [validated[g] for g in gens], marker="o", color="tab:green",
-                label="that candidate on the validation samples")
-    for name, row in ff.baselines.items():
-        if name in rope.BASELINES and math.isfinite(row.get("search", math.nan)):
-            ax.axhline(row["search"], color=METHOD_COLORS[name], linestyle="--", linewidth=1, alpha=0.8,
-                       label=f"{METHOD_LABELS[name]}: {row['search']:.4f}")
-    values = [v for v in (*scores, *validated.values()) if math.isfinite(v)]
-    if values:
-        _log_y(ax, values)
+        axes[1].plot(millions[gens], [validated[g] for g in gens], marker="o", color="tab:green",
+                     label="that candidate on the validation samples")
+        _log_y(axes[1], [validated[g] for g in gens])
+        axes[1].set_ylabel("validation samples")
+        axes[1].grid(True, which="both", alpha=0.3)
+    axes[-1].set_xlabel("forward tokens spent (millions)")
     stopped = f", {ff.search.rejected} stopped early" if ff.search.rejected else ""
-    return _finish(fig, ax, "forward tokens spent (millions)", "perplexity (lower is better)",
-                   f"Search work at {ff.scored_length:,} tokens: {len(state.history)} evaluations{stopped}, "
-                   f"{tokens[-1] / 1e6:.2f}M forward tokens", legend_columns=2)
+    fig.suptitle(f"Search work at {ff.scored_length:,} tokens: {len(state.history)} evaluations{stopped}, "
+                 f"{tokens[-1] / 1e6:.2f}M forward tokens (score: lower is better)", fontsize=11)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=9)
+    return fig
 
 
 # --- eval results ---------------------------------------------------------------------------------------
@@ -253,19 +303,41 @@ def _finite(result: EvalResult) -> dict[str, dict[str, dict[int, float]]]:
             for kind in ("ppl", "passkey")}
 
 
+def method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Colour, line and legend label per eval row: a method's colour for both its rows, the one rescaled to each
+    length solid and the one fixed at the target (METHOD@TARGET) dashed, so a reader sees which is which."""
+    extra = iter(EXTRA_COLORS)
+    fixed = any(FIXED_MARK in m for m in methods)
+    styles = {}
+    for method in methods:
+        base, mark, target = method.partition(FIXED_MARK)
+        label = METHOD_LABELS.get(base, base)
+        if mark:
+            label += f" {FIXED_MARK}{target} (fixed at the target)"
+        elif fixed and base in rope.BASELINES:
+            label += " (rescaled to each length)"
+        styles[method] = {"color": METHOD_COLORS.get(base) or next(extra, None), "linestyle": "--" if mark else "-",
+                          "linewidth": 2.5 if method == SEARCHED else 1.5, "label": label}
+    return styles
+
+
+def _side_by_side(k: int, count: int) -> float:
+    """A small factor on a log-x axis that draws the k-th of `count` methods a little apart from the others, so
+    methods with equal scores (none, PI and NTK all at 0% past the window) do not hide each other."""
+    return 2 ** ((k - (count - 1) / 2) * 0.03)
+
+
 def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, int], ylabel: str, title: str,
                      log_y: bool) -> Figure:
     """One line per method over context length (log x); the original window and the target marked."""
-    fig = Figure(figsize=(8, 5), layout="constrained")
+    fig = Figure(figsize=(8, 5.5), layout="constrained")
     ax = fig.add_subplot()
-    extra = iter(EXTRA_COLORS)
-    for method, by_length in results.items():
-        if not by_length:
-            continue
-        xs = sorted(by_length)
-        searched = method == SEARCHED
-        ax.plot(xs, [by_length[n] for n in xs], marker="o", linewidth=2.5 if searched else 1.5,
-                color=METHOD_COLORS.get(method) or next(extra, None), label=METHOD_LABELS.get(method, method))
+    shown = [m for m, by_length in results.items() if by_length]
+    styles = method_styles(shown)
+    for k, method in enumerate(shown):
+        xs = sorted(results[method])
+        shift = 1.0 if log_y else _side_by_side(k, len(shown))  # accuracies tie at 0 and 1; perplexities rarely
+        ax.plot([n * shift for n in xs], [results[method][n] for n in xs], marker="o", **styles[method])
     original, target = lengths
     ax.axvline(original, color="0.5", linestyle=":", label=f"original window ({format_length(original)})")
     ax.axvline(target, color="0.5", linestyle="--", label=f"search target ({format_length(target)})")
@@ -277,7 +349,7 @@ def by_length_figure(results: dict[str, dict[int, float]], lengths: tuple[int, i
         # A little room below 0 and above the top score, so markers at exactly 0 or 1 stay whole.
         top = max([1.0, *(v for by_length in results.values() for v in by_length.values())])
         ax.set_ylim(-0.03 * top, 1.05 * top)
-    return _finish(fig, ax, "context length (tokens, log scale)", ylabel, title)
+    return _finish(fig, ax, "context length (tokens, log scale)", ylabel, title, legend_columns=3)
 
 
 VARIANT_TITLES = {"single": "one needle", "multikey": "several keys, one asked"}
@@ -311,26 +383,39 @@ def needle_heatmap(methods: dict[str, dict[int, dict[float, float]]], variant: s
 
 def needle_by_length_figure(needle: dict[str, dict[str, dict[int, dict[float, float]]]],
                             lengths: tuple[int, int]) -> Figure:
-    """Accuracy averaged over depths by length, one colour per method; one needle solid, several keys dashed."""
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.add_subplot()
-    extra = iter(EXTRA_COLORS)
-    colors: dict[str, Any] = {}
-    for variant, methods in needle.items():
-        for method, rows in methods.items():
-            xs = sorted(rows)
-            color = colors.setdefault(method, METHOD_COLORS.get(method) or next(extra, None))
-            ax.plot(xs, [sum(rows[n].values()) / len(rows[n]) for n in xs], marker="o", color=color,
-                    linestyle="-" if variant == "single" else "--", linewidth=2.5 if method == SEARCHED else 1.5,
-                    label=f"{METHOD_LABELS.get(method, method)}, {VARIANT_TITLES.get(variant, variant)}")
+    """Accuracy averaged over depths by length: one panel per variant, one colour per method (its fixed-at-the-target
+    row dashed), methods with equal scores drawn a little apart; ticks at the measured lengths only."""
+    variants = list(needle)
+    methods = list(dict.fromkeys(m for v in variants for m in needle[v]))
+    styles = method_styles(methods)
+    measured = sorted({n for v in variants for rows in needle[v].values() for n in rows})
     original, target = lengths
-    ax.axvline(original, color="0.5", linestyle=":", label=f"original window ({format_length(original)})")
-    ax.axvline(target, color="0.5", linestyle="--", label=f"search target ({format_length(target)})")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_length(int(round(v)))))
-    ax.set_ylim(-0.03, 1.05)
-    return _finish(fig, ax, "context length (tokens, log scale)", "exact answers (share, mean over depths)",
-                   "Needle retrieval by context length", legend_columns=3)
+    fig = Figure(figsize=(4.6 * len(variants) + 1.0, 5.5), layout="constrained")
+    axes = fig.subplots(1, len(variants), sharey=True, squeeze=False)[0]
+    for ax, variant in zip(axes, variants):
+        first = ax is axes[0]
+        for k, method in enumerate(methods):
+            rows = needle[variant].get(method)
+            if not rows:
+                continue
+            xs, style = sorted(rows), styles[method]
+            ax.plot([n * _side_by_side(k, len(methods)) for n in xs], [sum(rows[n].values()) / len(rows[n]) for n in xs],
+                    marker="o", markersize=4, **{**style, "label": style["label"] if first else None})
+        ax.axvline(original, color="0.5", linestyle=":", label=f"original window ({format_length(original)})" if first
+                   else None)
+        ax.axvline(target, color="0.5", linestyle="-.", label=f"search target ({format_length(target)})" if first
+                   else None)
+        ax.set_xscale("log", base=2)
+        _measured_ticks(ax, measured)
+        ax.set_ylim(-0.03, 1.05)
+        ax.set_title(VARIANT_TITLES.get(variant, variant), fontsize=10)
+        ax.set_xlabel("context length (tokens, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("exact answers (share, mean over depths)")
+    fig.suptitle("Needle retrieval by context length (methods with equal scores are drawn a little apart)",
+                 fontsize=11)
+    fig.legend(loc="outside lower center", ncols=3, fontsize=9)
+    return fig
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -359,7 +444,8 @@ def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, legend_colu
 def _value_ticks(ax: Any, marks: dict[str, float]) -> None:
     """A right-hand axis with one tick per mark ("best 16.24", "yarn seed 17.16"), so the values that matter are read
     off the figure, not guessed between log ticks; marks too close to read apart share one tick and one label."""
-    finite = sorted(((v, name) for name, v in marks.items() if math.isfinite(v) and v > 0))
+    bottom, top = ax.get_ylim()
+    finite = sorted(((v, name) for name, v in marks.items() if math.isfinite(v) and bottom <= v <= top))
     if not finite:
         return
     right = ax.twinx()
@@ -375,6 +461,7 @@ def _value_ticks(ax: Any, marks: dict[str, float]) -> None:
             groups.append([(value, name)])
     right.set_yticks([g[0][0] for g in groups], [", ".join(f"{name} {v:.2f}" for v, name in g) for g in groups],
                      fontsize=8)
+    right.set_ylim(bottom, top)  # set_yticks may widen the view: keep it the left axis's
     right.yaxis.set_minor_locator(NullLocator())
 
 
