@@ -41,6 +41,7 @@ BASELINE_DASHES = {"pi": (0, (6, 3)), "ntk": "-.", "yarn": (0, (2, 2))}
 ORIGIN_COLORS = {"init": "tab:purple", "mutation": "tab:red", "crossover": "tab:cyan"}
 EXTRA_COLORS = ["tab:brown", "tab:pink", "tab:olive", "tab:purple", "tab:red", "tab:cyan"]
 DPI = 120
+HEATMAP_COLUMNS = 4  # needle heat maps per row of a figure
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None,
@@ -356,12 +357,19 @@ VARIANT_TITLES = {"single": "one needle", "multikey": "several keys, one asked"}
 
 
 def needle_heatmap(methods: dict[str, dict[int, dict[float, float]]], variant: str, original: int) -> Figure:
-    """The needle-in-a-haystack map: depth (rows) x length (columns), one panel per method, green = found."""
+    """The needle-in-a-haystack map: depth (rows) x length (columns), one panel per method (four to a row), green =
+    found."""
     names = list(methods)
+    labels = {name: style["label"] for name, style in method_styles(names).items()}
     lengths = sorted({n for rows in methods.values() for n in rows})
     depths = sorted({d for rows in methods.values() for cells in rows.values() for d in cells})
-    fig = Figure(figsize=(2.2 + 1.9 * len(names), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
+    columns = min(HEATMAP_COLUMNS, len(names))
+    rows_of_panels = math.ceil(len(names) / columns)
+    fig = Figure(figsize=(2.2 + 2.3 * columns, 0.6 + 3.0 * rows_of_panels), layout="constrained")
+    grid_axes = fig.subplots(rows_of_panels, columns, sharey=True, squeeze=False)
+    for spare in grid_axes.flat[len(names):]:
+        spare.set_visible(False)
+    axes = list(grid_axes.flat[:len(names)])
     image = None
     for ax, name in zip(axes, names):
         grid = np.array([[methods[name].get(n, {}).get(d, np.nan) for n in lengths] for d in depths])  # (depths, lengths)
@@ -371,11 +379,12 @@ def needle_heatmap(methods: dict[str, dict[int, dict[float, float]]], variant: s
                 ax.text(col, row, f"{value:.0%}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [format_length(n) + ("*" if n > original else "") for n in lengths],
                       fontsize=8)
-        ax.set_title(METHOD_LABELS.get(name, name), fontsize=9)
+        ax.set_title(labels[name], fontsize=8)
         ax.set_xlabel("context length", fontsize=8)
-    axes[0].set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
-    axes[0].set_ylabel("needle depth (share of the context before it)", fontsize=8)
-    fig.colorbar(image, ax=list(axes), shrink=0.8, label="exact answers")
+    for first in grid_axes[:, 0]:
+        first.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        first.set_ylabel("needle depth (share before it)", fontsize=8)
+    fig.colorbar(image, ax=list(grid_axes.flat), shrink=0.8, label="exact answers")
     fig.suptitle(f"Needle retrieval ({VARIANT_TITLES.get(variant, variant)}); * = beyond the original window",
                  fontsize=10)
     return fig
