@@ -543,8 +543,8 @@ def eval_cmd(
         "none without RUN_DIR)."),
     json_out: bool = JSON_FLAG,
 ) -> None:
-    """Perplexity (and passkey and needle retrieval) per length of no scaling, PI, NTK, YaRN and the searched
-    factors.
+    """Perplexity (and passkey and needle retrieval) per length of no scaling, PI, NTK and YaRN (each rescaled to the
+    length, and fixed at the factors' target as one deploys it: yarn@8x) and the searched factors.
 
     With RUN_DIR, perplexity is measured on held-out documents the search never scored, and the result is
     also written to RUN_DIR/eval.json. Without it, pass --model, --factors and --data. --needle hides a named

@@ -123,17 +123,23 @@ def _load_hub(spec: CorpusSpec) -> Any:
 
 
 def _load_local(files: list[Path], spec: CorpusSpec) -> Any:
-    from datasets import load_dataset  # heavy (about a second): imported only when a corpus is read
+    import datasets  # heavy (about a second): imported only when a corpus is read
+    from datasets import load_dataset
     from datasets.exceptions import DatasetsError
 
     builder = _builder(files, spec.source)
     options = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
+    shown = not datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # reading local files is no download: the caller's phase line says what runs
     try:
         return load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
     except (DatasetsError, ValueError, OSError) as exc:
         raise DataError(
             f"cannot read corpus {spec.source!r} as {builder} ({first_line(exc)}); check the files are valid {builder}."
         ) from exc
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def _builtin_path(source: str) -> Path:
