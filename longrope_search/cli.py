@@ -222,9 +222,7 @@ def search(
     `longrope search --resume RUN` to continue with the same result as an uninterrupted run.
     The best factors so far are always in RUN/factors.json.
     """
-    from longrope_search import distributed, job
     from longrope_search.config import find_config
-    from longrope_search.progress import RichReporter
 
     quiet_libraries()
     config = find_config(config) if config is not None else None
@@ -235,6 +233,15 @@ def search(
         overrides.append(f"search.init_from={init_from}")
     if short:
         overrides.append("search.short=true")
+    run_job(config, resume, out, overrides, target is not None or init_from is not None or short, json_out)
+
+
+def run_job(config: Path | None, resume: Path | None, out: Path | None, overrides: list[str], single: bool,
+            json_out: bool) -> None:
+    """`longrope search` once its arguments are read: join the ranks, run the job, print its result on rank 0."""
+    from longrope_search import distributed, job, report
+    from longrope_search.progress import RichReporter
+
     ctx = distributed.init_from_env()  # under torchrun: join the ranks; otherwise one process
     reporter = RichReporter(err_console if json_out else console) if ctx.is_main else None
     planned = None
@@ -242,8 +249,7 @@ def search(
         with saved_on_stop(reporter, "finished generations and evaluations are saved",
                            lambda: planned.continue_command if ctx.is_main and planned is not None else None,
                            lambda: planned.continue_command if planned is not None and planned.resumable else None):
-            planned = job.prepare(config, resume, out, overrides,
-                                  target is not None or init_from is not None or short, ctx)
+            planned = job.prepare(config, resume, out, overrides, single, ctx)
             result = job.run(planned, reporter, ctx)
     finally:
         if reporter is not None:
@@ -252,97 +258,7 @@ def search(
     if ctx.is_main and json_out:
         print_json(result.to_json())
     elif ctx.is_main:
-        show_job(result)
-
-
-def show_job(result: Any) -> None:
-    """A search's, a sweep's or a stages run's result: each stage, the sweep's pick, the last search's table."""
-    if result.stages:
-        show_stages(result.stages, "search" if result.sweep is not None else "stage")
-    if result.sweep is not None:
-        best = result.sweep.best.stage
-        console.print(f"best critical dimension: {best.config.search.critical_dim} ({best.run_dir}); every "
-                      f"search's fitness in {result.sweep.root / 'sweep.json'}", markup=False)
-    if result.final is not None:
-        show_result(result.final, result.run_dir)
-
-
-def show_stages(results: list[Any], what: str = "stage") -> None:
-    for r in results:
-        if r.stage.kind == "export":
-            console.print(f"{what} {r.stage.name} ({r.status}): {r.final.method} at {r.final.target_length} tokens, "
-                          f"a checked Hugging Face model in {r.stage.run_dir}", markup=False)
-            continue
-        if r.trained is not None:  # a finetune stage
-            t = r.trained
-            console.print(f"{what} {r.stage.name} ({r.status}): {t.steps} steps of {t.length}-token rows, loss "
-                          f"{t.first_loss:.4f} -> {t.last_loss:.4f}, model {r.stage.run_dir}", markup=False)
-            continue
-        ppl = r.final.ppl
-        console.print(f"{what} {r.stage.name} ({r.status}): {r.final.scored_length} tokens, search ppl "
-                      f"{ppl.get('search', float('nan')):.4f}, held-out {ppl.get('heldout', float('nan')):.4f}, "
-                      f"{r.stage.run_dir}", markup=False)
-    searched = [r for r in results if r.stage.kind == "search"]
-    if what == "stage" and results[-1].stage.kind == "export":
-        console.print(f"the exported model: {results[-1].stage.run_dir}", markup=False)
-    elif what == "stage" and searched:
-        console.print(f"the last search stage's factors (export this one): {searched[-1].stage.run_dir}", markup=False)
-
-
-def show_result(final: Any, run_dir: Path) -> None:
-    from rich.table import Table
-
-    from longrope_search.factors import factors_path
-
-    length = final.scored_length
-    kind = "short-context set" if final.search.mode == "short" else "factors"
-    settings = final.search.settings
-    fitness = {"needle": "needle perplexity (loss on the hidden numbers' answers)",
-               "joint": f"joint score (exp of the text's mean NLL + {settings.get('needle_weight')} x the answers')"
-               if settings.get("needle_weight") else "joint score with the answers at weight 0 (exp of the text's mean "
-               "NLL around the needles)"
-               }.get(settings.get("fitness"), "perplexity")
-    table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
-                        f"{fitness}, lower is better; needles found, higher is better")
-    columns = {"search": "search samples", "validation": "validation samples", "heldout": "held-out samples",
-               "heldout_ppl": "held-out perplexity", "needle": "held-out needles found"}
-    rows = {"longrope (searched)": final.ppl, **final.baselines}
-    shown = [c for c in columns if any(c in row for row in rows.values())]
-    table.add_column("method")
-    for column in shown:
-        table.add_column(columns[column], justify="right")
-    for name, row in rows.items():
-        table.add_row(name, *(f"{row[c]:{'.0%' if c == 'needle' else '.4f'}}" if c in row else "-" for c in shown))
-    console.print(table)
-    text = "heldout_ppl" if "heldout_ppl" in final.ppl else "heldout"  # plain perplexity when the fitness is joint
-    mine, yarn = final.ppl.get(text), final.baselines.get("yarn", {}).get(text)
-    if mine is not None and yarn is not None and mine > yarn:
-        target = f"{length / final.rope.original_length:g}x"
-        console.print(f"warning: the winner's held-out perplexity {mine:.4f} is worse than YaRN's {yarn:.4f}; export "
-                      f"YaRN instead (longrope export --factors yarn --target {target} --model {final.model} --out "
-                      "DIR), or search longer (search.generations) on more samples (data.samples).",
-                      markup=False, style="yellow")
-    record = final.search
-    stopped = f", {record.rejected} stopped early (search.race_margin, search.screen_windows)" if record.rejected else ""
-    console.print(f"work: {record.evaluations} evaluations{stopped}, {record.forward_tokens / 1e6:.2f}M forward tokens, "
-                  f"{record.seconds:.0f} s of scoring (`longrope plot` draws the best score against the tokens)",
-                  markup=False)
-    if record.selected_by == "validation":
-        console.print(f"the winner is the validation best of the {record.settings.get('select_top')} best candidates by "
-                      f"search score (generation {record.best_generation}, {record.best_origin})", markup=False)
-    if record.stopped_early is not None:
-        console.print(f"stopped early after generation {record.stopped_early}: validation had not improved for "
-                      f"{record.settings.get('patience')} generations; {record.saved_evaluations} evaluations saved",
-                      markup=False)
-    fit = final.search.attention_fit
-    if fit is not None:
-        console.print(fit.describe(), markup=False)
-        if fit.heldout is not None:
-            before, after = fit.heldout.long_mscale, fit.heldout.mscale
-            console.print(f"held-out at {fit.length} tokens: {before:.4f} -> {after:.4f} ({after / before - 1:+.2%})",
-                          markup=False)
-    console.print(f"n_hat {final.n_hat}, mscale {final.mscale:.4f}; factors written to {factors_path(run_dir)}",
-                  markup=False)
+        report.show_job(console, result)
 
 
 @app.command()
@@ -378,11 +294,6 @@ def finetune(
     OUT then loads with plain transformers and is checked like `longrope export`'s output; search on it again with
     --set model.name=OUT.
     """
-    from longrope_search.config import find_config
-    from longrope_search.finetune import finetune_config, run_finetune
-    from longrope_search.progress import RichReporter
-    from longrope_search.rundir import CONFIG_FILE
-
     quiet_libraries()
     overrides = parse_overrides(set_) + model_overrides(model, dtype, revision, trust_remote_code, attn_implementation,
                                                         dtype_key="finetune.precision")
@@ -396,6 +307,18 @@ def finetune(
         overrides.append(f"finetune.factors={factors}")
     if target is not None:
         overrides.append(f"finetune.target={target}")
+    run_finetune_job(run, config, resume, out, overrides, json_out)
+
+
+def run_finetune_job(run: Path | None, config: Path | None, resume: Path | None, out: Path | None,
+                     overrides: list[str], json_out: bool) -> None:
+    """`longrope finetune` once its arguments are read: train (or resume), print the result."""
+    from longrope_search import report
+    from longrope_search.config import find_config
+    from longrope_search.finetune import finetune_config, run_finetune
+    from longrope_search.progress import RichReporter
+    from longrope_search.rundir import CONFIG_FILE
+
     reporter = RichReporter(err_console if json_out else console)
     folder = resume
 
@@ -416,19 +339,7 @@ def finetune(
     if json_out:
         print_json(result.to_json())
     else:
-        show_finetune(result)
-
-
-def show_finetune(result: Any) -> None:
-    console.print(f"fine-tuned {result.steps} steps ({result.tokens:,} tokens, {result.seconds:.0f} s of training): "
-                  f"loss {result.first_loss:.4f} -> {result.last_loss:.4f}; {result.long_rows_share:.0%} of the long "
-                  f"rows ran the long factors", markup=False)
-    if result.max_abs_diff is not None:
-        console.print(f"verified: max abs logit difference {result.max_abs_diff:.2e} at {result.verify_length} tokens, "
-                      f"{result.short_max_abs_diff:.2e} inside the original window", markup=False)
-    console.print(f"fine-tuned model written to {result.out}; measure it with `longrope eval --model {result.out} "
-                  f"--factors {result.run if Path(result.run).exists() else Path(result.out) / 'longrope.json'} --data "
-                  "<the run's corpus> --lengths 1x,8x`", markup=False)
+        report.show_finetune(console, result)
 
 
 @app.command("export")
@@ -468,50 +379,46 @@ def export_cmd(
     """Write a Hugging Face model directory that runs the searched factors as rope type longrope.
 
     transformers (4.57+ and 5.x) and vLLM load it; it gets its own model card (README.md). The check reloads it
-    and compares logits past the original window with the search-time model. The original model is never written; weights are
-    symlinked (copied for the built-in model).
+    and compares logits past the original window with the search-time model. The original model is never written;
+    weights are symlinked (copied for the built-in model).
     """
     from longrope_search.export import export, export_method
-    from longrope_search.reference_csv import export_csv
+    from longrope_search.report import show_export
 
     quiet_libraries()
     if format_ not in ("hf", "longrope-csv"):
         raise ConfigError(f"--format {format_!r} is not one of hf, longrope-csv.")
     if format_ == "longrope-csv":
-        if source is None:
-            raise ConfigError("--format longrope-csv writes a run's factors: longrope export RUN --format longrope-csv "
-                              "--out DIR.")
-        written = export_csv(source, out, force)
-        if json_out:
-            print_json(written.to_json())
-            return
-        for note in written.notes:
-            console.print(f"note: {note}", markup=False)
-        console.print(f"wrote {', '.join(str(p) for p in written.files)}", markup=False)
-        return
+        return export_reference_csv(source, out, force, json_out)
     if (factors is None) == (source is None) or (factors is not None and (model is None or target is None)):
         raise ConfigError("pass a run to export (longrope export RUN --out DIR), or a baseline with the model and "
                           "length: longrope export --factors yarn --target 16x --model MODEL --out DIR.")
-    if factors is not None:
-        with phases(err_console) as phase:
-            report = export_method(factors, target, model, out, force=force, device=device, progress=phase)
-    else:
-        with phases(err_console) as phase:
-            report = export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat,
-                            verify=verify, tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype,
-                            device_map=device_map, revision=revision, push_to_hub=push_to_hub, private=private,
-                            progress=phase)
+    with phases(err_console) as phase:
+        written = export_method(factors, target, model, out, force=force, device=device, progress=phase) \
+            if factors is not None else \
+            export(source, out, model=model, copy_weights=copy_weights, force=force, drop_n_hat=drop_n_hat, verify=verify,
+                   tolerance=tolerance, verify_length=verify_length, device=device, dtype=dtype, device_map=device_map,
+                   revision=revision, push_to_hub=push_to_hub, private=private, progress=phase)
     if json_out:
-        print_json(report.to_json())
+        print_json(written.to_json())
+    else:
+        show_export(console, written)
+
+
+def export_reference_csv(source: Path | None, out: Path, force: bool, json_out: bool) -> None:
+    """`longrope export --format longrope-csv`: the run's factors as microsoft/LongRoPE's CSVs."""
+    from longrope_search.reference_csv import export_csv
+
+    if source is None:
+        raise ConfigError("--format longrope-csv writes a run's factors: longrope export RUN --format longrope-csv "
+                          "--out DIR.")
+    written = export_csv(source, out, force)
+    if json_out:
+        print_json(written.to_json())
         return
-    for note in report.notes:
+    for note in written.notes:
         console.print(f"note: {note}", markup=False)
-    if report.max_abs_diff is not None:
-        console.print(f"verified: max abs logit difference {report.max_abs_diff:.2e} at {report.verify_length} tokens, "
-                      f"{report.short_max_abs_diff:.2e} inside the original window", markup=False)
-    console.print(f"exported to {report.out}", markup=False)
-    if report.pushed is not None:
-        console.print(f"pushed to {report.pushed}", markup=False)
+    console.print(f"wrote {', '.join(str(p) for p in written.files)}", markup=False)
 
 
 @app.command("eval")
@@ -551,10 +458,8 @@ def eval_cmd(
     number in held-out text at each depth and asks for it at the end (one needle, and several keys with one
     asked): the share of exact greedy answers per length and depth.
     """
-    from longrope_search import checkpoint
-    from longrope_search.eval_result import render_tables
     from longrope_search.evaluate import evaluate
-    from longrope_search.factors import load_factors
+    from longrope_search.report import show_eval
     from longrope_search.retrieval import NeedleSettings
     from longrope_search.rundir import EVAL_FILE
 
@@ -575,23 +480,8 @@ def eval_cmd(
         )
     if json_out:
         print_json(result.to_json())
-        return
-    window = load_factors(result.factors).rope.original_length
-    for table in render_tables(result, original_length=window):
-        console.print(table)
-    if not result.heldout:
-        console.print(f"note: these documents were not held out from the search: {result.not_heldout}.",
-                      markup=False)
-    if result.passkey and not any(v > 0 for row in result.passkey.values() for v in row.values()):
-        console.print("note: no method, the unmodified model included, retrieved a passkey at any length measured: "
-                      "this model cannot do the task, so the table says nothing about the factors (--needle measures "
-                      "retrieval in text like the corpus).", markup=False)
-    for note in checkpoint.unfinished_note(run_dir) if run_dir is not None else []:
-        console.print(f"note: {note}", markup=False)
-    written = output_path or (run_dir / EVAL_FILE if run_dir is not None else None)
-    if written is not None:
-        kept = f" ({result.merge_note})" if result.merge_note else ""
-        console.print(f"written to {written}{kept}", markup=False)
+    else:
+        show_eval(console, result, run_dir, output_path or (run_dir / EVAL_FILE if run_dir is not None else None))
 
 
 @app.command()
@@ -639,6 +529,7 @@ def plan(
     Time is FLOPs over --tflops, an assumption: measure one evaluation and pass what you get.
     """
     from longrope_search import plan as plan_mod
+    from longrope_search import report
     from longrope_search.config import DTYPE_BYTES, find_config
 
     name = canonical_dtype(dtype, "--dtype")
@@ -658,25 +549,9 @@ def plan(
         if json_out:
             documents.append({"title": planned.title, "note": planned.note, **result.to_json()})
         else:
-            show_plan(planned.title, planned.shape, planned.length, gpus, gpu_mem, result)
+            report.show_plan(console, planned.title, planned.shape, planned.length, gpus, gpu_mem, result)
     if json_out:
         print_json(documents)
-
-
-def show_plan(title: str, shape: Any, length: int, gpus: int, gpu_mem: float, result: Any) -> None:
-    from rich.table import Table
-
-    from longrope_search import plan as plan_mod
-
-    table = Table(title=f"{title}: {shape.name} at {length} tokens on {gpus} x {gpu_mem:g} GB")
-    table.add_column("quantity")
-    table.add_column("estimate")
-    for name, value in plan_mod.rows(result):
-        table.add_row(name, value)
-    console.print(table)
-    for note in result.notes:
-        console.print(f"note: {note}", markup=False)
-    console.print(f"recommended: {result.recommendation()}", markup=False)
 
 
 @app.command()
@@ -689,12 +564,9 @@ def info(
     json_out: bool = typer.Option(False, "--json", help="Print the geometry and factors as JSON and nothing else."),
 ) -> None:
     """Show a model's RoPE geometry and the PI / NTK / YaRN factor vectors for a target length."""
-    import json
-
-    from rich.table import Table
-
     from longrope_search import rope
     from longrope_search.config import parse_length
+    from longrope_search.report import show_info
     from longrope_search.shapes import model_shape
 
     spec = model_shape(model).rope
@@ -707,22 +579,11 @@ def info(
     vectors = {name: fn(spec, scale).tolist() for name, fn in rope.BASELINES.items()}
     wavelengths = (2 * math.pi / rope.base_inv_freq(spec)).tolist()
     if json_out:
-        typer.echo(json.dumps({
-            "model": model, "rope_theta": spec.base, "rotary_dim": spec.rotary_dim, "num_factors": spec.num_factors,
-            "original_length": spec.original_length, "target_length": length, "scale": scale, "mscale": mscale,
-            "wavelengths": wavelengths, "factors": vectors}, indent=2))
+        print_json({"model": model, "rope_theta": spec.base, "rotary_dim": spec.rotary_dim, "num_factors": spec.num_factors,
+                    "original_length": spec.original_length, "target_length": length, "scale": scale, "mscale": mscale,
+                    "wavelengths": wavelengths, "factors": vectors})
         return
-    console.print(f"{model}: rope_theta {spec.base:g}, rotary_dim {spec.rotary_dim} ({spec.num_factors} factors), "
-                  f"original window {spec.original_length}; target {length} = {scale:g}x, "
-                  f"LongRoPE mscale {mscale:.4f}", markup=False)
-    table = Table(title="factor per rotary pair (1 = untouched)")
-    table.add_column("pair", justify="right")
-    table.add_column("wavelength", justify="right")
-    for name in vectors:
-        table.add_column(name, justify="right")
-    for i in range(spec.num_factors):
-        table.add_row(str(i), f"{wavelengths[i]:.1f}", *(f"{v[i]:.3f}" for v in vectors.values()))
-    console.print(table)
+    show_info(console, model, spec, length, mscale, wavelengths, vectors)
 
 
 def main() -> None:

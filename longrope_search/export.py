@@ -451,6 +451,18 @@ def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[f
 # --- export -----------------------------------------------------------------------------------------------
 
 
+def _verify_length(ff: FactorsFile, config: Any, requested: int | None, dtype: str, device: str | None) -> int:
+    """The check's length (default: the original window + LONG_VERIFY_MARGIN), refused when it does not reach the long
+    factors or cannot fit in the device's memory."""
+    original = ff.rope.original_length
+    length = requested if requested is not None else original + LONG_VERIFY_MARGIN
+    if length <= original:
+        raise ExportError(f"--verify-length {length} must exceed the original window {original} to test the long "
+                          "factors; pass a longer --verify-length.")
+    _check_verify_memory(config, length, dtype, device)
+    return length
+
+
 def _check_verify_memory(config: Any, length: int, dtype: str, device: str | None) -> None:
     """Refuse a check that cannot fit: one model's weights, a forward at `length` and two sets of full logits (the
     export's and the searched model's), against the memory free on `device` (unknown there, or sharded: not refused)."""
@@ -524,14 +536,7 @@ def export(
     src, config, options = source_model(ff, source_file, model, revision)
     out = Path(out).expanduser().absolute()
     _check_destination(out.resolve(), src, force)
-    original = ff.rope.original_length
-    length = verify_length if verify_length is not None else original + LONG_VERIFY_MARGIN
-    if verify and length <= original:
-        raise ExportError(f"--verify-length {length} must exceed the original window {original} to test the long "
-                          "factors; pass a longer --verify-length.")
-
-    if verify:
-        _check_verify_memory(config, length, dtype, device if device_map is None else None)
+    length = _verify_length(ff, config, verify_length, dtype, device if device_map is None else None) if verify else 0
 
     phase(f"writing {out}")
     with _staged(out, force) as folder:

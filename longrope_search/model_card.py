@@ -70,17 +70,20 @@ def _needle_tables(result: EvalResult, original: int) -> list[str]:
     return lines
 
 
+def _front_matter(ff: FactorsFile, tags: list[str]) -> list[str]:
+    """The card's YAML header: library, tags and, for a hub model, its base model."""
+    base = hub_id(ff.model)
+    return ["---", "library_name: transformers", "tags:", *(f"- {tag}" for tag in tags),
+            *([f"base_model: {base}"] if base is not None else []), "---", ""]
+
+
 def model_card(ff: FactorsFile, repo: str | None = None, result: EvalResult | None = None) -> str:
     """The card's markdown. `repo` is the name users load it by (a hub repo when pushed), else a local path."""
     if ff.method != LONGROPE:
         return _method_card(ff, repo or "PATH/TO/THIS/FOLDER")
     original, target = ff.rope.original_length, ff.target_length
-    base = hub_id(ff.model)
     where = repo or "PATH/TO/THIS/FOLDER"
-    front = ["---", "library_name: transformers", "tags:", "- longrope", "- long-context"]
-    if base is not None:
-        front += [f"base_model: {base}"]
-    front += ["---", ""]
+    front = _front_matter(ff, ["longrope", "long-context"])
     short = ("a searched short set" if ff.short_factors is not None else "1.0 (no short set was searched)")
     factors = ff.factors
     body = [
@@ -139,9 +142,7 @@ METHOD_NAMES = {"yarn": "YaRN (rope_type yarn)", "pi": "position interpolation (
 
 def _method_card(ff: FactorsFile, where: str) -> str:
     """The card of a baseline's export (`finetune --factors`, `export --factors`): what runs, and how to load it."""
-    front = ["---", "library_name: transformers", "tags:", "- long-context"]
-    if (base := hub_id(ff.model)) is not None:
-        front += [f"base_model: {base}"]
+    front = _front_matter(ff, ["long-context"])
     body = [
         f"# {Path(where).name or where}: {ff.model} extended to {ff.target_length:,} tokens with {ff.method}", "",
         f"`{ff.model}` with {METHOD_NAMES[ff.method]} at {ff.scale:g}x its {ff.rope.original_length:,}-token window, "
@@ -151,4 +152,4 @@ def _method_card(ff: FactorsFile, where: str) -> str:
         f'model = AutoModelForCausalLM.from_pretrained("{where}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")', "```", "",
     ]
-    return "\n".join(front + ["---", ""] + body)
+    return "\n".join(front + body)

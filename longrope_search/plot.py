@@ -155,29 +155,7 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
         members = np.flatnonzero(generations == g)
         x[members] += np.linspace(-0.3, 0.3, members.size) if members.size > 1 else 0.0
 
-    # The seeds are the baselines snapped to the grid, run with the search's attention factor: their scores are the
-    # bar the search has to clear. The table runs each method as published (its own attention factor, unrounded), so a
-    # seed may differ from its row.
-    others = iter(EXTRA_COLORS)
-    marks: dict[str, float] = {}  # right-axis ticks: where each seed and the best end up
-    rounded = False  # some seed's PPL differs from its table row
-    for origin in dict.fromkeys(origins):
-        chosen = finite & ~stopped & np.array([o == origin for o in origins])
-        if not chosen.any():
-            continue
-        if origin in rope.BASELINES:
-            ppl = float(ppls[chosen][0])
-            marks[f"{origin} seed"] = ppl
-            exact = ff.baselines.get(origin, {}).get("search")
-            differs = exact is not None and math.isfinite(exact) and not math.isclose(exact, ppl, rel_tol=5e-5)
-            ax.scatter(x[chosen], ppls[chosen], s=45, marker="D", color=METHOD_COLORS[origin], zorder=4)
-            rounded = rounded or differs
-            ax.axhline(ppl, color=METHOD_COLORS[origin], linestyle="--", linewidth=1, alpha=0.8,
-                       label=f"{origin} seed {ppl:.2f}" + (f" (table* {exact:.2f})" if differs else ""))
-        else:
-            ax.scatter(x[chosen], ppls[chosen], s=18, alpha=0.8, zorder=3,
-                       color=ORIGIN_COLORS.get(origin) or next(others, None), label=f"{origin} ({chosen.sum()})")
-
+    marks, rounded = _scatter_origins(ax, x, ppls, origins, finite & ~stopped, ff)
     if (finite & stopped).any():
         ax.scatter(x[finite & stopped], ppls[finite & stopped], s=14, facecolors="none", edgecolors="0.45", zorder=2,
                    label=f"stopped early ({(finite & stopped).sum()}; partial score)")
@@ -213,6 +191,36 @@ def search_figure(state: SearchState, ff: FactorsFile) -> Figure:
                   f"{len(state.history)} evaluations over {last} generations", legend_columns=3)
     ax.set_title(ax.get_title() + footnote, fontsize=10)
     return fig
+
+
+def _scatter_origins(ax: Any, x: np.ndarray, ppls: np.ndarray, origins: list[str], shown: np.ndarray,
+                     ff: FactorsFile) -> tuple[dict[str, float], bool]:
+    """The `shown` candidates coloured by where they came from, the seeds as diamonds with a reference line each;
+    returns the seeds' scores (for the right-hand ticks) and whether a seed's score differs from its table row."""
+    # The seeds are the baselines snapped to the grid, run with the search's attention factor: their scores are the
+    # bar the search has to clear. The table runs each method as published (its own attention factor, unrounded), so a
+    # seed may differ from its row.
+    others = iter(EXTRA_COLORS)
+    marks: dict[str, float] = {}  # right-axis ticks: where each seed and the best end up
+    rounded = False  # some seed's PPL differs from its table row
+    for origin in dict.fromkeys(origins):
+        chosen = shown & np.array([o == origin for o in origins])
+        if not chosen.any():
+            continue
+        if origin in rope.BASELINES:
+            ppl = float(ppls[chosen][0])
+            marks[f"{origin} seed"] = ppl
+            exact = ff.baselines.get(origin, {}).get("search")
+            differs = exact is not None and math.isfinite(exact) and not math.isclose(exact, ppl, rel_tol=5e-5)
+            ax.scatter(x[chosen], ppls[chosen], s=45, marker="D", color=METHOD_COLORS[origin], zorder=4)
+            rounded = rounded or differs
+            ax.axhline(ppl, color=METHOD_COLORS[origin], linestyle="--", linewidth=1, alpha=0.8,
+                       label=f"{origin} seed {ppl:.2f}" + (f" (table* {exact:.2f})" if differs else ""))
+        else:
+            ax.scatter(x[chosen], ppls[chosen], s=18, alpha=0.8, zorder=3,
+                       color=ORIGIN_COLORS.get(origin) or next(others, None), label=f"{origin} ({chosen.sum()})")
+
+    return marks, rounded
 
 
 def _search_range(scores: np.ndarray, best_so_far: list[float], best_seed: float) -> tuple[float, float]:

@@ -372,14 +372,16 @@ def test_eval_says_when_no_method_retrieves_a_passkey_and_search_warns_of_a_winn
     assert "no method, the unmodified model included, retrieved a passkey" in " ".join(result.output.split())
     measured.passkey["longrope"][128] = 0.5
     assert "retrieved a passkey" not in CliRunner().invoke(cli.app, ["eval", str(run_dir), "-l", "1x", "--passkey"]).output
+    from longrope_search import report
+
     out = io.StringIO()
-    monkeypatch.setattr(cli, "console", Console(file=out, width=300))
+    console = Console(file=out, width=300)
     ff = load_factors(run_dir)
     ff.ppl["heldout"], ff.baselines["yarn"]["heldout"] = 20.0, 19.0
-    cli.show_result(ff, run_dir)
+    report.show_result(console, ff, run_dir)
     assert "warning: the winner's held-out perplexity 20.0000 is worse than YaRN's 19.0000; export YaRN instead " \
            "(longrope export --factors yarn --target 4x" in out.getvalue()
     ff.ppl["heldout"] = 18.0
     out.truncate(0)
-    cli.show_result(ff, run_dir)
+    report.show_result(console, ff, run_dir)
     assert "worse than YaRN" not in out.getvalue()
