@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from longrope_search import distributed
-from longrope_search.config import Config, has_stages, load_config
+from longrope_search.config import Config, load_config
+from longrope_search.stages_file import has_stages
 from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile
 from longrope_search.progress import SILENT, Reporter

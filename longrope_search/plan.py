@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from longrope_search.attention import attention_grid
-from longrope_search.config import (
-    DEFAULT_CHUNK_SIZE, DEFAULT_MLP_CHUNK, DEFAULT_TARGET, Config, non_search_stages, has_stages, load_config, load_stages,
-    parse_length,
-)
+from longrope_search.config import DEFAULT_CHUNK_SIZE, DEFAULT_MLP_CHUNK, DEFAULT_TARGET, Config, load_config, parse_length
 from longrope_search.errors import ConfigError, ModelError
 from longrope_search.rope import longrope_mscale
+from longrope_search.stages_file import has_stages, load_stages, non_search_stages
 from longrope_search.shapes import ModelShape, model_shape
 
 GB = 1e9

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from longrope_search import checkpoint, distributed, export
-from longrope_search.config import (Config, ExportStage, load_stages, parse_length, read_yaml, stage_kind,
-                                    stages_with_overrides)
+from longrope_search.config import Config, parse_length, read_yaml
+from longrope_search.stages_file import ExportStage, load_stages, stage_kind, stages_with_overrides
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text

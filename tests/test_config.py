@@ -64,7 +64,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_validate_and_start_with_their_command(path):
-    from longrope_search.config import has_stages, load_stages
+    from longrope_search.stages_file import has_stages, load_stages
 
     configs = [c for _, c in load_stages(path)[1]] if has_stages(path) else [load_config(path)]
     first = path.read_text().splitlines()[0]

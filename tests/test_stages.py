@@ -187,7 +187,7 @@ def test_bad_stage_configs_are_one_line(setup, tmp_path):
 
 
 def test_command_line_overrides_win_over_stage_settings(setup, tmp_path):
-    from longrope_search.config import load_stages
+    from longrope_search.stages_file import load_stages
 
     model, corpus = setup
     config = staged_config(tmp_path / "stages.yaml", model, corpus)
