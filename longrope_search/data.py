@@ -2,6 +2,9 @@
 
 Samples are cached on disk under a key of tokenizer, corpus identity and sampling settings, so a
 repeated or resumed search never tokenises again; their fingerprint ties checkpoints to the exact ids.
+
+Over 450 lines: three corpus sources, the window sampler and its cache, and the fine-tune's token stream all read
+the same documents the same way; splitting them would copy the reading.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 as rope type "longrope", then reload it and check its logits against the search-time model.
 
 SRC is only ever read: weights are symlinked (or copied), config.json is rewritten in DST from SRC's raw JSON.
+
+Over 450 lines: the config writer (three rope types, Phi-3's strict form, both transformers majors), the refusals,
+the staged write and the reload check belong to one promise, a model that loads and matches; the model card, the
+hub and the authors' CSVs are already apart.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ original window, the short ones for rows within it (LongRoPE2's mixed context wi
 checkpoints into DIR/checkpoints and continues from the newest complete one (`--resume DIR`, also after kill -9);
 the trained weights go into DIR itself beside export's config.json, tokenizer, longrope.json and model card, and the
 reload check of `longrope export` runs on them. DIR/finetune.json, written last, marks a finished fine-tune.
+
+Over 450 lines: setup, data, the Trainer's arguments and callbacks, the written model and its check; the
+checkpoints folder is apart (trainer_checkpoints.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Figures of a run directory: searched factors against PI/NTK/YaRN, search progress, and `longrope eval`
 results by length. Reads factors.json, state/ and eval.json; writes each figure as PNG and SVG with matplotlib.
+
+Over 450 lines: seven figures and the axis helpers they share; each figure is one function under 60 lines.
 """
 
 from __future__ import annotations
