@@ -259,10 +259,12 @@ def is_finished(run_dir: Path) -> bool:
 def unfinished_note(run_dir: Path) -> list[str]:
     """A note when `run_dir` is a search that has not finished (still running, or stopped): its factors.json holds
     the best so far, not the compared winner."""
-    log = run_dir / LOG_FILE
-    if not log.is_file() or not (run_dir / STATE_DIR).is_dir() or is_finished(run_dir):
+    if not (run_dir / LOG_FILE).is_file() or not (run_dir / STATE_DIR).is_dir():
         return []
-    generation = max(read_log(log).generations, default=0)
+    log = read_log(run_dir / LOG_FILE)
+    if log.phase == "done" and (run_dir / FACTORS_FILE).is_file():  # is_finished, from the one read
+        return []
+    generation = max(log.generations, default=0)
     return [f"{run_dir} has not finished its search (it is still running, or was stopped): these are its best factors "
             f"after generation {generation}, not yet compared or validated; use them again once it ends (`longrope "
             f"search --resume {run_dir}` finishes a stopped one)."]

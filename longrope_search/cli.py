@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -173,9 +174,10 @@ def model_overrides(model: str | None, dtype: str | None, revision: str | None, 
     """The model flags as --set overrides, so they pass the config's checks like any value (a fine-tune's --dtype is
     its training precision, finetune.precision)."""
     values = {"model.name": model, dtype_key: canonical_dtype(dtype, "--dtype") if dtype is not None else None,
-              "model.revision": revision, "model.trust_remote_code": "true" if trust_remote_code else None,
+              "model.revision": revision, "model.trust_remote_code": True if trust_remote_code else None,
               "model.attn_implementation": attn_implementation}
-    return [f"{key}={value}" for key, value in values.items() if value is not None]
+    # JSON is YAML: a value stays the string typed (a commit id 0123456, a model named yes), never a number or bool
+    return [f"{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
 
 
 def print_json(doc: Any) -> None:
@@ -391,7 +393,18 @@ def export_cmd(
     quiet_libraries()
     if format_ not in ("hf", "longrope-csv"):
         raise ConfigError(f"--format {format_!r} is not one of hf, longrope-csv.")
+    ignored = [flag for flag, given in (("--push-to-hub", push_to_hub), ("--copy-weights", copy_weights),
+                                        ("--no-verify", not verify), ("--verify-length", verify_length),
+                                        ("--tolerance", tolerance != 1e-4), ("--dtype", dtype != "float32"),
+                                        ("--device-map", device_map), ("--revision", revision),
+                                        ("--drop-n-hat", drop_n_hat)) if given]
+    if ignored and (factors is not None or format_ == "longrope-csv"):
+        what = "--format longrope-csv" if format_ == "longrope-csv" else "--factors"
+        raise ConfigError(f"{', '.join(ignored)} do not apply with {what}; drop them (they set a run's Hugging Face "
+                          "export and its check).")
     if format_ == "longrope-csv":
+        if model is not None or factors is not None or target is not None:
+            raise ConfigError("--format longrope-csv writes a run's own factors; drop --model, --factors and --target.")
         return export_reference_csv(source, out, force, json_out)
     if (factors is None) == (source is None) or (factors is not None and (model is None or target is None)):
         raise ConfigError("pass a run to export (longrope export RUN --out DIR), or a baseline with the model and "

@@ -17,7 +17,7 @@ from rich.text import Text
 from longrope_search.config import format_length
 from longrope_search.errors import CheckpointError
 from longrope_search.files import atomic_write_text, json_text
-from longrope_search.methods import FIXED_MARK
+from longrope_search.methods import FIXED_MARK, is_fixed
 
 
 NEEDLE_VARIANTS = {"single": "one needle", "multikey": "several keys, one asked"}
@@ -138,7 +138,7 @@ def length_label(length: int, original_length: int | None = None) -> str:
 def render_tables(result: EvalResult, original_length: int | None = None) -> list[Any]:
     """Rich tables, rows = methods, columns = lengths; the best per column bold and starred (ties all starred)."""
     def build(title: str, scores: dict[str, dict[int, float]], better: Callable[..., float], fmt: str) -> Any:
-        fixed = next((m for m in scores if FIXED_MARK in m), None)
+        fixed = next((m for m in scores if is_fixed(m)), None)
         caption = "* best per length" + (
             f"; pi, ntk, yarn: rescaled to each length (their best there); {FIXED_MARK}{fixed.split(FIXED_MARK)[1]}: "
             "fixed at the target, as deployed (like longrope)" if fixed else "")

@@ -471,9 +471,12 @@ def _check_verify_memory(config: Any, length: int, dtype: str, device: str | Non
     """Refuse a check that cannot fit: one model's weights, a forward at `length` and two sets of full logits (the
     export's and the searched model's), against the memory free on `device` (unknown there, or sharded: not refused)."""
     free = available_bytes(device) if device is not None else None
+    try:
+        shape = shape_from_config(config, "the model")
+    except ModelError:  # a config without the sizes plan reads: its memory is unknown, the check may try
+        return
     if free is None:
         return
-    shape = shape_from_config(config, "the model")
     size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     need = (shape.params * size + max(activation_bytes(shape, length, size).values())
             + 2 * length * shape.vocab_size * 4)
@@ -547,13 +550,15 @@ def export(
         notes = _write(ff, source_file, src, folder, config.model_type, copy_weights, push_to_hub or str(out))
         notes += checkpoint.unfinished_note(source_file.parent)
         report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
+        ref = None
         if verify:
             phase(f"checking {out}: reloading it with plain transformers and comparing logits with the searched model")
             ref = _verified(report, folder, src, ff, length, tolerance, device, dtype, device_map, options)
-            if ff.n_hat > 0 and (cost := n_hat_cost(source_file.parent, src, ref, ff)) is not None:
-                kept, dropped = cost
-                notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
-                             f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
+    # after the move: a side measurement that fails (the run's corpus gone) never costs the checked export
+    if ref is not None and ff.n_hat > 0 and (cost := n_hat_cost(source_file.parent, src, ref, ff)) is not None:
+        kept, dropped = cost
+        notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
+                     f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
     if push_to_hub is not None:
         phase(f"uploading {out} to {push_to_hub}")
         report.pushed = hub.push_folder(out, push_to_hub, private)
@@ -583,12 +588,13 @@ def export_method(method: str, target: str | int, model: str, out: Path, force: 
 
 @contextlib.contextmanager
 def _staged(out: Path, force: bool) -> Iterator[Path]:
-    """A private folder beside `out` for the block to write and check the export in, moved into `out` when the block
-    succeeds (temp files a kill left there removed; with --force, the previous export's weights too) and deleted with
-    the folders made for it when it fails. Staging folders a killed export left for `out` go first."""
+    """A private folder for the block to write and check the export in (inside `out` when it exists, so on its disk
+    even behind a link and whatever its parent allows; else beside it), moved into `out` when the block succeeds (temp
+    files a kill left there removed; with --force, the previous export's weights too) and deleted with the folders
+    made for it when it fails. Staging folders a killed export left for `out` go first."""
     remove_staging(out)
     created = make_dirs(out.parent)
-    folder = staging_folder(out)
+    folder = staging_folder(out, inside=out.is_dir())
     try:
         yield folder
     except BaseException:

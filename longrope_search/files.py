@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import math
 import os
@@ -231,23 +232,29 @@ def remove_temps(folder: Path, names: str = "*") -> list[Path]:
     return removed
 
 
-def staging_folder(target: Path) -> Path:
-    """A new private folder next to `target` (".NAME.<random>.tmp") to build it in before moving it into place; the
-    caller removes it, or `remove_staging` after a kill."""
-    make_dirs(target.parent)
+STAGING_RANDOM = "????????"  # mkdtemp's eight random characters
+
+
+def staging_folder(target: Path, inside: bool = False) -> Path:
+    """A new private folder (".NAME.<random>.tmp") next to `target`, or inside it (an existing folder: the same disk,
+    whatever its parent allows), to build it in before moving it into place; the caller removes it, or
+    `remove_staging` after a kill."""
+    where = Path(target) if inside else Path(target).parent
     try:
-        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=TEMP_SUFFIX))
+        return Path(tempfile.mkdtemp(dir=where, prefix=f".{Path(target).name}.", suffix=TEMP_SUFFIX))
     except OSError as exc:
-        raise storage_error(exc, target.parent, "create a folder in") from None
+        raise storage_error(exc, where, "create a folder in") from None
 
 
 def remove_staging(target: Path) -> list[Path]:
-    """Delete the staging folders of `target` a kill left behind; returns them."""
-    removed = []
-    for path in Path(target).parent.glob(f".{Path(target).name}.*{TEMP_SUFFIX}"):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    """Delete the staging folders of `target` a kill left behind (beside it or inside it); returns them."""
+    target, removed = Path(target), []
+    pattern = f".{glob.escape(target.name)}.{STAGING_RANDOM}{TEMP_SUFFIX}"
+    for where in (target.parent, target):
+        for path in where.glob(pattern) if where.is_dir() else []:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -259,7 +266,7 @@ def move_into(staging: Path, target: Path, last: str) -> None:
         if not target.exists() or (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
             os.chmod(staging, file_mode(folder=True))  # mkdtemp makes 0700: the folder must be served like any
             os.replace(staging, target)
-        else:
+        else:  # file by file (the staging folder may sit inside `target`)
             for path in sorted(staging.iterdir(), key=lambda p: p.name == last):
                 os.replace(path, target / path.name)
             staging.rmdir()

@@ -31,7 +31,7 @@ from longrope_search.errors import CheckpointError, StorageError
 from longrope_search.eval_result import EvalResult, read_eval
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_bytes, make_dirs
-from longrope_search.methods import FIXED_MARK
+from longrope_search.methods import FIXED_MARK, is_fixed
 from longrope_search.rundir import EVAL_FILE, PLOTS_DIR
 
 SEARCHED = "longrope"
@@ -318,7 +318,7 @@ def method_styles(methods: list[str]) -> dict[str, dict[str, Any]]:
     """Colour, line and legend label per eval row: a method's colour for both its rows, the one rescaled to each
     length solid and the one fixed at the target (METHOD@TARGET) dashed, so a reader sees which is which."""
     extra = iter(EXTRA_COLORS)
-    fixed = any(FIXED_MARK in m for m in methods)
+    fixed = any(is_fixed(m) for m in methods)
     styles = {}
     for method in methods:
         base, mark, target = method.partition(FIXED_MARK)

@@ -79,6 +79,9 @@ def export_csv(source: str | Path, out: Path, force: bool = False) -> CsvExport:
     make_dirs(out)
     for name, factors in targets:
         atomic_write_text(out / name, _csv_text(list(factors)))
+    stale = out / SHORT_CSV
+    if ff.short_factors is None and stale.is_file() and not stale.is_symlink():
+        stale.unlink()  # an earlier export's short set would read as this run's
     notes = [f"{LONG_CSV}: the factors for inputs past the {ff.rope.original_length}-token window (target "
              f"{ff.target_length} tokens); point the reference code's LONGROPE_RESCALE_FACTOR at it."]
     if ff.short_factors is not None:

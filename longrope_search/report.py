@@ -74,7 +74,7 @@ def show_result(out: Console, final: Any, run_dir: Path) -> None:
     out.print(table)
     text = "heldout_ppl" if "heldout_ppl" in final.ppl else "heldout"  # plain perplexity when the fitness is joint
     mine, yarn = final.ppl.get(text), final.baselines.get("yarn", {}).get(text)
-    if mine is not None and yarn is not None and mine > yarn:
+    if final.search.mode != "short" and mine is not None and yarn is not None and mine > yarn:
         target = f"{length / final.rope.original_length:g}x"
         out.print(f"warning: the winner's held-out perplexity {mine:.4f} is worse than YaRN's {yarn:.4f}; export "
                       f"YaRN instead (longrope export --factors yarn --target {target} --model {final.model} --out "

@@ -512,7 +512,7 @@ def run_search(
         opened = distributed.run_on_main(functools.partial(open_run, config, run_dir, resume, overrides, stack), ctx)
         if opened.finished:  # its result stands, and the log gains no second `done`
             reporter.note(f"{opened.run_dir} is finished; nothing to resume (--set search.generations=N searches on)")
-            return load_factors(opened.run_dir / FACTORS_FILE), opened.run_dir
+            return distributed.run_on_main(lambda: load_factors(opened.run_dir / FACTORS_FILE), ctx), opened.run_dir
         reporter.phase(f"reading the config of {opened.config.model.name}")
         model_config, setup = distributed.run_everywhere(functools.partial(set_up, opened.config), ctx)
         # ranks split into groups that score one sample together (size 1: ctx unchanged); same on every rank

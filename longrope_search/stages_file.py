@@ -103,13 +103,11 @@ def load_stages(path: str | Path, overrides: list[str] | None = None) -> tuple[C
             problems += [f"{where}.{key}: a finetune stage trains the model of the stage before on finetune.source; "
                          f"it sets only {', '.join(FINETUNE_STAGE_KEYS)} (put {key} settings in the search stages)"
                          for key in sorted(set(stage) & set(STAGE_KEYS) - set(FINETUNE_STAGE_KEYS))]
-            method = _merge(raw, stage).get("finetune", {}).get("factors", "run")
-            if method != "run":
-                pass  # a baseline needs no search stage before it
-            elif i == 0:
+            method = (_merge(raw, stage).get("finetune") or {}).get("factors", "run")  # a baseline needs no search first
+            if method == "run" and i == 0:
                 problems.append(f"{where}: a finetune stage trains the factors of the search stage before it; put a "
                                 "search stage first (or set finetune.factors: yarn and a target)")
-            elif stage_kind(stages[i - 1]) != "search":
+            elif method == "run" and stage_kind(stages[i - 1]) != "search":
                 problems.append(f"{where}: the stage before is not a search stage; a fine-tune trains the factors of "
                                 "a search stage (or set finetune.factors: yarn and a target)")
             if isinstance(stage.get("finetune"), dict) and "run" in stage["finetune"]:

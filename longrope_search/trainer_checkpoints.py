@@ -48,6 +48,8 @@ def _safetensors_whole(path: Path) -> bool:
     """The file holds every byte its header promises (a kill or a full disk truncates it)."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > path.stat().st_size - 8:  # a garbage length: never allocate it
+            return False
         header = json.loads(f.read(size))
     ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
     return path.stat().st_size >= 8 + size + max(ends, default=0)

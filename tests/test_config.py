@@ -78,3 +78,13 @@ def test_shipped_configs_validate_and_start_with_their_command(path):
 def test_an_override_value_that_is_not_yaml_is_a_config_error():
     with pytest.raises(ConfigError, match="not valid YAML"):
         apply_overrides({}, ["search.n_hat=[0, 4"])
+
+
+def test_a_finetune_stage_written_empty_is_the_shared_settings(tmp_path):
+    from longrope_search.errors import ConfigError
+    from longrope_search.stages_file import load_stages
+
+    path = tmp_path / "stages.yaml"
+    path.write_text("stages:\n  - {name: ft, finetune: null}\n")
+    with pytest.raises(ConfigError, match="a finetune stage trains the factors of the search stage before it"):
+        load_stages(path)

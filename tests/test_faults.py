@@ -445,7 +445,7 @@ def test_a_failed_export_leaves_no_model_and_a_killed_one_is_cleaned_by_the_next
     monkeypatch.undo()
     assert not (tmp_path / "models").exists()  # neither the model, nor the folders made for it
     (tmp_path / "models").mkdir()
-    killed = tmp_path / "models" / ".export.k1ll3d.tmp"  # what a kill -9 during an export leaves
+    killed = tmp_path / "models" / ".export.k1ll3d00.tmp"  # what a kill -9 during an export leaves
     killed.mkdir()
     (killed / "model.safetensors").write_bytes(b"\0" * 1000)
     out.mkdir()
@@ -670,3 +670,14 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(arena, case):
     line = one_line_error(runner.invoke(app, argv(paths)), expected)
     assert "resume it" not in line  # a file or a folder that holds no run is not offered for resuming
     assert snapshot(root) == before  # a failed start removes what it wrote: no config.resolved.yaml left
+
+
+def test_export_into_a_linked_folder_stages_on_its_disk_and_leaves_no_staging(reference, tmp_path):
+    elsewhere = tmp_path / "scratch" / "model"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(elsewhere)  # --out a link to a scratch disk
+    result = runner.invoke(app, ["export", str(reference), "--out", str(tmp_path / "models" / "tiny"), "--drop-n-hat"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (elsewhere / "config.json").is_file() and (elsewhere / "longrope.json").is_file()
+    assert not [p for p in [*elsewhere.iterdir(), *(tmp_path / "models").iterdir()] if p.name.endswith(".tmp")]

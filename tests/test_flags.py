@@ -126,3 +126,21 @@ def test_export_and_plan_json_and_dtype(files, tmp_path):
     assert plans[1]["weights_bytes"] == 2 * plans[0]["weights_bytes"]
     line = runner.invoke(app, ["plan", "--model", "llama2-7b", "--dtype", "auto"])
     assert line.exit_code == 2 and "plan needs bf16, fp16 or fp32" in line.output
+
+
+def test_flag_values_stay_the_strings_typed_and_flags_that_do_not_apply_are_refused(files, tmp_path):
+    from longrope_search.cli import model_overrides
+    from longrope_search.config import apply_overrides
+
+    raw = apply_overrides({}, model_overrides("yes", None, "0123456", False, None))
+    assert from_dict(raw).model.name == "yes" and from_dict(raw).model.revision == "0123456"
+    _, model, _, _, _ = files
+    for argv, expected in (
+        (["--factors", "yarn", "--target", "8x", "--model", str(model), "--push-to-hub", "me/x"],
+         "--push-to-hub do not apply with --factors"),
+        (["RUN", "--format", "longrope-csv", "--model", str(model)], "drop --model, --factors and --target"),
+        (["RUN", "--format", "longrope-csv", "--copy-weights"], "--copy-weights do not apply with --format longrope-csv"),
+    ):
+        argv = [str(tmp_path) if a == "RUN" else a for a in argv]
+        result = runner.invoke(app, ["export", *argv, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and expected in result.output, result.output
