@@ -391,24 +391,14 @@ def export_cmd(
     from longrope_search.report import show_export
 
     quiet_libraries()
-    if format_ not in ("hf", "longrope-csv"):
-        raise ConfigError(f"--format {format_!r} is not one of hf, longrope-csv.")
-    ignored = [flag for flag, given in (("--push-to-hub", push_to_hub), ("--copy-weights", copy_weights),
-                                        ("--no-verify", not verify), ("--verify-length", verify_length),
-                                        ("--tolerance", tolerance != 1e-4), ("--dtype", dtype != "float32"),
-                                        ("--device-map", device_map), ("--revision", revision),
-                                        ("--drop-n-hat", drop_n_hat)) if given]
-    if ignored and (factors is not None or format_ == "longrope-csv"):
-        what = "--format longrope-csv" if format_ == "longrope-csv" else "--factors"
-        raise ConfigError(f"{', '.join(ignored)} do not apply with {what}; drop them (they set a run's Hugging Face "
-                          "export and its check).")
+    run_only = [flag for flag, given in (("--push-to-hub", push_to_hub), ("--copy-weights", copy_weights),
+                                         ("--no-verify", not verify), ("--verify-length", verify_length),
+                                         ("--tolerance", tolerance != 1e-4), ("--dtype", dtype != "float32"),
+                                         ("--device-map", device_map), ("--revision", revision),
+                                         ("--drop-n-hat", drop_n_hat)) if given]
+    check_export_form(format_, source, factors, model, target, run_only)
     if format_ == "longrope-csv":
-        if model is not None or factors is not None or target is not None:
-            raise ConfigError("--format longrope-csv writes a run's own factors; drop --model, --factors and --target.")
         return export_reference_csv(source, out, force, json_out)
-    if (factors is None) == (source is None) or (factors is not None and (model is None or target is None)):
-        raise ConfigError("pass a run to export (longrope export RUN --out DIR), or a baseline with the model and "
-                          "length: longrope export --factors yarn --target 16x --model MODEL --out DIR.")
     with phases(err_console) as phase:
         written = export_method(factors, target, model, out, force=force, device=device, progress=phase) \
             if factors is not None else \
@@ -419,6 +409,24 @@ def export_cmd(
         print_json(written.to_json())
     else:
         show_export(console, written)
+
+
+def check_export_form(format_: str, source: Path | None, factors: str | None, model: str | None,
+                      target: str | None, run_only: list[str]) -> None:
+    """One line for an export asked in a form that does not hold: a run's export, a baseline's, or the CSVs, each
+    with only the flags that apply to it (`run_only`: the given flags that set a run's Hugging Face export)."""
+    if format_ not in ("hf", "longrope-csv"):
+        raise ConfigError(f"--format {format_!r} is not one of hf, longrope-csv.")
+    if run_only and (factors is not None or format_ == "longrope-csv"):
+        what = "--format longrope-csv" if format_ == "longrope-csv" else "--factors"
+        raise ConfigError(f"{', '.join(run_only)} do not apply with {what}; drop them (they set a run's Hugging Face "
+                          "export and its check).")
+    if format_ == "longrope-csv" and (model is not None or factors is not None or target is not None):
+        raise ConfigError("--format longrope-csv writes a run's own factors; drop --model, --factors and --target.")
+    if format_ == "hf" and ((factors is None) == (source is None) or
+                            (factors is not None and (model is None or target is None))):
+        raise ConfigError("pass a run to export (longrope export RUN --out DIR), or a baseline with the model and "
+                          "length: longrope export --factors yarn --target 16x --model MODEL --out DIR.")
 
 
 def export_reference_csv(source: Path | None, out: Path, force: bool, json_out: bool) -> None:

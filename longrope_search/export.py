@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from longrope_search import builtin, checkpoint, hub, methods
 from longrope_search.config import canonical_dtype, load_config as load_run_config, parse_length
 from longrope_search.data import CorpusSpec, build_samples
-from longrope_search.errors import CheckpointError, ExportError, ModelError
+from longrope_search.errors import CheckpointError, ExportError, LongRopeError, ModelError
 from longrope_search.eval_result import read_eval
 from longrope_search.factors import LONGROPE, FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.files import (
@@ -486,6 +486,20 @@ def _check_verify_memory(config: Any, length: int, dtype: str, device: str | Non
                           "window + 16 tokens, already runs the long factors).")
 
 
+def _n_hat_note(run_dir: Path, src: Path, ref: Any, ff: FactorsFile) -> list[str]:
+    """What dropping n_hat costs on the search samples, measured after the export is in place: a measurement that
+    fails (the run's corpus gone) becomes a note, never a failed export."""
+    try:
+        cost = n_hat_cost(run_dir, src, ref, ff)
+    except LongRopeError as exc:
+        return [f"the cost of dropping n_hat={ff.n_hat} could not be measured ({exc})"]
+    if cost is None:
+        return []
+    kept, dropped = cost
+    return [f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from {kept:.4f} "
+            f"to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)"]
+
+
 def _check_verify_settings(tolerance: float, dtype: str, device: str | None, device_map: str | None) -> None:
     """The logit check's own settings (and its device, when it runs and no device map places the models), refused
     before anything is read or written."""
@@ -554,11 +568,8 @@ def export(
         if verify:
             phase(f"checking {out}: reloading it with plain transformers and comparing logits with the searched model")
             ref = _verified(report, folder, src, ff, length, tolerance, device, dtype, device_map, options)
-    # after the move: a side measurement that fails (the run's corpus gone) never costs the checked export
-    if ref is not None and ff.n_hat > 0 and (cost := n_hat_cost(source_file.parent, src, ref, ff)) is not None:
-        kept, dropped = cost
-        notes.append(f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens "
-                     f"from {kept:.4f} to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)")
+    if ref is not None and ff.n_hat > 0:
+        notes += _n_hat_note(source_file.parent, src, ref, ff)
     if push_to_hub is not None:
         phase(f"uploading {out} to {push_to_hub}")
         report.pushed = hub.push_folder(out, push_to_hub, private)
