@@ -134,25 +134,6 @@ def load_state(run_dir: Path, missing_ok: bool = False) -> tuple[SearchState | N
     )
 
 
-# Identity fields added after runs were already on disk: a checkpoint without one is compared on the others only.
-ADDED_IDENTITY = ("weights",)
-
-
-def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Names of the identity fields that differ, with both values (for a mapping, the entries that differ)."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        before, now = saved.get(key), current.get(key)
-        if before == now or (key in ADDED_IDENTITY and key not in saved):
-            continue
-        if isinstance(before, dict) and isinstance(now, dict):
-            out += [f"{key} {name}: checkpoint has {before.get(name)!r}, now {now.get(name)!r}"
-                    for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name)]
-        else:
-            out.append(f"{key}: checkpoint has {before!r}, now {now!r}")
-    return out
-
-
 def _number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 

@@ -10,25 +10,25 @@ from typing import Any, Sequence
 
 from longrope_search import distributed
 from longrope_search.evolution import Candidate
-from longrope_search.factors import PplPair
+from longrope_search.factors import PplPair, Scores
 from longrope_search.fitness import Evaluator
 from longrope_search.model import install_rope
 from longrope_search.needle import NeedleSample, greedy_answer, is_retrieved
 from longrope_search.search_setup import SearchSetup
 
-# The columns of the comparison: the fitness on the search and held-out samples; "heldout_ppl" the plain perplexity
-# of the held-out windows (a needle search only); "needle" the share of held-out needles answered exactly.
-SCORES = ("search", "heldout", "heldout_ppl")
+# The columns the comparison measures (factors.SCORE_COLUMNS names them): the fitness on the search and held-out
+# samples and the held-out text's plain perplexity, each by its evaluator; "needle" by greedy retrieval.
+SCORED = ("search", "heldout", "heldout_ppl")
 SEARCH_BEST = "search best"  # the row of the best search score, when validation chose another winner
 NEEDLE = "needle"
 
 
 @dataclass
 class Comparison:
-    """Per column (SCORES, NEEDLE): the winner's value, and each reference method's."""
+    """The winner's scores (its search score is the search's own), and each reference method's."""
 
-    ppl: dict[str, float] = field(default_factory=dict)
-    baselines: dict[str, dict[str, float]] = field(default_factory=dict)
+    scores: Scores = field(default_factory=Scores)
+    baselines: dict[str, Scores] = field(default_factory=dict)
     long_heldout: PplPair | None = None  # a short search: the long set's held-out PPL before and after the fit
 
 
@@ -56,7 +56,7 @@ def compare_methods(
     # (baseline name or None for the winner, column, key, factors, n_hat, mscale)
     jobs: list[tuple[str | None, str, str, Any, int, float]] = []
     winner = (best.key, setup.factors(best.genes), best.n_hat, setup.mscale_of(best))
-    columns = [c for c in SCORES if c in evaluators] + ([NEEDLE] if needles is not None else [])
+    columns = [c for c in SCORED if c in evaluators] + ([NEEDLE] if needles is not None else [])
     jobs += [(None, column, *winner) for column in columns if column != "search"]
     for name, (factors, mscale) in setup.comparisons().items():
         jobs += [(name, column, f"baseline:{name}", factors, 0, mscale) for column in columns]
@@ -69,10 +69,8 @@ def compare_methods(
             return needles.accuracy(factors, n_hat, mscale)
         return evaluators[column].score(key, factors, n_hat, mscale).ppl
 
-    result = Comparison()
+    rows: dict[str | None, dict[str, float]] = {None: {}}
     for (name, column, *_), value in zip(jobs, distributed.map_candidates(run, jobs, ctx)):
-        if name is None:
-            result.ppl[column] = value
-        else:
-            result.baselines.setdefault(name, {})[column] = value
-    return result
+        rows.setdefault(name, {})[column] = value
+    winner_row = rows.pop(None)
+    return Comparison(Scores(**winner_row), {name: Scores(**row) for name, row in rows.items()})

@@ -24,6 +24,7 @@ from longrope_search.eval_result import EvalResult
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.fitness import Evaluator
 from longrope_search.files import check_writable
+from longrope_search.identity import RunIdentity
 from longrope_search.methods import methods_for, unique_lengths
 from longrope_search.model import DEFAULT_LOAD, LoadOptions, load_config, load_model, rope_spec
 from longrope_search.passkey import passkey, passkey_prompt
@@ -31,6 +32,7 @@ from longrope_search.progress import Countdown
 from longrope_search.retrieval import NeedleSettings, cell_samples, draw_trials, needle_accuracy
 from longrope_search.rope import RopeSpec
 from longrope_search.rundir import CONFIG_FILE, EVAL_FILE, FACTORS_FILE, STATE_DIR, config_for_resume
+from longrope_search.sample_sets import draw_split
 
 DEFAULT_SAMPLES = 8  # held-out windows per length when the run kept none
 
@@ -105,15 +107,15 @@ def heldout_windows(
 def _decided_with(tokenizer: Any, corpus: CorpusSpec, run: RunSampling, cache_dir: str | Path | None) -> set[int]:
     """The documents a run decided with: its search documents and its validation documents (after the held-out
     ones); a corpus whose search windows changed since the run is refused."""
-    drawn = build_samples(tokenizer, corpus, run.target_length, run.samples, run.heldout_samples + run.validation_samples,
-                          run.seed, cache_dir)
-    if run.fingerprint is not None and drawn.fingerprint != run.fingerprint:
+    split = draw_split(tokenizer, corpus, run.target_length, run.samples, run.heldout_samples, run.validation_samples,
+                       run.seed, cache_dir)
+    if run.fingerprint is not None and split.windows.fingerprint != run.fingerprint:
         raise DataError(
             f"the corpus {corpus.source!r} or tokenizer changed since the search (its search windows differ), so "
             "held-out documents cannot be told apart; restore them, or evaluate on another corpus with --model, "
             "--factors and --data (its documents are then not held out from the search)."
         )
-    return set(drawn.search_docs) | set(drawn.heldout_docs[run.heldout_samples:])
+    return split.decided_docs
 
 
 # --- perplexity ---------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def run_inputs(run_dir: Path, model: str | None, samples: int | None, device: st
     d = config.data
     fingerprint = None
     if (run_dir / STATE_DIR).is_dir():
-        fingerprint = checkpoint.load_state(run_dir)[0].fingerprint.get("data")
+        fingerprint = RunIdentity.from_json(checkpoint.load_state(run_dir)[0].fingerprint).data
     return EvalInputs(
         model=model or config.model.name, factors=ff, factors_file=factors_path(run_dir), corpus=CorpusSpec.of(d),
         samples=(d.heldout_samples or DEFAULT_SAMPLES) if samples is None else samples,

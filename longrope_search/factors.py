@@ -23,7 +23,8 @@ from longrope_search.files import atomic_write_text, json_text
 from longrope_search.rope import BASELINES, RopeSpec
 from longrope_search.rundir import FACTORS_FILE, not_a_run
 
-FORMAT = "longrope-factors/1"
+FORMAT = "longrope-factors/2"  # /2: the scores under "scores" (/1 kept them, the needle share too, under "ppl")
+OLD_FORMAT = "longrope-factors/1"  # still read
 LONGROPE = "longrope"  # FactorsFile.method of searched factors
 STATIC_METHODS = tuple(BASELINES)  # pi, ntk, yarn: the baselines a factors file can also hold (eval, finetune --factors, export)
 
@@ -33,9 +34,71 @@ def number(value: Any) -> float:
     return math.inf if value is None else float(value)
 
 
-def numbers(doc: Any) -> dict[str, Any]:
-    """A mapping of PPLs (nested one level for baselines), null read back as inf."""
-    return {str(k): numbers(v) if isinstance(v, dict) else number(v) for k, v in dict(doc).items()}
+@dataclass(frozen=True)
+class ScoreColumn:
+    """One score a search reports for each method: its key in factors.json, its heading in tables, its format."""
+
+    key: str
+    label: str
+    format: str
+
+    def show(self, value: float | None) -> str:
+        return "-" if value is None else f"{value:{self.format}}"
+
+
+# The search's comparison, in table order: the fitness on the search, validation and held-out samples; the plain
+# perplexity of the held-out windows when the fitness weighs needles; the share of held-out needles answered exactly.
+SCORE_COLUMNS = (
+    ScoreColumn("search", "search samples", ".4f"),
+    ScoreColumn("validation", "validation samples", ".4f"),
+    ScoreColumn("heldout", "held-out samples", ".4f"),
+    ScoreColumn("heldout_ppl", "held-out perplexity", ".4f"),
+    ScoreColumn("needle", "held-out needles found", ".0%"),
+)
+COLUMN = {c.key: c for c in SCORE_COLUMNS}
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One method's scores at the searched length (a PPL, lower is better; `needle` a share, higher is better);
+    None where not measured."""
+
+    search: float | None = None
+    validation: float | None = None
+    heldout: float | None = None
+    heldout_ppl: float | None = None
+    needle: float | None = None
+
+    def get(self, key: str) -> float | None:
+        return getattr(self, key)
+
+    @property
+    def measured(self) -> tuple[ScoreColumn, ...]:
+        return tuple(c for c in SCORE_COLUMNS if self.get(c.key) is not None)
+
+    @property
+    def heldout_text(self) -> float | None:
+        """The held-out text's plain perplexity: heldout_ppl when the fitness weighs needles, else heldout."""
+        return self.heldout if self.heldout_ppl is None else self.heldout_ppl
+
+    @property
+    def ranking(self) -> float:
+        """What runs are compared by: the held-out fitness when measured, else the search's; inf when neither is."""
+        value = self.search if self.heldout is None else self.heldout
+        return value if value is not None and math.isfinite(value) else math.inf
+
+    def to_json(self) -> dict[str, float]:
+        return {c.key: self.get(c.key) for c in self.measured}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> "Scores":
+        """Null read back as inf (a PPL whose loss overflowed); an unknown key is a malformed file (ValueError)."""
+        return cls(**{str(k): number(v) for k, v in dict(doc).items()})
+
+
+def measured_columns(rows: dict[str, Scores]) -> list[ScoreColumn]:
+    """The columns a table of these rows shows: those measured for at least one row."""
+    return [c for c in SCORE_COLUMNS if any(row.get(c.key) is not None for row in rows.values())]
 
 
 @dataclass(frozen=True)
@@ -141,8 +204,8 @@ class FactorsFile:
     n_hat: int = 0
     mscale: float = 1.0
     short_factors: list[float] | None = None  # used when the sequence fits the original window
-    ppl: dict[str, float] = field(default_factory=dict)  # {"search": .., "heldout": ..}
-    baselines: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> {"search": .., "heldout": ..}
+    scores: Scores = field(default_factory=Scores)  # the factors'
+    baselines: dict[str, Scores] = field(default_factory=dict)  # each reference method's (pi, yarn, none, prior, ...)
     search: SearchRecord = field(default_factory=SearchRecord)
     versions: dict[str, str] = field(default_factory=dict)
     # longrope: searched factors (the long set past the original window, the short set inside it); yarn, pi or ntk: a
@@ -166,13 +229,16 @@ class FactorsFile:
     def to_json(self) -> dict[str, Any]:
         doc = {"format": FORMAT, **asdict(self), "scale": self.scale}
         doc["rope"] = asdict(self.rope)
+        doc["scores"] = self.scores.to_json()
+        doc["baselines"] = {name: row.to_json() for name, row in self.baselines.items()}
         doc["search"] = self.search.to_json()
         return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any], source: str = "factors file") -> "FactorsFile":
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") not in (FORMAT, OLD_FORMAT):
             raise ExportError(f"{source} is not a longrope factors file (expected \"format\": \"{FORMAT}\").")
+        scores = doc.get("scores", {}) if doc["format"] == FORMAT else doc.get("ppl", {})
         try:
             rope = RopeSpec(**doc["rope"])
             out = cls(
@@ -180,7 +246,8 @@ class FactorsFile:
                 factors=[float(x) for x in doc["factors"]], n_hat=int(doc.get("n_hat", 0)),
                 mscale=float(doc.get("mscale", 1.0)),
                 short_factors=None if doc.get("short_factors") is None else [float(x) for x in doc["short_factors"]],
-                ppl=numbers(doc.get("ppl", {})), baselines=numbers(doc.get("baselines", {})),
+                scores=Scores.from_json(scores),
+                baselines={str(k): Scores.from_json(v) for k, v in dict(doc.get("baselines", {})).items()},
                 search=SearchRecord.from_json(dict(doc.get("search", {}))), versions=dict(doc.get("versions", {})),
                 method=str(doc.get("method", LONGROPE)),
             )

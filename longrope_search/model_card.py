@@ -9,7 +9,7 @@ from pathlib import Path
 
 from longrope_search.config import format_length
 from longrope_search.eval_result import NEEDLE_VARIANTS, EvalResult
-from longrope_search.factors import LONGROPE, FactorsFile
+from longrope_search.factors import LONGROPE, FactorsFile, measured_columns
 
 CARD_FILE = "README.md"
 
@@ -27,14 +27,13 @@ def _number(value: float | None) -> str:
 
 def _search_table(ff: FactorsFile) -> list[str]:
     """factors.json's comparison: the winner and each reference method on the search and held-out samples."""
-    rows = {"longrope (searched)": ff.ppl, **ff.baselines}
-    columns = [c for c in ("search", "heldout") if any(c in row for row in rows.values())]
+    rows = {"longrope (searched)": ff.scores, **ff.baselines}
+    columns = [c for c in measured_columns(rows) if c.key in ("search", "heldout")]
     if not columns:
         return []
-    names = {"search": "search samples", "heldout": "held-out samples"}
     lines = [f"Perplexity at {ff.scored_length:,} tokens from the search (lower is better):", "",
-             "| method | " + " | ".join(names[c] for c in columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {name} | " + " | ".join(_number(row.get(c)) for c in columns) + " |" for name, row in rows.items()]
+             "| method | " + " | ".join(c.label for c in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(_number(row.get(c.key)) for c in columns) + " |" for name, row in rows.items()]
     return lines + [""]
 
 

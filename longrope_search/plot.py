@@ -212,7 +212,7 @@ def _scatter_origins(ax: Any, x: np.ndarray, ppls: np.ndarray, origins: list[str
         if origin in rope.BASELINES:
             ppl = float(ppls[chosen][0])
             marks[f"{origin} seed"] = ppl
-            exact = ff.baselines.get(origin, {}).get("search")
+            exact = ff.baselines[origin].search if origin in ff.baselines else None
             differs = exact is not None and math.isfinite(exact) and not math.isclose(exact, ppl, rel_tol=5e-5)
             ax.scatter(x[chosen], ppls[chosen], s=45, marker="D", color=METHOD_COLORS[origin], zorder=4)
             rounded = rounded or differs
@@ -265,8 +265,8 @@ def work_figure(state: SearchState, ff: FactorsFile) -> Figure:
     millions = np.array(tokens) / 1e6
     ax.step(millions, scores, where="post", color=METHOD_COLORS[SEARCHED], linewidth=2.5,
             label=f"best so far on the search samples: {scores[-1]:.6g}")
-    references = {name: row["search"] for name, row in ff.baselines.items()
-                  if name in rope.BASELINES and math.isfinite(row.get("search", math.nan))}
+    references = {name: row.search for name, row in ff.baselines.items()
+                  if name in rope.BASELINES and row.search is not None and math.isfinite(row.search)}
     values = [v for v in scores if math.isfinite(v)]
     # the search's own range, up to the nearest reference above its start: the others are named, off the scale
     start = values[0] if values else math.inf

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from longrope_search import checkpoint
 from longrope_search.eval_result import EvalResult, render_tables
-from longrope_search.factors import factors_path, load_factors
+from longrope_search.factors import COLUMN, Scores, factors_path, load_factors, measured_columns
 from longrope_search.plan import rows as plan_rows
 
 
@@ -39,9 +39,9 @@ def show_stages(out: Console, results: list[Any], what: str = "stage") -> None:
             out.print(f"{what} {r.stage.name} ({r.status}): {t.steps} steps of {t.length}-token rows, loss "
                           f"{t.first_loss:.4f} -> {t.last_loss:.4f}, model {r.stage.run_dir}", markup=False)
             continue
-        ppl = r.final.ppl
+        scores = r.final.scores
         out.print(f"{what} {r.stage.name} ({r.status}): {r.final.scored_length} tokens, search ppl "
-                      f"{ppl.get('search', float('nan')):.4f}, held-out {ppl.get('heldout', float('nan')):.4f}, "
+                      f"{COLUMN['search'].show(scores.search)}, held-out {COLUMN['heldout'].show(scores.heldout)}, "
                       f"{r.stage.run_dir}", markup=False)
     searched = [r for r in results if r.stage.kind == "search"]
     if what == "stage" and results[-1].stage.kind == "export":
@@ -62,18 +62,15 @@ def show_result(out: Console, final: Any, run_dir: Path) -> None:
                }.get(settings.get("fitness"), "perplexity")
     table = Table(title=f"{kind} at {length} tokens ({length / final.rope.original_length:g}x the window): "
                         f"{fitness}, lower is better; needles found, higher is better")
-    columns = {"search": "search samples", "validation": "validation samples", "heldout": "held-out samples",
-               "heldout_ppl": "held-out perplexity", "needle": "held-out needles found"}
-    rows = {"longrope (searched)": final.ppl, **final.baselines}
-    shown = [c for c in columns if any(c in row for row in rows.values())]
+    rows = {"longrope (searched)": final.scores, **final.baselines}
+    shown = measured_columns(rows)
     table.add_column("method")
     for column in shown:
-        table.add_column(columns[column], justify="right")
+        table.add_column(column.label, justify="right")
     for name, row in rows.items():
-        table.add_row(name, *(f"{row[c]:{'.0%' if c == 'needle' else '.4f'}}" if c in row else "-" for c in shown))
+        table.add_row(name, *(column.show(row.get(column.key)) for column in shown))
     out.print(table)
-    text = "heldout_ppl" if "heldout_ppl" in final.ppl else "heldout"  # plain perplexity when the fitness is joint
-    mine, yarn = final.ppl.get(text), final.baselines.get("yarn", {}).get(text)
+    mine, yarn = final.scores.heldout_text, final.baselines.get("yarn", Scores()).heldout_text
     if final.search.mode != "short" and mine is not None and yarn is not None and mine > yarn:
         target = f"{length / final.rope.original_length:g}x"
         out.print(f"warning: the winner's held-out perplexity {mine:.4f} is worse than YaRN's {yarn:.4f}; export "

@@ -37,6 +37,35 @@ class Scored:
 
 
 @dataclass(frozen=True)
+class Split:
+    """A search's documents, drawn once: the search windows, then the held-out ones and after them the validation
+    ones (so adding validation leaves a config's search and held-out windows as they were)."""
+
+    windows: data.Samples  # .heldout holds the held-out windows, then the validation windows
+    heldout_samples: int
+
+    @property
+    def heldout(self) -> torch.Tensor:
+        return self.windows.heldout[: self.heldout_samples]  # (m, L)
+
+    @property
+    def validation(self) -> torch.Tensor:
+        return self.windows.heldout[self.heldout_samples:]  # (v, L)
+
+    @property
+    def decided_docs(self) -> set[int]:
+        """The corpus rows the search decided with (search and validation): what evaluation must not score."""
+        return set(self.windows.search_docs) | set(self.windows.heldout_docs[self.heldout_samples:])
+
+
+def draw_split(tokenizer: Any, corpus: data.CorpusSpec, length: int, samples: int, heldout: int, validation: int,
+               seed: int, cache_dir: Any = None) -> Split:
+    """The documents of a search with these data settings at `length` tokens (the sample cache keeps them)."""
+    windows = data.build_samples(tokenizer, corpus, length, samples, heldout + validation, seed, cache_dir)
+    return Split(windows, heldout)
+
+
+@dataclass(frozen=True)
 class SampleSets:
     windows: data.Samples  # the plain windows: search, then held-out and validation together
     search: Scored
@@ -44,7 +73,6 @@ class SampleSets:
     heldout_plain: torch.Tensor  # (m, L) the held-out windows without needles: plain perplexity
     heldout_needles: list[NeedleSample]  # one needle per held-out window: the retrieval column of the comparison
     validation: Scored | None  # None: data.validation_samples is 0
-    identity: dict[str, str]  # what a resume must find again: the windows (and needles) the scores depend on
 
 
 def reweighed(sets: SampleSets, weight: float) -> SampleSets:
@@ -56,13 +84,11 @@ def reweighed(sets: SampleSets, weight: float) -> SampleSets:
 
 
 def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:
-    """The search's sets at `length` tokens. Validation documents are drawn after the held-out ones, so adding a
-    validation set leaves the search and held-out windows of a config as they were."""
+    """The search's sets at `length` tokens, on the documents of `draw_split`."""
     d = config.data
-    windows = data.build_samples(tokenizer, data.CorpusSpec.of(d), length, d.samples,
-                                 d.heldout_samples + d.validation_samples, d.seed, d.cache_dir)
-    heldout_plain = windows.heldout[: d.heldout_samples]  # (m, L)
-    validation_plain = windows.heldout[d.heldout_samples:]  # (v, L)
+    split = draw_split(tokenizer, data.CorpusSpec.of(d), length, d.samples, d.heldout_samples, d.validation_samples,
+                       d.seed, d.cache_dir)
+    windows, heldout_plain, validation_plain = split.windows, split.heldout, split.validation
     s = config.search
     needle = s.fitness != "ppl"  # the windows hold needles
 
@@ -80,9 +106,6 @@ def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:
         return Scored(ids, answers_only(targets, rows))
 
     search = scored(windows.search, "search")
-    identity = {"data": windows.fingerprint}
-    if needle:
-        identity["needles"] = data.ids_fingerprint(search.ids)
     try:  # the comparison's retrieval column (with the needle fitness: the held-out samples themselves)
         heldout_needles = needle_samples(tokenizer, heldout_plain, _needle_rng(d.seed, "heldout"))
     except ConfigError:
@@ -90,10 +113,8 @@ def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:
             raise
         heldout_needles = []  # windows too short for a needle prompt (a short search of a tiny window): no column
     validation = scored(validation_plain, "validation") if d.validation_samples else None
-    if validation is not None:
-        identity["validation"] = data.ids_fingerprint(validation.ids)
     heldout = scored(heldout_plain, "heldout") if needle and heldout_needles else Scored(heldout_plain)
-    return SampleSets(windows, search, heldout, heldout_plain, heldout_needles, validation, identity)
+    return SampleSets(windows, search, heldout, heldout_plain, heldout_needles, validation)
 
 
 def _needle_rng(seed: int, name: str) -> np.random.Generator:

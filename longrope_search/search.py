@@ -31,6 +31,7 @@ from longrope_search.errors import CheckpointError, ConfigError, DataError
 from longrope_search.factors import (
     AttentionFit,
     FactorsFile,
+    Scores,
     SearchRecord,
     load_factors,
     software_versions,
@@ -54,15 +55,8 @@ from longrope_search.rundir import (
 from longrope_search.needle import answers_found
 from longrope_search.sample_sets import SampleSets, reweighed, sample_sets
 from longrope_search.scoring import ScoreFn, eval_record, logged_scorer
-from longrope_search.search_setup import (
-    SearchSetup,
-    carried_mismatch,
-    identity,
-    make_setup,
-    model_identity,
-    resolve_prior,
-    weights_identity,
-)
+from longrope_search.identity import RunIdentity, run_identity
+from longrope_search.search_setup import SearchSetup, carried_mismatch, make_setup, resolve_prior
 from longrope_search.validation import Validator, stalled
 
 # --- the loop -----------------------------------------------------------------------------------------
@@ -71,11 +65,12 @@ from longrope_search.validation import Validator, stalled
 class Search:
     """One search run. `score` maps candidates to PPLs (single process, or sharded over ranks).
 
-    Under torchrun every rank runs the same loop; only the one with `writes` touches the run directory.
+    Under torchrun every rank runs the same loop; only the one with `writes` touches the run directory. `identity`
+    None: a search in memory (`writes` False) that no resume will check.
     """
 
     def __init__(
-        self, setup: SearchSetup, run_dir: Path, score: ScoreFn, identity: dict[str, Any],
+        self, setup: SearchSetup, run_dir: Path, score: ScoreFn, identity: RunIdentity | None,
         reporter: Reporter = SILENT, writes: bool = True, logged: dict[int, dict[str, Any]] | None = None,
         validator: Validator | None = None,
     ):
@@ -114,7 +109,7 @@ class Search:
         seeds = self.setup.seeds
         named = evolution.seed_candidates(self.setup.space, seeds)
         origin = {c.key: name for name, c in reversed(list(named.items()))}
-        state = SearchState(0, [], [], {}, self.identity)
+        state = SearchState(0, [], [], {}, {} if self.identity is None else self.identity.to_json())
         # the seeds first, each on every window; then mutants of all of them (seed_margin null: the paper), or only
         # of those competitive with the best, which alone stay in the population
         distinct = evolution.distinct_seeds(self.setup.space, seeds)
@@ -193,7 +188,7 @@ class Search:
             saved_evaluations=(s.generations - state.generation) * (s.mutations + s.crossovers),
             prior=None if setup.prior is None else setup.prior.record(), attention_fit=fit,
         )
-        common = dict(model=setup.config.model.name, rope=setup.spec, mscale=mscale, ppl={"search": best.ppl},
+        common = dict(model=setup.config.model.name, rope=setup.spec, mscale=mscale, scores=Scores(search=best.ppl),
                       search=record, versions=software_versions())
         if setup.short:  # the long set stays; the searched set becomes the short one
             ff = FactorsFile(target_length=setup.prior.target_length, factors=[float(x) for x in setup.prior.factors],
@@ -202,7 +197,7 @@ class Search:
             ff = FactorsFile(target_length=setup.target_length, factors=searched, n_hat=best.candidate.n_hat,
                              short_factors=setup.prior.short_factors if setup.prior is not None else None, **common)
         if comparison is not None:
-            ff.ppl.update(comparison.ppl)
+            ff.scores = dataclasses.replace(comparison.scores, search=best.ppl)
             ff.baselines = comparison.baselines
         if self.writes:
             ff.save(self.run_dir / FACTORS_FILE)
@@ -223,7 +218,7 @@ class OpenedRun:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # budget changes made on resume
     logged: dict[str, float] = field(default_factory=dict)  # every score in log.jsonl
-    identity: dict[str, Any] | None = None  # what a resume must match (state, or the log's start record)
+    identity: RunIdentity | None = None  # what a resume must match (state, or the log's start record)
     attention_fit: AttentionFit | None = None  # a short search's fitted mscale, logged once it was found
     generations: dict[int, dict[str, Any]] = field(default_factory=dict)  # the "generation" lines in log.jsonl
     claim: Claim | None = None  # rank 0: what this command added to the folder, undone if it fails before the start
@@ -240,7 +235,7 @@ class Loaded:
     tokenizer: Any
     sets: SampleSets  # search, validation and held-out samples
     long_samples: data.Samples | None  # a short search's long-set samples, for the attention fit
-    identity: dict[str, Any]
+    identity: RunIdentity
     evaluator: Evaluator  # the search samples, scored by the search's fitness
 
 
@@ -284,7 +279,8 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
         warnings.append(f"no generation had finished; generation 0 starts again with {len(log.scores)} logged "
                         "evaluations" if not generation_zero_done else f"no checkpoint is readable; the search "
                         f"replays from generation 0 with {len(log.scores)} logged evaluations")
-        return OpenedRun(config, run_dir, True, None, warnings, notes, log.scores, log.start_identity, fit,
+        start = None if log.start_identity is None else RunIdentity.from_json(log.start_identity)
+        return OpenedRun(config, run_dir, True, None, warnings, notes, log.scores, start, fit,
                          log.generations, claim, log.details, "needle_check" in log.newest)
     newest = max(log.generations, default=-1)
     if newest > state.generation and not checkpoint.state_path(run_dir, newest).exists():
@@ -293,7 +289,8 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
                         "generations run again from the logged scores)")
     # nothing to do: done, nothing changed and no checkpoint to repair (a damaged one is replayed from the log)
     finished = log.phase == "done" and (run_dir / FACTORS_FILE).is_file() and not notes and not warnings
-    return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, state.fingerprint, fit,
+    saved = RunIdentity.from_json(state.fingerprint)
+    return OpenedRun(config, run_dir, True, state, warnings, notes, log.scores, saved, fit,
                      log.generations, claim, log.details, "needle_check" in log.newest, finished)
 
 
@@ -333,9 +330,6 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context, report
                    f"{d.validation_samples} validation windows of {setup.target_length} tokens (cached after the "
                    "first time)")
     sets = sample_sets(tokenizer, config, setup.target_length)
-    ident = identity(setup, model_identity(config.model.name, model_config), sets.identity["data"],
-                     data.tokenizer_fingerprint(tokenizer), weights_identity(config.model.name))
-    ident.update({k: v for k, v in sets.identity.items() if k != "data"})  # needles, validation: when there are any
     corpus = data.CorpusSpec.of(d)
     long_samples = None
     if setup.fits_mscale:  # the long set's own length, for the attention-factor fit
@@ -345,15 +339,15 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context, report
         except DataError as exc:
             raise DataError(f"{exc} (the short search checks the long set at {setup.prior.target_length} tokens "
                             "before lowering its attention factor; or set search.mscale: keep)") from None
-        ident["long_data"] = long_samples.fingerprint
     evaluator = context_parallel.make_evaluator(model, sets.search.ids, ctx, config.search.chunk_size,
                                                 sets.search.targets, sets.search.joint)
+    ident = run_identity(setup, model_config, tokenizer, sets, long_samples)
     return Loaded(model, tokenizer, sets, long_samples, ident, evaluator)
 
 
-def check_identity(opened: OpenedRun, ident: dict[str, Any], ctx: distributed.Context) -> None:
+def check_identity(opened: OpenedRun, ident: RunIdentity, ctx: distributed.Context) -> None:
     """Phase 5: every rank loaded the same thing, and a resume continues the same search."""
-    identities = distributed.gather_objects(ident, ctx)
+    identities = distributed.gather_objects(ident.to_json(), ctx)
     for rank, other in enumerate(identities):
         differing = sorted(k for k in set(other) | set(identities[0]) if other.get(k) != identities[0].get(k))
         if differing:  # the same on every rank, so every rank raises
@@ -362,7 +356,7 @@ def check_identity(opened: OpenedRun, ident: dict[str, Any], ctx: distributed.Co
                 "and data files."
             )
     if opened.identity is not None:
-        differences = checkpoint.identity_differences(opened.identity, ident)
+        differences = ident.differences(opened.identity)
         if differences:
             raise CheckpointError(
                 f"{opened.run_dir} was searched with a different setup ({'; '.join(differences)}); "
@@ -393,7 +387,7 @@ def record_start(opened: OpenedRun, loaded: Loaded, ctx: distributed.Context) ->
             generation = state.generation if state is not None else None
             checkpoint.append_log(log_path, {"event": "resume", "generation": generation, "changes": opened.notes})
     if opened.state is None and opened.identity is None and ctx.is_main:  # a replay of generation 0 has one already
-        checkpoint.append_log(log_path, {"event": "start", "fingerprint": loaded.identity})
+        checkpoint.append_log(log_path, {"event": "start", "fingerprint": loaded.identity.to_json()})
     if opened.claim is not None:
         opened.claim.keep()
 
@@ -482,13 +476,14 @@ def compare(search: Search, state: SearchState, loaded: Loaded, ctx: distributed
     others = {} if winner.candidate.key == state.best().candidate.key else {SEARCH_BEST: state.best().candidate}
     comparison = compare_methods(setup, winner.candidate, evaluators, needles, ctx, others)
     if validation is not None:
-        comparison.ppl["validation"] = validation
+        comparison.scores = dataclasses.replace(comparison.scores, validation=validation)
     if loaded.long_samples is not None and loaded.long_samples.heldout.shape[0] > 0:
         long_eval = context_parallel.make_evaluator(loaded.model, loaded.long_samples.heldout, ctx, chunk)
         comparison.long_heldout = long_heldout(setup.attention_fit, setup.prior, long_eval, ctx)
     final = search.write_factors(state, comparison, winner)
     if ctx.is_main:
-        checkpoint.append_log(search.log_path, {"event": "done", "generation": state.generation, "ppl": final.ppl})
+        checkpoint.append_log(search.log_path, {"event": "done", "generation": state.generation,
+                                                   "scores": final.scores.to_json()})
     return final
 
 

@@ -1,26 +1,25 @@
 """A search's setup: everything derived from the config and the model's geometry before any weights load.
 
 `SearchSetup` is what one search scores: the target length, the search space, the attention factor, the
-factors it builds on (`Prior`, a previous stage) and the seeds of its first population; `identity` is what
-a resume must match. A setup is immutable: the attention-factor fit of a short search makes a new one.
+factors it builds on (`Prior`, a previous stage) and the seeds of its first population (`identity.run_identity`
+builds what a resume must match from it). A setup is immutable: the attention-factor fit of a short search makes
+a new one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from longrope_search import reference_csv, rope
 from longrope_search.config import Config, parse_length
-from longrope_search.errors import ConfigError, LongRopeError
+from longrope_search.errors import ConfigError
 from longrope_search.evolution import Candidate, SearchSpace, distinct_seeds
 from longrope_search.factors import AttentionFit, PriorRecord, check_geometry, load_factors
-from longrope_search.model import carried_factors, carried_mscale, resolve_model_path
+from longrope_search.model import carried_factors, carried_mscale
 from longrope_search.rope import RopeSpec
 
 
@@ -316,95 +315,3 @@ def init_seed(setup: SearchSetup) -> np.ndarray:
         return np.asarray(short, dtype=np.float64)
     seed = np.asarray(factors, dtype=np.float64)
     return seed / setup.prior.factors if setup.prior is not None else seed
-
-
-# --- identity -------------------------------------------------------------------------------------------
-
-
-def model_identity(name: str, model_config: Any) -> str:
-    """The model name plus a hash of its config: a different checkpoint under the same path is caught."""
-    digest = hashlib.sha256(model_config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
-    return f"{name}@{digest}"
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin")  # the files transformers loads weights from
-SAMPLE_BYTES = 64 * 1024  # one read of a weight file's fingerprint
-SAMPLES_PER_FILE = 64  # evenly spread, first and last bytes included: 4 MiB read per file, whatever its size
-
-
-def file_fingerprint(path: Path) -> str:
-    """"SIZE:HASH" of a file from a strided sample of its bytes (all of them up to 4 MiB): new weights written over
-    old ones change every tensor, so any sample catches them, at the cost of a few reads instead of the whole file."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        if size <= SAMPLE_BYTES * SAMPLES_PER_FILE:
-            digest.update(f.read())
-        else:
-            last = size - SAMPLE_BYTES
-            for i in range(SAMPLES_PER_FILE):
-                f.seek(last * i // (SAMPLES_PER_FILE - 1))
-                digest.update(f.read(SAMPLE_BYTES))
-    return f"{size}:{digest.hexdigest()[:16]}"
-
-
-def _weights_folder(name: str) -> Path | None:
-    """Where the model's weight files are: its local directory, or the hub cache's snapshot of a hub id."""
-    try:
-        local = Path(resolve_model_path(name))
-    except LongRopeError:  # no folder, no weights identity: the config hash still applies
-        return None
-    if local.is_dir():
-        return local
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not in the cache (or not a hub id)
-        return None
-
-
-def weights_identity(name: str) -> dict[str, str] | None:
-    """Weight file name -> "SIZE:HASH" (`file_fingerprint`), so weights replaced at the same path are noticed; None
-    when the files cannot be found (the model's config hash is then the only check)."""
-    folder = _weights_folder(name)
-    if folder is None:
-        return None
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES) and p.is_file())
-    try:
-        return {p.name: file_fingerprint(p) for p in files} or None
-    except OSError:
-        return None
-
-
-def identity(setup: SearchSetup, model_id: str, data_fingerprint: str, tokenizer_fingerprint: str,
-             weights: dict[str, str] | None = None) -> dict[str, Any]:
-    """What a resume must match: the model (its config and, when found, its weight files), the data, the tokenizer
-    and everything that decides a score."""
-    space = setup.space
-    extra: dict[str, Any] = {}  # only when set, so runs of earlier versions keep their identity
-    if weights is not None:
-        extra["weights"] = weights  # checkpoint.ADDED_IDENTITY: a run from before it resumes without the check
-    if setup.critical_dim is not None:
-        extra["critical_dim"] = setup.critical_dim
-    if space.mscale_choices:
-        extra["mscale_search"] = [space.mscale_choices[0], space.mscale_choices[-1], space.mscale_start]
-    if setup.config.search.fitness != "ppl":
-        extra["fitness"] = setup.config.search.fitness
-        extra["needles_per_window"] = setup.config.search.needles
-    if setup.config.search.fitness == "joint":
-        extra["needle_weight"] = setup.config.search.needle_weight
-    return extra | {
-        "model": model_id,
-        "target_length": setup.target_length,
-        "original_length": setup.spec.original_length,
-        "rotary_dim": setup.spec.rotary_dim,
-        "rope_base": setup.spec.base,
-        "data": data_fingerprint,
-        "tokenizer": tokenizer_fingerprint,
-        "space": [space.max_factor, space.min_factor, space.step, space.monotonic, list(space.n_hat_choices)],
-        "mscale": ["fit", setup.prior.mscale, setup.config.search.long_tolerance] if setup.fits_mscale else setup.mscale,
-        "seeds": sorted(setup.seeds),
-        "prior": None if setup.prior is None else [float(x) for x in setup.prior.factors],
-        "short": setup.short,
-    }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +31,9 @@ class SweepResult:
     def to_json(self) -> dict:
         return {
             "critical_dims": [r.stage.config.search.critical_dim for r in self.results],
-            "fitness": {r.stage.name: {k: r.final.ppl.get(k) for k in ("search", "heldout")} for r in self.results},
+            "fitness": {r.stage.name: {k: r.final.scores.get(k) for k in ("search", "heldout")} for r in self.results},
             "best": self.best.stage.config.search.critical_dim, "run": str(self.best.stage.run_dir),
-            "chosen_by": "heldout" if "heldout" in self.best.final.ppl else "search",
+            "chosen_by": "search" if self.best.final.scores.heldout is None else "heldout",
         }
 
 
@@ -72,12 +71,6 @@ def check_values(stages: list[Stage]) -> None:
         raise ConfigError("; ".join(problems) + ".")
 
 
-def _fitness(result: StageResult) -> float:
-    """What the sweep compares: held-out fitness when the runs kept held-out samples, else the search's."""
-    value = result.final.ppl.get("heldout", result.final.ppl.get("search"))
-    return value if value is not None and math.isfinite(value) else math.inf
-
-
 def run_sweep(
     config: Config | None, root: Path | None, overrides: list[str], reporter: Reporter = SILENT,
     ctx: distributed.Context = distributed.SINGLE_PROCESS,
@@ -112,7 +105,7 @@ def run_sweep(
         finally:
             if ctx.is_main and any(stage.run_dir.is_dir() for stage in stages):
                 claim.keep()  # a search ran: the folder is the sweep's now; a failed first start leaves none
-        result = SweepResult(folder, results, min(results, key=lambda r: (_fitness(r), r.stage.name)))
+        result = SweepResult(folder, results, min(results, key=lambda r: (r.final.scores.ranking, r.stage.name)))
         if ctx.is_main:
             atomic_write_text(folder / SWEEP_RESULT, json_text(result.to_json(), indent=2) + "\n")
         return result

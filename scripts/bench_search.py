@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from longrope_search.config import DEFAULT_RACE_MARGIN, DEFAULT_SCREEN_WINDOWS, 
 from longrope_search.fitness import Evaluator
 from longrope_search.model import load_config as load_model_config
 from longrope_search.model import load_model, rope_spec
-from longrope_search.factors import load_factors
+from longrope_search.factors import COLUMN, load_factors
 from longrope_search.rundir import FACTORS_FILE, LOG_FILE
 from longrope_search.sample_sets import reweighed, sample_sets
 from longrope_search.search import run_search
@@ -183,12 +182,12 @@ def main() -> None:
                 wall_file.write_text(json.dumps({"seconds": wall}))
             curve = heldout_curve(config, run_dir)
             (run_dir / "bench_curve.json").write_text(json.dumps(curve))
-            heldout, tokens = final.ppl.get("heldout_ppl", final.ppl["heldout"]), work_tokens(run_dir)
+            heldout, tokens = final.scores.heldout_text, work_tokens(run_dir)
             plain = plain or (tokens, heldout)
             reach = next((t for t, ppl in curve if ppl <= plain[1] * (1 + 1e-9)), None)
             row = (path.stem, target, variant, final.search.evaluations, final.search.rejected, f"{tokens / 1e6:.2f}",
                    f"{tokens / plain[0]:.3f}", f"{wall:.0f}", f"{heldout:.4f}", f"{heldout / plain[1] - 1:+.2%}",
-                   f"{final.ppl.get('needle', math.nan):.0%}",
+                   COLUMN['needle'].show(final.scores.needle),
                    "never" if reach is None else f"{reach / 1e6:.2f} ({reach / plain[0]:.2f}x)")
             print(" | ".join(f"{str(c):>10}" for c in row), flush=True)
 

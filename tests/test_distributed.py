@@ -154,11 +154,11 @@ def test_cli_under_torchrun_equals_single_process(tmp_path):
     assert (cp["factors"], cp["n_hat"], cp["search"]["best_key"]) == (ref["factors"], ref["n_hat"], ref["search"]["best_key"])
     assert cp["search"]["settings"]["context_parallel"] == 2
     # greedy needle retrieval needs a whole sample on one rank: a context-parallel run leaves that column out
-    assert "needle" in ref["ppl"] and "needle" not in cp["ppl"]
+    assert "needle" in ref["scores"] and "needle" not in cp["scores"]
 
     def scores(row: dict) -> dict:
         return {k: v for k, v in row.items() if k != "needle"}
 
-    assert cp["ppl"] == pytest.approx(scores(ref["ppl"]), rel=1e-5)
+    assert cp["scores"] == pytest.approx(scores(ref["scores"]), rel=1e-5)
     for name, row in ref["baselines"].items():
         assert cp["baselines"][name] == pytest.approx(scores(row), rel=1e-5)

@@ -20,7 +20,7 @@ from longrope_search import passkey as pk
 from longrope_search.config import from_dict
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import ConfigError, DataError, ModelError
-from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.factors import FactorsFile, Scores, load_factors
 from longrope_search.fitness import perplexity
 from longrope_search.model import install_rope
 from longrope_search.rope import RopeSpec, ntk_factors, scaled_inv_freq
@@ -126,9 +126,9 @@ def test_run_table_matches_the_searched_scores_and_writes_eval_json(tiny_run):
     assert len({result.ppl[m][32] for m in ("none", "pi", "ntk", "yarn")}) == 1
     assert result.ppl["longrope"][32] != result.ppl["none"][32]  # its mscale still applies (transformers does too)
     # at the target with the run's held-out count, the windows are the run's own held-out set: same scores
-    assert result.ppl["longrope"][128] == pytest.approx(ff.ppl["heldout"], rel=1e-6)
+    assert result.ppl["longrope"][128] == pytest.approx(ff.scores.heldout, rel=1e-6)
     for name in ("none", "pi", "ntk", "yarn"):
-        assert result.ppl[name][128] == pytest.approx(ff.baselines[name]["heldout"], rel=1e-6)
+        assert result.ppl[name][128] == pytest.approx(ff.baselines[name].heldout, rel=1e-6)
 
     doc = json.loads((run_dir / "eval.json").read_text())
     assert set(doc) == {"lengths", "ppl", "passkey", "samples", "model", "factors", "heldout", "measured"}
@@ -377,11 +377,11 @@ def test_eval_says_when_no_method_retrieves_a_passkey_and_search_warns_of_a_winn
     out = io.StringIO()
     console = Console(file=out, width=300)
     ff = load_factors(run_dir)
-    ff.ppl["heldout"], ff.baselines["yarn"]["heldout"] = 20.0, 19.0
+    ff.scores, ff.baselines["yarn"] = Scores(heldout=20.0), Scores(heldout=19.0)
     report.show_result(console, ff, run_dir)
     assert "warning: the winner's held-out perplexity 20.0000 is worse than YaRN's 19.0000; export YaRN instead " \
            "(longrope export --factors yarn --target 4x" in out.getvalue()
-    ff.ppl["heldout"] = 18.0
+    ff.scores = Scores(heldout=18.0)
     out.truncate(0)
     report.show_result(console, ff, run_dir)
     assert "worse than YaRN" not in out.getvalue()

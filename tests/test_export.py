@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from longrope_search.errors import ConfigError, ExportError, GeometryError
 from longrope_search.export import export, hf_rope_config
-from longrope_search.factors import FactorsFile
+from longrope_search.factors import FactorsFile, Scores
 from longrope_search.model import install_rope, rope_spec
 from longrope_search.rope import RopeSpec, longrope_mscale
 
@@ -225,7 +225,7 @@ def test_drop_n_hat_reports_the_measured_ppl_cost(tmp_path):
     assert final.n_hat == 4
     report = export(run, tmp_path / "dst", drop_n_hat=True)
     cost = [n for n in report.notes if n.startswith("dropping n_hat=4 changes the search-sample PPL")]
-    assert len(cost) == 1 and f"from {final.ppl['search']:.4f}" in cost[0]
+    assert len(cost) == 1 and f"from {final.scores.search:.4f}" in cost[0]
 
 
 def builtin_factors(tmp_path: Path) -> Path:
@@ -237,7 +237,7 @@ def builtin_factors(tmp_path: Path) -> Path:
     run.mkdir()
     FactorsFile(model="builtin:tiny", rope=spec, target_length=8 * spec.original_length,
                 factors=torch.linspace(1.0, 8.0, spec.num_factors).tolist(), mscale=longrope_mscale(8, spec.original_length),
-                ppl={"search": 16.2, "heldout": 23.0}, baselines={"yarn": {"search": 17.2, "heldout": 24.2}},
+                scores=Scores(search=16.2, heldout=23.0), baselines={"yarn": Scores(search=17.2, heldout=24.2)},
                 ).save(run / "factors.json")
     return run
 

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from longrope_search import checkpoint
 from longrope_search.cli import app
 from longrope_search.config import from_dict
-from longrope_search.factors import FactorsFile, load_factors
+from longrope_search.errors import ExportError
+from longrope_search.factors import FactorsFile, Scores, load_factors
 from longrope_search.files import LOCK_FILE, folder_lock
 from longrope_search.rope import RopeSpec
 from longrope_search.search import run_search
@@ -304,15 +305,15 @@ def test_every_checkpoint_damaged_in_another_way_replays_from_the_log(reference,
 
 def test_factors_json_never_holds_bare_infinity_and_reads_it_back(tmp_path):
     spec = RopeSpec(10000.0, 16, 32)
-    ff = FactorsFile(model="m", rope=spec, target_length=128, factors=[1.0] * 8, ppl={"search": math.inf},
-                     baselines={"pi": {"search": math.inf, "heldout": math.nan}, "yarn": {"search": 9.5}})
+    ff = FactorsFile(model="m", rope=spec, target_length=128, factors=[1.0] * 8, scores=Scores(search=math.inf),
+                     baselines={"pi": Scores(search=math.inf, heldout=math.nan), "yarn": Scores(search=9.5)})
     ff.save(tmp_path / "factors.json")
     text = (tmp_path / "factors.json").read_text()
     assert "Infinity" not in text and "NaN" not in text
     json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
     back = load_factors(tmp_path / "factors.json")
-    assert back.ppl["search"] == math.inf and back.baselines["pi"]["search"] == math.inf
-    assert back.baselines["yarn"] == {"search": 9.5}
+    assert back.scores.search == math.inf and back.baselines["pi"].search == math.inf
+    assert back.baselines["yarn"] == Scores(search=9.5) and back.baselines["pi"].heldout == math.inf
     checkpoint.append_log(tmp_path / "log.jsonl", {"event": "eval", "key": "k", "ppl": math.inf, "x": [math.nan]})
     assert "Infinity" not in (tmp_path / "log.jsonl").read_text() and "NaN" not in (tmp_path / "log.jsonl").read_text()
     assert checkpoint.read_log(tmp_path / "log.jsonl").scores == {"k": math.inf}
@@ -681,3 +682,19 @@ def test_export_into_a_linked_folder_stages_on_its_disk_and_leaves_no_staging(re
     assert result.exit_code == 0, (result.output, result.exception)
     assert (elsewhere / "config.json").is_file() and (elsewhere / "longrope.json").is_file()
     assert not [p for p in [*elsewhere.iterdir(), *(tmp_path / "models").iterdir()] if p.name.endswith(".tmp")]
+
+
+def test_a_factors_file_of_the_first_format_reads_its_scores_from_ppl(tmp_path):
+    spec = RopeSpec(10000.0, 16, 32)
+    ff = FactorsFile(model="m", rope=spec, target_length=128, factors=[1.0] * 8,
+                     scores=Scores(search=9.25, heldout=10.5, needle=0.75), baselines={"yarn": Scores(search=9.5)})
+    doc = ff.to_json()
+    assert doc["format"] == "longrope-factors/2" and doc["scores"] == {"search": 9.25, "heldout": 10.5, "needle": 0.75}
+    old = {**{k: v for k, v in doc.items() if k != "scores"}, "format": "longrope-factors/1", "ppl": doc["scores"]}
+    (tmp_path / "factors.json").write_text(json.dumps(old))
+    back = load_factors(tmp_path / "factors.json")
+    assert (back.scores, back.baselines) == (ff.scores, ff.baselines)
+    assert [c.label for c in back.scores.measured] == ["search samples", "held-out samples", "held-out needles found"]
+    (tmp_path / "factors.json").write_text(json.dumps({**doc, "scores": {"search": 9.0, "searh": 1.0}}))
+    with pytest.raises(ExportError, match="missing or has a malformed field"):
+        load_factors(tmp_path / "factors.json")

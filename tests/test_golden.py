@@ -22,7 +22,7 @@ def test_the_tiny_search_ends_where_it_always_has(tmp_path):
     final, _ = run_search(from_dict(search_config(model, corpus, generations=2)), tmp_path / "run")
     assert final.factors == FACTORS and final.n_hat == N_HAT  # grid values: exact
     assert final.mscale == pytest.approx(MSCALE, rel=1e-12)
-    assert final.ppl["search"] == pytest.approx(SEARCH_PPL, rel=1e-6)
-    assert final.ppl["heldout"] == pytest.approx(HELDOUT_PPL, rel=1e-6)
-    assert final.baselines["yarn"]["search"] == pytest.approx(YARN_SEARCH_PPL, rel=1e-6)
-    assert final.baselines["yarn"]["heldout"] == pytest.approx(YARN_HELDOUT_PPL, rel=1e-6)
+    assert final.scores.search == pytest.approx(SEARCH_PPL, rel=1e-6)
+    assert final.scores.heldout == pytest.approx(HELDOUT_PPL, rel=1e-6)
+    assert final.baselines["yarn"].search == pytest.approx(YARN_SEARCH_PPL, rel=1e-6)
+    assert final.baselines["yarn"].heldout == pytest.approx(YARN_HELDOUT_PPL, rel=1e-6)

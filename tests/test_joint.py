@@ -145,7 +145,7 @@ def test_a_search_never_ends_worse_than_its_best_seed(setup, tmp_path):
                          tmp_path / "zero")
     log = [json.loads(line) for line in (tmp_path / "zero" / "log.jsonl").read_text().splitlines()]
     scores = list({e["key"]: e["ppl"] for e in log if e["event"] == "eval"}.values())  # a key's last line wins
-    assert len(scores) == 3 and zero.ppl["search"] == min(scores)
+    assert len(scores) == 3 and zero.scores.search == min(scores)
     assert zero.search.best_origin in seeds
     best_seed = zero.search.best_origin
     expected = rope.baseline(best_seed)(rope_spec(load_config(str(model))), 4.0).numpy()
@@ -154,7 +154,11 @@ def test_a_search_never_ends_worse_than_its_best_seed(setup, tmp_path):
     final, run_dir = run_search(from_dict(joint_config(model, corpus, generations=3, seeds=seeds)), tmp_path / "run")
     history = checkpoint.state_to_json(checkpoint.load_state(run_dir)[0])["history"]
     seed_scores = [e["ppl"] for e in history if e["origin"] in seeds]
-    assert final.ppl["search"] <= min(seed_scores) and final.ppl["search"] <= zero.ppl["search"] + 1e-12
+    assert final.scores.search <= min(seed_scores) and final.scores.search <= zero.scores.search + 1e-12
+
+
+def measured(scores) -> set[str]:
+    return {c.key for c in scores.measured}
 
 
 def test_the_run_records_both_halves_and_the_plain_perplexity(setup, tmp_path):
@@ -165,7 +169,7 @@ def test_the_run_records_both_halves_and_the_plain_perplexity(setup, tmp_path):
     assert all(len(e["parts"]["text"]) == len(e["parts"]["answer"]) == len(e["nlls"]) for e in evals)
     assert all(n == pytest.approx(t + 0.25 * a) for e in evals
                for n, t, a in zip(e["nlls"], e["parts"]["text"], e["parts"]["answer"]))
-    assert {"search", "heldout", "heldout_ppl", "needle"} <= set(final.ppl) <= set(final.baselines["yarn"]) | {"validation"}
+    assert {"search", "heldout", "heldout_ppl", "needle"} <= measured(final.scores) <= measured(final.baselines["yarn"]) | {"validation"}
     start = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])
     assert start["fingerprint"]["fitness"] == "joint" and start["fingerprint"]["needles_per_window"] == 2
     assert start["fingerprint"]["needle_weight"] == 0.25

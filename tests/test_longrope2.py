@@ -169,8 +169,8 @@ def test_a_longrope2_search_runs_end_to_end_and_records_needles(setup, tmp_path)
     assert np.all(np.diff(final.factors) >= 0) and max(final.factors) <= 4.0 + 1e-12  # one space, [1, 2 s]
     assert final.mscale != rope.longrope_mscale(2.0, 64) or True  # the searched gene, on the 0.01 grid
     assert round(final.mscale, 6) == round(final.mscale, 2)
-    assert {"search", "heldout", "heldout_ppl", "needle"} <= set(final.ppl)
-    assert {"search", "heldout", "heldout_ppl", "needle"} <= set(final.baselines["yarn"])
+    assert {"search", "heldout", "heldout_ppl", "needle"} <= {c.key for c in final.scores.measured}
+    assert {"search", "heldout", "heldout_ppl", "needle"} <= {c.key for c in final.baselines["yarn"].measured}
     start = json.loads((run_dir / "log.jsonl").read_text().splitlines()[0])
     assert start["fingerprint"]["fitness"] == "needle" and start["fingerprint"]["critical_dim"] == critical
 
@@ -231,7 +231,7 @@ def test_kill_9_in_the_middle_of_a_sweep_then_resume_equals_uninterrupted(setup,
     for name in ("cd-1", "cd-2", "cd-4"):
         a = json.loads((tmp_path / "ref" / name / "factors.json").read_text())
         b = json.loads((tmp_path / "run" / name / "factors.json").read_text())
-        assert (a["factors"], a["mscale"], a["ppl"]) == (b["factors"], b["mscale"], b["ppl"])
+        assert (a["factors"], a["mscale"], a["scores"]) == (b["factors"], b["mscale"], b["scores"])
     # commands that take one run point at the best search
     wrong = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and f"e.g. {tmp_path / 'run' / best} (the best)" in wrong.stderr

@@ -50,7 +50,7 @@ def test_a_rejected_candidate_is_never_a_parent_nor_the_winner(setup, tmp_path):
                 out.append(FitnessResult(10.0 + h / 1000, [math.log(10.0)] * 2, forward_tokens=64))
         return out
 
-    search = Search(search_setup, tmp_path, score, {}, writes=False)
+    search = Search(search_setup, tmp_path, score, None, writes=False)  # in memory: no identity to resume
     state = search.run(None)
     assert rejected and state.generation == 4
     for generation in range(4):  # replay selection from the history: no rejected key among any generation's parents
@@ -66,7 +66,7 @@ def test_margin_0_is_the_plain_search_and_a_race_that_never_triggers_changes_not
     off, off_dir = run_search(from_dict(search_config(model, corpus, generations=3, race_margin=0)), tmp_path / "off")
     wide, wide_dir = run_search(from_dict(search_config(model, corpus, generations=3, race_margin=1e9)),
                                 tmp_path / "wide")
-    assert history(off_dir) == history(wide_dir) and off.factors == wide.factors and off.ppl == wide.ppl
+    assert history(off_dir) == history(wide_dir) and off.factors == wide.factors and off.scores == wide.scores
     assert not any(e.get("rejected") for e in history(off_dir))
     length, samples = 128, 2  # 4x of the 32-token window, data.samples
     assert all(e["tokens"] == samples * length for e in history(off_dir))

@@ -55,8 +55,8 @@ def test_search_writes_outputs_and_keeps_invariants(setup, tmp_path):
     for genes, n_hat in keys:
         assert all(a <= b for a, b in zip(genes, genes[1:])) and n_hat in space.n_hat_choices
     # the winner is the best evaluation, and its held-out score and baselines are recorded
-    assert final.ppl["search"] == min(e["ppl"] for e in history)
-    assert set(final.baselines) == {"none", "pi", "ntk", "yarn"} and "heldout" in final.ppl
+    assert final.scores.search == min(e["ppl"] for e in history)
+    assert set(final.baselines) == {"none", "pi", "ntk", "yarn"} and final.scores.heldout is not None
     assert len(final.factors) == 8 and final.target_length == 128
     events = [json.loads(line)["event"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert events.count("eval") == len(history) and events.count("generation") == 5 and events[-1] == "done"
@@ -199,7 +199,7 @@ def test_progressive_stage_composes_with_the_previous_factors(setup, finished_ru
     d = config.data
     samples = build_samples(tokenizer, CorpusSpec(d.source), 256, d.samples, d.heldout_samples, d.seed, d.cache_dir)
     install_rope(lm, torch.tensor(final.factors), final.n_hat, final.mscale)
-    assert perplexity(lm, samples.search, 48).ppl == pytest.approx(final.ppl["search"], rel=1e-6)
+    assert perplexity(lm, samples.search, 48).ppl == pytest.approx(final.scores.search, rel=1e-6)
     with pytest.raises(ConfigError, match=r"not longer than the previous stage's target \(128 tokens\)"):
         run_search(from_dict(search_config(model, corpus, target="4x", init_from=str(finished_run))), tmp_path / "x")
 

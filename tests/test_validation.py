@@ -67,15 +67,15 @@ def test_the_winner_is_the_validation_best_of_the_top_candidates(setup, tmp_path
     assert set(top) <= set(validated)
     best = min(top, key=lambda key: (validated[key], top.index(key)))
     assert final.search.best_key == best and final.search.selected_by == "validation"
-    assert final.ppl["validation"] == validated[best]
-    assert final.ppl["search"] == dict(ranked)[best]
+    assert final.scores.validation == validated[best]
+    assert final.scores.search == dict(ranked)[best]
     assert final.search.validation == [[g, k, p] for g, k, p in state.validation]
     # the search's own best is reported beside the winner when validation chose another, else not repeated
     row = final.baselines.get("search best")
     if best == top[0]:
         assert row is None
     else:
-        assert row["search"] == dict(ranked)[top[0]] < final.ppl["search"] and math.isfinite(row["heldout"])
+        assert row.search == dict(ranked)[top[0]] < final.scores.search and math.isfinite(row.heldout)
 
 
 def test_early_stopping_saves_evaluations_and_a_rerun_resumes_to_the_same_result(setup, tmp_path):
