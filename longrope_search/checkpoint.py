@@ -232,7 +232,7 @@ def has_state(run_dir: Path) -> bool:
     return any((run_dir / STATE_DIR).glob("gen_*.json"))
 
 
-def is_finished(run_dir: Path) -> bool:
+def search_finished(run_dir: Path) -> bool:
     """True when the run's last start or resume was followed by its `done` record (factors.json final)."""
     return read_log(run_dir / LOG_FILE).phase == "done" and (run_dir / FACTORS_FILE).is_file()
 
@@ -243,7 +243,7 @@ def unfinished_note(run_dir: Path) -> list[str]:
     if not (run_dir / LOG_FILE).is_file() or not (run_dir / STATE_DIR).is_dir():
         return []
     log = read_log(run_dir / LOG_FILE)
-    if log.phase == "done" and (run_dir / FACTORS_FILE).is_file():  # is_finished, from the one read
+    if log.phase == "done" and (run_dir / FACTORS_FILE).is_file():  # search_finished, from the one read
         return []
     generation = max(log.generations, default=0)
     return [f"{run_dir} has not finished its search (it is still running, or was stopped): these are its best factors "

@@ -26,7 +26,7 @@ from longrope_search.fitness import Evaluator
 from longrope_search.files import check_writable
 from longrope_search.identity import RunIdentity
 from longrope_search.methods import methods_for, unique_lengths
-from longrope_search.model import DEFAULT_LOAD, LoadOptions, load_config, load_model, rope_spec
+from longrope_search.model import DEFAULT_LOAD, LoadOptions, load_model_config, load_model, rope_spec
 from longrope_search.passkey import passkey, passkey_prompt
 from longrope_search.progress import Countdown
 from longrope_search.retrieval import NeedleSettings, cell_samples, draw_trials, needle_accuracy
@@ -279,7 +279,7 @@ def checked_inputs(lengths: Sequence[str | int], run_dir: Path | None, model: st
         check_writable(output)  # a result that cannot be saved is refused before it is computed
     if progress is not None:
         progress(f"reading the config of {inputs.model}")
-    check_geometry(inputs.factors.rope, rope_spec(load_config(inputs.model, inputs.options)),
+    check_geometry(inputs.factors.rope, rope_spec(load_model_config(inputs.model, inputs.options)),
                    str(inputs.factors_file), inputs.model, "evaluate them on the searched model.")
     return inputs, [parse_length(n, inputs.factors.rope.original_length) for n in lengths]
 

@@ -47,7 +47,7 @@ from longrope_search.model import (
     check_device,
     check_device_map,
     install_rope,
-    load_config,
+    load_model_config,
     load_tokenizer,
     resolve_model_path,
     rope_spec,
@@ -582,7 +582,7 @@ def export_method(method: str, target: str | int, model: str, out: Path, force: 
     pi, ntk) at `target` as transformers runs it, checked like a search's export: the end of a baseline's route."""
     check_device(device)
     src = _source_model_dir(model)
-    config = load_config(str(src))
+    config = load_model_config(str(src))
     spec = rope_spec(config)
     ff = methods.method_file(method, model, spec, parse_length(target, spec.original_length))
     out = Path(out).expanduser().absolute()
@@ -628,7 +628,7 @@ def source_model(ff: FactorsFile, source_file: Path, model: str | None = None, r
     extend its window."""
     options = options or _run_options(source_file, model, revision)
     src = _source_model_dir(model or ff.model, options)
-    config = load_config(str(src), options)
+    config = load_model_config(str(src), options)
     _check_geometry(ff, config, src)
     return src, config, options
 

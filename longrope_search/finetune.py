@@ -36,8 +36,7 @@ from longrope_search.errors import (CheckpointError, ConfigError, DataError, Dep
                                     install_hint)
 from longrope_search.factors import FactorsFile, factors_path, load_factors, software_versions
 from longrope_search.files import atomic_write_text, json_text, make_readable, remove_temps
-from longrope_search.model import LoadOptions, attention_backend, default_device, load_tokenizer, rope_spec
-from longrope_search.model import load_config as load_model_config
+from longrope_search.model import LoadOptions, attention_backend, default_device, load_model_config, load_tokenizer, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.trainer_checkpoints import CHECKPOINTS_KEPT, check_checkpoints, latest_checkpoint, remove_from
 from longrope_search.rundir import (
@@ -119,7 +118,7 @@ def load_result(folder: Path) -> FinetuneResult:
     return FinetuneResult.from_json(doc, str(path))
 
 
-def is_finished(folder: Path) -> bool:
+def is_trained(folder: Path) -> bool:
     return (Path(folder) / FINETUNE_FILE).is_file()
 
 
@@ -216,7 +215,7 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def make_setup(config: Config) -> Setup:
+def training_setup(config: Config) -> Setup:
     """The fine-tune `config` asks for, or one line naming every reason it cannot run."""
     f = config.finetune
     ff, factors_file = installed_factors(config)
@@ -508,7 +507,7 @@ def run_finetune(config: Config | None, out: Path | None, resume: bool = False, 
             raise CheckpointError(f"{folder} holds a search, not a fine-tune; continue it with `longrope search --resume "
                                   f"{folder}`, or fine-tune it with `longrope finetune {folder} --out DIR`.")
         config, notes = resume_config(folder, overrides or [])
-        if is_finished(folder):
+        if is_trained(folder):
             reporter.note(f"{folder} is finished; nothing to resume")
             if is_main_process():
                 clean_up(folder, config.finetune.keep_checkpoints)  # a kill between the result and the clean-up
@@ -518,7 +517,7 @@ def run_finetune(config: Config | None, out: Path | None, resume: bool = False, 
             raise ConfigError("a new fine-tune needs a config (the run and the finetune settings).")
         check_new_folder(folder)
         config = absolute_paths(config.model_copy(update={"output": config.output.model_copy(update={"dir": str(folder)})}))
-    setup = make_setup(config)
+    setup = training_setup(config)
     with contextlib.ExitStack() as stack:
         claim = stack.enter_context(claimed(folder, create=not resume)) if is_main_process() else None
         if claim is not None and (not resume or notes):

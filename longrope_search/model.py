@@ -261,7 +261,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path) if path.exists() else name_or_path
 
 
-def load_config(name_or_path: str, options: LoadOptions = DEFAULT_LOAD) -> Any:
+def load_model_config(name_or_path: str, options: LoadOptions = DEFAULT_LOAD) -> Any:
     source = resolve_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(source, **options.hub_kwargs())
@@ -318,7 +318,7 @@ def load_model(name_or_path: str, device: str | None = None, dtype: str | None =
     options.device_map (e.g. auto) lets accelerate place the layers over the visible GPUs instead of moving the
     model to `device`: a model larger than one GPU loads sharded.
     """
-    config = load_config(name_or_path, options)
+    config = load_model_config(name_or_path, options)
     rope_spec(config)  # refuse non-RoPE models before loading gigabytes
     source = resolve_model_path(name_or_path)
     check_device_map(options.device_map)

@@ -37,7 +37,7 @@ from longrope_search.factors import (
     software_versions,
 )
 from longrope_search.fitness import Evaluator
-from longrope_search.model import LoadOptions, load_config, load_model, rope_spec
+from longrope_search.model import LoadOptions, load_model_config, load_model, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
     CONFIG_FILE,
@@ -296,7 +296,7 @@ def open_run(config: Config | None, run_dir: Path | None, resume: bool, override
 
 def set_up(config: Config) -> tuple[Any, SearchSetup]:
     """Phase 2 (every rank): the model's config and the search setup; a bad target or init file fails here."""
-    model_config = load_config(config.model.name, LoadOptions.of(config.model))
+    model_config = load_model_config(config.model.name, LoadOptions.of(config.model))
     spec = rope_spec(model_config)
     return model_config, make_setup(config, spec, resolve_prior(config, model_config, spec))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from longrope_search.errors import ModelError
-from longrope_search.model import load_config, rope_spec
+from longrope_search.model import load_model_config, rope_spec
 from longrope_search.rope import RopeSpec
 
 
@@ -75,7 +75,7 @@ HUB_PRESETS = {
 
 
 def shape_from_config(config: Any, name: str) -> ModelShape:
-    """ModelShape of a transformers config (what `model.load_config` returns)."""
+    """ModelShape of a transformers config (what `model.load_model_config` returns)."""
     missing = [k for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
                            "vocab_size") if getattr(config, k, None) is None]
     if missing:
@@ -94,7 +94,7 @@ def shape_from_config(config: Any, name: str) -> ModelShape:
 
 
 def model_shape(name: str) -> ModelShape:
-    """A preset (llama2-7b, ...), one of their hub ids, or anything `model.load_config` reads."""
+    """A preset (llama2-7b, ...), one of their hub ids, or anything `model.load_model_config` reads."""
     if name in PRESETS or name in HUB_PRESETS:
         return PRESETS[HUB_PRESETS.get(name, name)]
     if "/" not in name and ":" not in name and not name.startswith((".", "~")):
@@ -103,4 +103,4 @@ def model_shape(name: str) -> ModelShape:
         raise ModelError(
             f"unknown model preset {name!r}; {hint}use one of {', '.join(PRESETS)}, a local model directory or a hub id."
         )
-    return shape_from_config(load_config(name), name)
+    return shape_from_config(load_model_config(name), name)

@@ -25,7 +25,7 @@ from longrope_search.stages_file import ExportStage, load_stages, stage_kind, st
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
-from longrope_search.model import LoadOptions, load_config, rope_spec
+from longrope_search.model import LoadOptions, load_model_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
     CONFIG_FILE, EXPORT_FACTORS_FILE, FACTORS_FILE, FINETUNE_FILE, FINETUNE_RESUME_KEYS, PIPELINE_FILE,
@@ -118,7 +118,7 @@ def status(stage: Stage) -> str:
         return "finished" if _exported(stage) == _export_record(stage) else "unfinished"
     if stage.kind == "finetune":
         return "finished" if (run_dir / FINETUNE_FILE).is_file() else "unfinished"
-    return "finished" if checkpoint.is_finished(run_dir) else "unfinished"
+    return "finished" if checkpoint.search_finished(run_dir) else "unfinished"
 
 
 def _set_by_pipeline(stage: Stage, section: str, key: str) -> bool:
@@ -206,7 +206,7 @@ def _target_tokens(config: Config) -> int | None:
     original = config.model.original_length
     if original is None:
         try:
-            original = rope_spec(load_config(config.model.name, LoadOptions.of(config.model))).original_length
+            original = rope_spec(load_model_config(config.model.name, LoadOptions.of(config.model))).original_length
         except LongRopeError:
             return None  # e.g. a fine-tuned model still to come: the stage checks its target when it starts
     return parse_length(target, original)

@@ -15,7 +15,7 @@ from longrope_search import distributed
 from longrope_search.config import Config, apply_overrides, from_dict, read_yaml
 from longrope_search.errors import ConfigError
 from longrope_search.files import atomic_write_text, json_text
-from longrope_search.model import LoadOptions, load_config, rope_spec
+from longrope_search.model import LoadOptions, load_model_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.search_setup import critical_dim
 from longrope_search.rundir import SWEEP_FILE, SWEEP_RESULT, Claim, absolute_paths, claimed, default_run_dir
@@ -58,7 +58,7 @@ def plan_sweep(config: Config, root: Path) -> list[Stage]:
 def check_values(stages: list[Stage]) -> None:
     """Every critical dimension of the sweep fits the model's rotary pairs; all that do not, in one line."""
     first = stages[0].config
-    spec = rope_spec(load_config(first.model.name, LoadOptions.of(first.model)))
+    spec = rope_spec(load_model_config(first.model.name, LoadOptions.of(first.model)))
     if first.model.original_length is not None:
         spec = dataclasses.replace(spec, original_length=first.model.original_length)
     problems = []

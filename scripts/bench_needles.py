@@ -25,8 +25,7 @@ from longrope_search.config import find_config, load_config
 from longrope_search.errors import LongRopeError
 from longrope_search.factors import load_factors
 from longrope_search.fitness import Evaluator
-from longrope_search.model import load_config as load_model_config
-from longrope_search.model import load_model, rope_spec
+from longrope_search.model import load_model, load_model_config, rope_spec
 from longrope_search.sample_sets import sample_sets
 from longrope_search.search_setup import make_setup, resolve_prior
 

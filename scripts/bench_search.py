@@ -42,8 +42,7 @@ from longrope_search import checkpoint
 from longrope_search.checkpoint import Evaluation
 from longrope_search.config import DEFAULT_RACE_MARGIN, DEFAULT_SCREEN_WINDOWS, Config, find_config, load_config
 from longrope_search.fitness import Evaluator
-from longrope_search.model import load_config as load_model_config
-from longrope_search.model import load_model, rope_spec
+from longrope_search.model import load_model, load_model_config, rope_spec
 from longrope_search.factors import COLUMN, load_factors
 from longrope_search.rundir import FACTORS_FILE, LOG_FILE
 from longrope_search.sample_sets import reweighed, sample_sets

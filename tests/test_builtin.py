@@ -158,12 +158,12 @@ def test_model_is_good_at_1x_and_breaks_at_8x_without_rescaling(model, tokenizer
 @pytest.mark.slow
 def test_model_retrieves_a_needle_inside_its_window(docs):
     # What `longrope eval --needle` measures, at 1x: held-out code as filler, 20 prompts per depth at 5 depths.
-    from longrope_search.model import load_config, load_model, rope_spec
+    from longrope_search.model import load_model_config, load_model, rope_spec
     from longrope_search.retrieval import NeedleSettings, mean_over_depths, needle_accuracy
 
     model, tokenizer = load_model("builtin:tiny", device="cpu", dtype="float32")
     fillers = [tokenizer(d["text"], add_special_tokens=False)["input_ids"][: 2 * CONTEXT] for d in docs[:20]]
-    spec = rope_spec(load_config("builtin:tiny"))
+    spec = rope_spec(load_model_config("builtin:tiny"))
     accuracy = needle_accuracy(model, tokenizer, spec, [CONTEXT], None, fillers, NeedleSettings(trials=20))
     single = mean_over_depths(accuracy["single"]["none"][CONTEXT])
     multikey = mean_over_depths(accuracy["multikey"]["none"][CONTEXT])

@@ -230,9 +230,9 @@ def test_drop_n_hat_reports_the_measured_ppl_cost(tmp_path):
 
 def builtin_factors(tmp_path: Path) -> Path:
     """A factors.json for the shipped model (8x, PI-like factors) in a folder that is not a run."""
-    from longrope_search.model import load_config
+    from longrope_search.model import load_model_config
 
-    spec = rope_spec(load_config("builtin:tiny"))
+    spec = rope_spec(load_model_config("builtin:tiny"))
     run = tmp_path / "builtin-run"
     run.mkdir()
     FactorsFile(model="builtin:tiny", rope=spec, target_length=8 * spec.original_length,

@@ -69,7 +69,7 @@ def run_cli(*argv: str):
 
 def planned_rows(config) -> list[dict[str, torch.Tensor]]:
     """The blocks the fine-tune trains, rebuilt from its settings (the stream comes from the cache)."""
-    setup = finetune.make_setup(config)
+    setup = finetune.training_setup(config)
     stream, layout = finetune.training_data(setup, load_tokenizer(str(setup.src)))
     return [packing.block(stream, layout, b) for b in range(layout.blocks)]
 
@@ -311,7 +311,7 @@ def test_a_baseline_fine_tune_trains_exactly_the_rope_transformers_runs_for_it(s
     folder = tmp_path / "ft"
     config = finetune.finetune_config(setup["run"], None, settings(setup, f"finetune.factors={method}",
                                                                    f"output.dir={folder}"))
-    ft_setup = finetune.make_setup(config)
+    ft_setup = finetune.training_setup(config)
     assert ft_setup.factors.method == method and ft_setup.factors.target_length == WINDOW * SCALE  # the run's target
     folder.mkdir()
     ft_setup.factors.save(ft_setup.factors_file)
@@ -458,5 +458,5 @@ def test_a_checkpoint_cut_short_is_warned_about_and_the_one_before_it_used(setup
 def test_report_to_reaches_the_trainer(setup, tmp_path):
     for value, expected in (("[tensorboard]", ["tensorboard"]), ("none", [])):
         config = finetune.finetune_config(setup["run"], None, settings(setup, f"finetune.report_to={value}"))
-        args = finetune.training_arguments(finetune.make_setup(config), tmp_path / "ft")
+        args = finetune.training_arguments(finetune.training_setup(config), tmp_path / "ft")
         assert args.report_to == expected and args.disable_tqdm  # our bar, not the Trainer's

@@ -22,7 +22,7 @@ from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.evolution import seed_candidates
 from longrope_search.fitness import IGNORE, Evaluator, Joint
-from longrope_search.model import load_config, rope_spec
+from longrope_search.model import load_model_config, rope_spec
 from longrope_search.needle import answer_targets, answers_found, answers_only, asked_windows, needle_samples, text_only
 from longrope_search.rundir import CONFIG_FILE, config_for_resume
 from longrope_search.search import run_search
@@ -127,7 +127,7 @@ def test_every_seed_is_a_member_of_every_methods_space(setup, search):
     if search.get("method"):
         config["search"].pop("fitness")
         config["search"].pop("n_hat")
-    setup_ = make_setup(from_dict(config), rope_spec(load_config(str(model))))
+    setup_ = make_setup(from_dict(config), rope_spec(load_model_config(str(model))))
     space = setup_.space
     assert space.num_factors == setup_.spec.num_factors  # every pair is searched
     assert {"pi", "ntk", "yarn", "yarn@16,0.25", "yarn@64,2"} <= set(setup_.seeds)
@@ -148,7 +148,7 @@ def test_a_search_never_ends_worse_than_its_best_seed(setup, tmp_path):
     assert len(scores) == 3 and zero.scores.search == min(scores)
     assert zero.search.best_origin in seeds
     best_seed = zero.search.best_origin
-    expected = rope.baseline(best_seed)(rope_spec(load_config(str(model))), 4.0).numpy()
+    expected = rope.baseline(best_seed)(rope_spec(load_model_config(str(model))), 4.0).numpy()
     assert np.abs(np.asarray(zero.factors) - expected).max() <= 0.005 + 1e-12
     # with generations, elitism keeps it: the winner scores no worse than that seed
     final, run_dir = run_search(from_dict(joint_config(model, corpus, generations=3, seeds=seeds)), tmp_path / "run")

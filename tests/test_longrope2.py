@@ -24,7 +24,7 @@ from longrope_search.config import from_dict
 from longrope_search.errors import ConfigError
 from longrope_search.evolution import Candidate, SearchSpace, crossover, initial_population, mutate, seed_candidates
 from longrope_search.fitness import IGNORE, Evaluator, sequence_nll
-from longrope_search.model import load_config, rope_spec
+from longrope_search.model import load_model_config, rope_spec
 from longrope_search.needle import answer_targets, answers_only, asked_windows, needle_samples
 from longrope_search.rope import RopeSpec
 from longrope_search.search import run_search
@@ -73,7 +73,7 @@ def test_critical_dimension_of_known_geometries(name, spec, expected):
 def test_the_critical_dimension_adds_seeds_and_range_but_every_pair_is_searched(setup):
     model, corpus = setup
     config = from_dict(v2_config(model, corpus, critical_dim=3))
-    setup_ = make_setup(config, rope_spec(load_config(str(model))))  # 8 pairs, 2x
+    setup_ = make_setup(config, rope_spec(load_model_config(str(model))))  # 8 pairs, 2x
     space = setup_.space
     assert setup_.critical_dim == 3 and space.num_factors == 8 and space.monotonic
     assert space.min_factor == 1.0 and space.max_factor == 4.0 and space.n_hat_choices == (0,)
@@ -117,7 +117,7 @@ def test_operators_keep_candidates_valid_and_the_mscale_gene_moves():
 
 def test_the_v1_space_and_its_candidates_are_unchanged(setup):
     model, corpus = setup
-    setup_ = make_setup(from_dict(search_config(model, corpus)), rope_spec(load_config(str(model))))
+    setup_ = make_setup(from_dict(search_config(model, corpus)), rope_spec(load_model_config(str(model))))
     assert setup_.critical_dim is None and setup_.space.mscale_choices == ()
     cand = seed_candidates(setup_.space, setup_.seeds)["pi"]
     assert cand.mscale is None and "m=" not in cand.key and setup_.mscale_of(cand) == setup_.mscale
@@ -163,7 +163,7 @@ def test_the_answer_only_loss_equals_the_full_loss_restricted_to_the_answer():
 def test_a_longrope2_search_runs_end_to_end_and_records_needles(setup, tmp_path):
     model, corpus = setup
     final, run_dir = run_search(from_dict(v2_config(model, corpus)), tmp_path / "run")
-    spec = rope_spec(load_config(str(model)))
+    spec = rope_spec(load_model_config(str(model)))
     assert final.search.settings["fitness"] == "needle" and final.search.settings["critical_dim"] == "auto"
     critical = rope.critical_pair(RopeSpec(spec.base, spec.rotary_dim, 64))
     assert np.all(np.diff(final.factors) >= 0) and max(final.factors) <= 4.0 + 1e-12  # one space, [1, 2 s]

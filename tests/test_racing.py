@@ -14,7 +14,7 @@ from search_fixtures import search_config, write_corpus, write_model
 from longrope_search import checkpoint, evolution
 from longrope_search.config import from_dict
 from longrope_search.fitness import FitnessResult, Race
-from longrope_search.model import load_config, rope_spec
+from longrope_search.model import load_model_config, rope_spec
 from longrope_search.search import Search, run_search
 from longrope_search.search_setup import make_setup
 
@@ -36,7 +36,7 @@ def test_a_rejected_candidate_is_never_a_parent_nor_the_winner(setup, tmp_path):
     """A fake scorer rejects every odd child with a score better than everything: selection must ignore it."""
     model, corpus = setup
     config = from_dict(search_config(model, corpus, generations=4))
-    search_setup = make_setup(config, rope_spec(load_config(str(model))))
+    search_setup = make_setup(config, rope_spec(load_model_config(str(model))))
     rejected: set[str] = set()
 
     def score(candidates, bar=None, full=False):

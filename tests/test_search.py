@@ -21,7 +21,7 @@ from longrope_search.factors import load_factors
 from longrope_search.evolution import SearchSpace
 from longrope_search.search import run_search
 from longrope_search.search_setup import make_setup as make_plan
-from longrope_search.model import load_config, rope_spec
+from longrope_search.model import load_model_config, rope_spec
 from longrope_search.rope import longrope_mscale
 
 runner = CliRunner()
@@ -50,7 +50,7 @@ def test_search_writes_outputs_and_keeps_invariants(setup, tmp_path):
     history = final_history(run_dir)
     keys = [(tuple(e["genes"]), e["n_hat"]) for e in history]
     assert len(keys) == len(set(keys)) == 8 + 4 * 6  # no candidate evaluated twice, full budget used
-    plan = make_plan(config, rope_spec(load_config(str(model))))
+    plan = make_plan(config, rope_spec(load_model_config(str(model))))
     space: SearchSpace = plan.space
     for genes, n_hat in keys:
         assert all(a <= b for a, b in zip(genes, genes[1:])) and n_hat in space.n_hat_choices
