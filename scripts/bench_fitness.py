@@ -22,13 +22,10 @@ import subprocess
 import sys
 import time
 
+from longrope_search.config import parse_length  # pydantic and yaml only: the workers' torch memory is unchanged
+
 METHODS = ("ours", "plain", "needle")
 ANSWER_TOKENS = 6  # a 5-7 digit answer and the token after it, as the needle fitness scores them
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
 def status_kb(field: str) -> int:

@@ -25,9 +25,9 @@ from longrope_search.config import find_config, load_config
 from longrope_search.errors import LongRopeError
 from longrope_search.factors import load_factors
 from longrope_search.fitness import Evaluator
-from longrope_search.model import load_model, load_model_config, rope_spec
+from longrope_search.model import LoadOptions, load_model
 from longrope_search.sample_sets import sample_sets
-from longrope_search.search_setup import make_setup, resolve_prior
+from longrope_search.search import set_up
 
 
 
@@ -70,10 +70,9 @@ def main() -> None:
         overrides = [*args.set, f"data.heldout_samples={args.heldout}", "search.fitness=needle",
                      "search.seeds=[pi,ntk,yarn,yarn-family]"]  # the candidates: every seed a search starts from
         base = load_config(find_config(args.config), overrides)
-        model_config = load_model_config(base.model.name)
-        spec = rope_spec(model_config)
-        setup = make_setup(base, spec, resolve_prior(base, model_config, spec))
-        model, tokenizer = load_model(base.model.name, device="cpu", dtype=base.model.dtype)
+        _, setup = set_up(base)  # as the search sets itself up (the model section's load options included)
+        model, tokenizer = load_model(base.model.name, device="cpu", dtype=base.model.dtype,
+                                      options=LoadOptions.of(base.model))
         vectors = dict(setup.seeds)
         for path in args.factors:
             vectors[Path(path).name] = np.asarray(load_factors(path).factors)

@@ -38,17 +38,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from longrope_search import checkpoint
+from longrope_search import checkpoint, distributed
 from longrope_search.checkpoint import Evaluation
-from longrope_search.config import DEFAULT_RACE_MARGIN, DEFAULT_SCREEN_WINDOWS, Config, find_config, load_config
-from longrope_search.fitness import Evaluator
-from longrope_search.model import load_model, load_model_config, rope_spec
+from longrope_search.config import DEFAULT_RACE_MARGIN, DEFAULT_SCREEN_WINDOWS, find_config, load_config
 from longrope_search.factors import COLUMN, load_factors
+from longrope_search.fitness import Evaluator
 from longrope_search.rundir import FACTORS_FILE, LOG_FILE
-from longrope_search.sample_sets import reweighed, sample_sets
-from longrope_search.search import run_search
-from longrope_search.search_setup import make_setup, resolve_prior
-from longrope_search.validation import KEY_PREFIX, Validator
+from longrope_search.sample_sets import reweighed
+from longrope_search.search import load, open_run, run_search, set_up
+from longrope_search.validation import Validator
 
 
 
@@ -95,8 +93,7 @@ def best_so_far(run_dir: Path) -> list[tuple[int, Evaluation]]:
     final comparison on the held-out samples is reporting, not search work, and is not logged."""
     state, _ = checkpoint.load_state(run_dir)
     spent, at_generation, counted = 0, [], {}
-    for line in (run_dir / "log.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in checkpoint.log_records(run_dir / LOG_FILE):
         if record["event"] == "eval":  # a screened candidate's second line holds both rounds' tokens
             spent += record["tokens"] - counted.get(record["key"], 0)
             counted[record["key"]] = record["tokens"]
@@ -115,31 +112,28 @@ def best_so_far(run_dir: Path) -> list[tuple[int, Evaluation]]:
 def work_tokens(run_dir: Path) -> int:
     """Forward tokens of the whole search: its evaluations and the validation's, with the final selection's (each key
     once, at its last line: a screened candidate's second line holds both rounds' tokens)."""
-    last = {r["key"]: r["tokens"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
-            if r["event"] == "eval"}
+    last = {r["key"]: r["tokens"] for r in checkpoint.log_records(run_dir / LOG_FILE) if r["event"] == "eval"}
     return sum(last.values())
 
 
-def heldout_curve(config: Config, run_dir: Path) -> list[tuple[int, float]]:
+def heldout_curve(run_dir: Path) -> list[tuple[int, float]]:
     """(forward tokens spent, held-out PPL of the winner the search would have returned had it stopped there) after
     each generation: the validation best of the search.select_top best by search score, picked by the search's own
-    rule (Validator.select); the search's best where there is no validation set. Validation scores the run logged are
-    reused; the others are scored here (a few evaluations on the validation windows, logged beside the run)."""
-    model_config = load_model_config(config.model.name)
-    spec = rope_spec(model_config)
-    setup = make_setup(config, spec, resolve_prior(config, model_config, spec))
-    model, tokenizer = load_model(config.model.name, device="cpu", dtype="float32", mlp_chunk=config.search.mlp_chunk)
-    sets = sample_sets(tokenizer, config, setup.target_length)
-    records = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
-    if any(r["event"] == "needle_check" for r in records):  # the run weighed the answers 0: so does its validation
-        sets = reweighed(sets, 0.0)
-    heldout = Evaluator(model, sets.heldout_plain, config.search.chunk_size)  # plain PPL, whatever the fitness
+    rule (Validator.select); the search's best where there is no validation set. The run is opened, set up and loaded
+    as a resume of it would be (its saved config, model options and samples); validation scores it logged are
+    reused, the others scored here (a few evaluations on the validation windows, logged beside the run)."""
+    opened = open_run(None, run_dir, resume=True, overrides=[])
+    model_config, setup = set_up(opened.config)
+    loaded = load(setup, model_config, distributed.SINGLE_PROCESS)
+    # the run weighed the answers 0 after its chance check: so does its validation
+    sets = reweighed(loaded.sets, 0.0) if opened.needles_checked else loaded.sets
+    chunk = setup.config.search.chunk_size
+    heldout = Evaluator(loaded.model, sets.heldout_plain, chunk)  # plain PPL, whatever the fitness
     validator = None
     if sets.validation is not None:
-        scores = Evaluator(model, sets.validation.ids, config.search.chunk_size, targets=sets.validation.targets,
+        scores = Evaluator(loaded.model, sets.validation.ids, chunk, targets=sets.validation.targets,
                            joint=sets.validation.joint)
-        scores.preload({r["key"]: r["ppl"] for r in map(json.loads, (run_dir / LOG_FILE).read_text().splitlines())
-                        if r["event"] == "eval" and r["key"].startswith(KEY_PREFIX)})
+        scores.preload(opened.logged, opened.details)
         validator = Validator(setup, scores, run_dir / "bench_validation.jsonl")
     state, _ = checkpoint.load_state(run_dir)
     curve = []
@@ -179,7 +173,7 @@ def main() -> None:
                 final, _ = run_search(config, run_dir)
                 wall = time.perf_counter() - began
                 wall_file.write_text(json.dumps({"seconds": wall}))
-            curve = heldout_curve(config, run_dir)
+            curve = heldout_curve(run_dir)
             (run_dir / "bench_curve.json").write_text(json.dumps(curve))
             heldout, tokens = final.scores.heldout_text, work_tokens(run_dir)
             plain = plain or (tokens, heldout)

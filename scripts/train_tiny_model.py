@@ -20,11 +20,13 @@ import shutil
 import sys
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config
 
@@ -391,28 +393,10 @@ The files are used under the PSF License Agreement, reproduced here as it requir
     )
 
 
-def write_card(out: Path, args: argparse.Namespace, facts: dict) -> None:
-    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in facts["ppl"].items())
-    ret = facts["retrieval_1x"]
-    depths = [f"{d:g}" for d in NEEDLE_DEPTHS]
-    ret_rows = "\n".join(
-        f"| {name} | " + " | ".join(f"{100 * ret[name][d]:.0f}%" for d in depths) + f" | {100 * ret[name]['all']:.1f}% |"
-        for name in ("1-key", f"{args.needle_keys}-key")
-    )
+def _card_training(args: argparse.Namespace, facts: dict) -> str:
+    """The model card's training section: data, tokenizer, optimiser and the retrieval windows mixed in."""
     n_ret = facts["retrieval_windows_per_batch"]
-    card = f"""---
-license: other
-library_name: transformers
-pipeline_tag: text-generation
----
-# {args.out.name} (`builtin:{BUILTIN_NAME[args.arch]}`)
-
-A {facts['params'] / 1e6:.1f}M-parameter `{ARCH_CLASS[args.arch]}` trained from scratch on Python source code, so that
-LongRoPE factor searches can run in minutes on a CPU. Context window: {args.context} tokens
-(`max_position_embeddings`), RoPE base {args.rope_theta:g}, head_dim {args.hidden // args.heads}
-({args.hidden // args.heads // 2} rotary pairs), {args.heads} attention heads sharing {args.kv_heads or args.heads} key/value heads. Weights stored in float16; load with `dtype=torch.float32` on CPU.
-
-## Training
+    return f"""## Training
 - Command: `{facts['command']}`
 - Data: the `*.py` files of the CPython {facts['python']} standard library (no site-packages{', no test packages' if args.no_tests else ''}),
   split by a SHA-256 hash of each file's relative path: {facts['n_train_files']} train files
@@ -432,7 +416,30 @@ LongRoPE factor searches can run in minutes on a CPU. Context window: {args.cont
   {100 * (1 - args.multi_key_share):.0f}% of them hold one needle, {100 * args.multi_key_share:.0f}% 2 to {args.max_keys} (one asked). Loss: next-token
   cross-entropy over every position{'' if args.answer_weight == 1 else f', the answer tokens and the line end after them weighted {args.answer_weight:g}'}.
 
-## Retrieval at 1x
+"""
+
+
+def write_card(out: Path, args: argparse.Namespace, facts: dict) -> None:
+    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in facts["ppl"].items())
+    ret = facts["retrieval_1x"]
+    depths = [f"{d:g}" for d in NEEDLE_DEPTHS]
+    ret_rows = "\n".join(
+        f"| {name} | " + " | ".join(f"{100 * ret[name][d]:.0f}%" for d in depths) + f" | {100 * ret[name]['all']:.1f}% |"
+        for name in ("1-key", f"{args.needle_keys}-key")
+    )
+    card = f"""---
+license: other
+library_name: transformers
+pipeline_tag: text-generation
+---
+# {args.out.name} (`builtin:{BUILTIN_NAME[args.arch]}`)
+
+A {facts['params'] / 1e6:.1f}M-parameter `{ARCH_CLASS[args.arch]}` trained from scratch on Python source code, so that
+LongRoPE factor searches can run in minutes on a CPU. Context window: {args.context} tokens
+(`max_position_embeddings`), RoPE base {args.rope_theta:g}, head_dim {args.hidden // args.heads}
+({args.hidden // args.heads // 2} rotary pairs), {args.heads} attention heads sharing {args.kv_heads or args.heads} key/value heads. Weights stored in float16; load with `dtype=torch.float32` on CPU.
+
+{_card_training(args, facts)}## Retrieval at 1x
 Greedy exact match of the whole number (`longrope_search.needle.greedy_answer` / `is_retrieved`) on
 {args.context}-token samples whose filler is held-out code (a random document of the corpus at a random offset),
 {ret['trials_per_depth']} samples per depth (seed {ret['seed']}); the asked needle at the depth, other needles at random depths.
@@ -463,25 +470,53 @@ is under this package's MIT licence.
 # ---------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
+@dataclass
+class Data:
+    """The stdlib split by file, the tokenizer and the held-out corpus's long documents."""
 
+    train_docs: list[tuple[str, str]]  # (relative path, text)
+    heldout_docs: list[tuple[str, str]]
+    tok: PreTrainedTokenizerFast
+    train_ids: list[list[int]]
+    long_docs: list[tuple[tuple[str, str], list[int]]]  # the corpus: held-out documents of >= min_tokens tokens
+    min_tokens: int
+
+    @property
+    def eval_ids(self) -> list[list[int]]:
+        return [ids for _, ids in self.long_docs]
+
+
+@dataclass
+class Trained:
+    model: PreTrainedModel
+    params: int
+    train_tokens: int
+    minutes: float
+    retrieval_windows: int  # per batch
+    ppl_1x: float  # held-out PPL at the training context, fp32 weights
+
+
+@dataclass
+class Checks:
+    """What the saved (fp16) weights do, run in fp32: retrieval at 1x, the extension table, the unigram floor."""
+
+    retrieval: dict[str, dict[float, float]]
+    table: dict[str, float]
+    unigram_ppl: float
+
+
+def prepare_data(args: argparse.Namespace) -> Data:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     rels = list_sources(stdlib, include_tests=not args.no_tests)
     train_docs = read_sources(stdlib, [r for r in rels if not is_heldout(r, args.heldout_percent)])
     heldout_docs = read_sources(stdlib, [r for r in rels if is_heldout(r, args.heldout_percent)])
     print(f"CPython {platform.python_version()} stdlib: {len(train_docs)} train files, {len(heldout_docs)} held-out")
-
     if args.eval_only:
         tok = PreTrainedTokenizerFast.from_pretrained(args.out)
     else:
         t0 = time.time()
         tok = train_tokenizer([t for _, t in train_docs], args.vocab_size, args.arch)
         print(f"tokenizer: vocab {len(tok)} in {time.time() - t0:.0f}s")
-
     train_ids = encode(tok, [t for _, t in train_docs])
     min_tokens = args.min_doc_factor * args.context + args.doc_margin
     heldout_ids = encode(tok, [t for _, t in heldout_docs])
@@ -489,132 +524,161 @@ def main(argv: list[str] | None = None) -> None:
     # Pick by path hash, not alphabetically, so one package does not fill the corpus; store sorted.
     long_docs = sorted(long_docs, key=lambda x: hashlib.sha256(x[0][0].encode()).hexdigest())[: args.max_docs]
     long_docs.sort(key=lambda x: x[0][0])
-    eval_ids = [ids for _, ids in long_docs]
     print(f"held-out corpus: {len(long_docs)} documents of >= {min_tokens} tokens")
+    return Data(train_docs, heldout_docs, tok, train_ids, long_docs, min_tokens)
 
-    if not args.eval_only:
-        stream_parts, starts, pos = [], [], 0
-        for ids in train_ids:
-            starts.append(pos)
-            stream_parts.append(torch.tensor(ids + [tok.eos_token_id], dtype=torch.long))
-            pos += len(ids) + 1
-        stream = torch.cat(stream_parts)  # (train_tokens,)
-        doc_starts = torch.tensor(starts)
-        print(f"train stream: {stream.numel():,} tokens")
 
-        model = build_model(args, tok)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"model: {n_params:,} parameters")
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr,
-            betas=(0.9, 0.95),
+def train_stream(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training documents as one stream, each followed by EOS (train_tokens,), and where each starts."""
+    stream_parts, starts, pos = [], [], 0
+    for ids in data.train_ids:
+        starts.append(pos)
+        stream_parts.append(torch.tensor(ids + [data.tok.eos_token_id], dtype=torch.long))
+        pos += len(ids) + 1
+    return torch.cat(stream_parts), torch.tensor(starts)
+
+
+def train(args: argparse.Namespace, data: Data) -> Trained:
+    """AdamW on code windows and synthetic retrieval windows (the answers weighted --answer-weight)."""
+    tok = data.tok
+    stream, doc_starts = train_stream(data)
+    print(f"train stream: {stream.numel():,} tokens")
+    model = build_model(args, tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(args.seed)
+    needle_rng = np.random.default_rng(args.seed)  # the retrieval windows' draws, apart from `gen`
+    n_retrieval = round(args.retrieval_share * args.batch_size)
+    print(f"batch: {args.batch_size - n_retrieval} code windows + {n_retrieval} retrieval windows")
+    t0 = time.time()
+    running = ret_hit = None
+    for step in range(args.steps):
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        code = sample_batch(stream, doc_starts, gen, args.batch_size - n_retrieval, args.context, tok.bos_token_id)
+        needles, answer_mask = retrieval_windows(
+            needle_rng, tok, stream, n_retrieval, args.context, args.multi_key_share, args.max_keys, args.max_tail
         )
-        gen = torch.Generator().manual_seed(args.seed)
-        needle_rng = np.random.default_rng(args.seed)  # the retrieval windows' draws, apart from `gen`
-        n_retrieval = round(args.retrieval_share * args.batch_size)
-        print(f"batch: {args.batch_size - n_retrieval} code windows + {n_retrieval} retrieval windows")
-        t0 = time.time()
-        running = ret_hit = None
-        for step in range(args.steps):
-            model.train()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args)
-            code = sample_batch(stream, doc_starts, gen, args.batch_size - n_retrieval, args.context, tok.bos_token_id)
-            needles, answer_mask = retrieval_windows(
-                needle_rng, tok, stream, n_retrieval, args.context, args.multi_key_share, args.max_keys, args.max_tail
-            )
-            x = torch.cat([code, needles])  # (batch, ctx)
-            weight = torch.ones(x.shape[0], args.context - 1)  # (batch, ctx-1): one per predicted token
-            weight[code.shape[0] :][answer_mask] = args.answer_weight
-            logits = model(input_ids=x).logits[:, :-1].float()  # (batch, ctx-1, vocab)
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
-            loss = (nll * weight.reshape(-1)).sum() / weight.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
-            if n_retrieval:
-                # Teacher-forced retrieval of this batch's needle windows: every answer token the argmax.
-                with torch.no_grad():
-                    right = logits[code.shape[0] :].argmax(-1) == x[code.shape[0] :, 1:]  # (n_retrieval, ctx-1)
-                    hit = (right | ~answer_mask).all(1).float().mean().item()
-                    answer_nll = nll.reshape(x.shape[0], -1)[code.shape[0] :][answer_mask].mean().item()
-                ret_hit = hit if ret_hit is None else 0.9 * ret_hit + 0.1 * hit
-            if (step + 1) % args.log_every == 0 or step == 0:
-                el = time.time() - t0
-                ret = f"answer nll {answer_nll:.2f} hit ema {ret_hit:.2f}  " if n_retrieval else ""
-                print(f"step {step + 1:5d}  loss {loss.item():.3f}  ema {running:.3f}  {ret}lr {lr_at(step, args):.2e}  "
-                      f"{el:.0f}s (eta {el / (step + 1) * (args.steps - step - 1):.0f}s)", flush=True)
-        minutes = (time.time() - t0) / 60
-        ppl32 = doc_ppl(model, eval_ids, args.context, tok.bos_token_id)
-        print(f"held-out PPL at 1x ({args.context} tokens), fp32 weights: {ppl32:.3f}")
+        x = torch.cat([code, needles])  # (batch, ctx)
+        weight = torch.ones(x.shape[0], args.context - 1)  # (batch, ctx-1): one per predicted token
+        weight[code.shape[0] :][answer_mask] = args.answer_weight
+        logits = model(input_ids=x).logits[:, :-1].float()  # (batch, ctx-1, vocab)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+        loss = (nll * weight.reshape(-1)).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        if n_retrieval:
+            # Teacher-forced retrieval of this batch's needle windows: every answer token the argmax.
+            with torch.no_grad():
+                right = logits[code.shape[0] :].argmax(-1) == x[code.shape[0] :, 1:]  # (n_retrieval, ctx-1)
+                hit = (right | ~answer_mask).all(1).float().mean().item()
+                answer_nll = nll.reshape(x.shape[0], -1)[code.shape[0] :][answer_mask].mean().item()
+            ret_hit = hit if ret_hit is None else 0.9 * ret_hit + 0.1 * hit
+        if (step + 1) % args.log_every == 0 or step == 0:
+            el = time.time() - t0
+            ret = f"answer nll {answer_nll:.2f} hit ema {ret_hit:.2f}  " if n_retrieval else ""
+            print(f"step {step + 1:5d}  loss {loss.item():.3f}  ema {running:.3f}  {ret}lr {lr_at(step, args):.2e}  "
+                  f"{el:.0f}s (eta {el / (step + 1) * (args.steps - step - 1):.0f}s)", flush=True)
+    minutes = (time.time() - t0) / 60
+    ppl32 = doc_ppl(model, data.eval_ids, args.context, tok.bos_token_id)
+    print(f"held-out PPL at 1x ({args.context} tokens), fp32 weights: {ppl32:.3f}")
+    return Trained(model, n_params, stream.numel(), minutes, n_retrieval, ppl32)
 
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        # fp16 halves the shipped size; the values are small, so the round trip costs almost nothing.
-        model.half().save_pretrained(args.out)
-        keep_rope_theta_for_4x(args.out)
-        save_tokenizer(tok, args.out)
-        check_auto_tokenizer(args.out, tok, [text for (_, text), _ in long_docs[:8]])
-        write_corpus(args.corpus_out, [d for d, _ in long_docs])
-        write_license(args.corpus_out.parent / "LICENSE", stdlib, len(long_docs))
 
-    # Retrieval at 1x on held-out documents, the saved (fp16) weights run in fp32.
+def save(args: argparse.Namespace, data: Data, trained: Trained) -> None:
+    """The model in fp16 (it halves the shipped size; the values are small, so the round trip costs almost
+    nothing), its tokenizer, the held-out corpus and its licence."""
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    trained.model.half().save_pretrained(args.out)
+    keep_rope_theta_for_4x(args.out)
+    save_tokenizer(data.tok, args.out)
+    check_auto_tokenizer(args.out, data.tok, [text for (_, text), _ in data.long_docs[:8]])
+    write_corpus(args.corpus_out, [d for d, _ in data.long_docs])
+    write_license(args.corpus_out.parent / "LICENSE", Path(sysconfig.get_paths()["stdlib"]), len(data.long_docs))
+
+
+def check(args: argparse.Namespace, data: Data) -> Checks:
+    """Retrieval at 1x on held-out documents and the extension table, the saved (fp16) weights run in fp32."""
     t1 = time.time()
     saved = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
     retrieval = {
-        f"{keys}-key": retrieval_accuracy(saved, tok, eval_ids, args.context, keys, args.needle_trials, args.needle_seed)
+        f"{keys}-key": retrieval_accuracy(saved, data.tok, data.eval_ids, args.context, keys, args.needle_trials,
+                                          args.needle_seed)
         for keys in (1, args.needle_keys)
     }
     for name, acc in retrieval.items():
         print(f"retrieval at 1x, {name}: " + "  ".join(f"{d} {a:.3f}" for d, a in acc.items()), flush=True)
     print(f"retrieval eval: {time.time() - t1:.0f}s")
-
     # A subset: the 16x rows cost ~1 s per document and variant on 2 cores.
-    table = extension_table(args.out, eval_ids[: args.table_docs], tok.bos_token_id, args.scales)
-    uni = unigram_ppl(train_ids, eval_ids, len(tok), args.context)
+    table = extension_table(args.out, data.eval_ids[: args.table_docs], data.tok.bos_token_id, args.scales)
+    uni = unigram_ppl(data.train_ids, data.eval_ids, len(data.tok), args.context)
     print(f"unigram baseline PPL at 1x: {uni:.2f}")
     for k, v in table.items():
         print(f"  {k:10s} {v:10.4f}")
-    if not args.eval_only:
-        import transformers
+    return Checks(retrieval, table, uni)
 
-        facts = {
-            "params": n_params,
-            "command": " ".join(["python scripts/train_tiny_model.py", *(sys.argv[1:] if argv is None else argv)]),
-            "python": platform.python_version(),
-            "n_train_files": len(train_docs),
-            "n_heldout_files": len(heldout_docs),
-            "heldout_percent": args.heldout_percent,
-            "train_tokens": stream.numel(),
-            "vocab": len(tok),
-            "minutes": minutes,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "n_docs": len(long_docs),
-            "min_tokens": min_tokens,
-            "table_docs": min(args.table_docs, len(eval_ids)),
-            "unigram_ppl": uni,
-            "ppl_1x_all_docs": ppl32,
-            "ppl": table,
-            "retrieval_share": args.retrieval_share,
-            "multi_key_share": args.multi_key_share,
-            "max_keys": args.max_keys,
-            "max_tail": args.max_tail,
-            "answer_weight": args.answer_weight,
-            "retrieval_windows_per_batch": n_retrieval,
-            "retrieval_1x": {
-                "length": args.context,
-                "trials_per_depth": args.needle_trials,
-                "seed": args.needle_seed,
-                "filler": "held-out documents (random document, random offset)",
-                **retrieval,
-            },
-        }
+
+def training_facts(args: argparse.Namespace, command: list[str], data: Data, trained: Trained,
+                   checks: Checks) -> dict:
+    """training_facts.json: how the shipped model was made and what it measured (the model card is written from it)."""
+    return {
+        "params": trained.params,
+        "command": " ".join(["python scripts/train_tiny_model.py", *command]),
+        "python": platform.python_version(),
+        "n_train_files": len(data.train_docs),
+        "n_heldout_files": len(data.heldout_docs),
+        "heldout_percent": args.heldout_percent,
+        "train_tokens": trained.train_tokens,
+        "vocab": len(data.tok),
+        "minutes": trained.minutes,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "n_docs": len(data.long_docs),
+        "min_tokens": data.min_tokens,
+        "table_docs": min(args.table_docs, len(data.eval_ids)),
+        "unigram_ppl": checks.unigram_ppl,
+        "ppl_1x_all_docs": trained.ppl_1x,
+        "ppl": checks.table,
+        "retrieval_share": args.retrieval_share,
+        "multi_key_share": args.multi_key_share,
+        "max_keys": args.max_keys,
+        "max_tail": args.max_tail,
+        "answer_weight": args.answer_weight,
+        "retrieval_windows_per_batch": trained.retrieval_windows,
+        "retrieval_1x": {
+            "length": args.context,
+            "trials_per_depth": args.needle_trials,
+            "seed": args.needle_seed,
+            "filler": "held-out documents (random document, random offset)",
+            **checks.retrieval,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    data = prepare_data(args)
+    trained = None if args.eval_only else train(args, data)
+    if trained is not None:
+        save(args, data, trained)
+    checks = check(args, data)
+    if trained is not None:
+        facts = training_facts(args, sys.argv[1:] if argv is None else argv, data, trained, checks)
         write_card(args.out, args, facts)
         (args.out / "training_facts.json").write_text(json.dumps(facts, indent=2) + "\n")
 
