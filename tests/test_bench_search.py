@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from search_fixtures import search_config, write_config, write_corpus, write_model
+from search_fixtures import search_config, write_config
 
 from longrope_search import checkpoint
 
@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    model, corpus = write_model(root), write_corpus(root, documents=12)
+def bench(tiny_files):
+    model, corpus = tiny_files("bench", documents=12)
+    root = model.parent
     config = search_config(model, corpus, generations=2, population=16)
     config["data"].update(samples=3, validation_samples=2)
     config["search"]["select_top"] = 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from search_fixtures import WORDS, search_config, write_model
+from search_fixtures import WORDS, search_config
 from tiny_models import tiny_model, tiny_tokenizer
 
 from longrope_search import eval_result as er
@@ -45,10 +45,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tiny_files):
     """A finished 4x search (32 -> 128 tokens) on the mixed corpus: (run_dir, model_dir, corpus_dir)."""
-    root = tmp_path_factory.mktemp("eval")
-    model, corpus = write_model(root), write_mixed_corpus(root)
+    model, corpus = tiny_files("eval", corpus=write_mixed_corpus)
+    root = model.parent
     config = from_dict(search_config(model, corpus, population=4, parents=2, generations=0))
     _, run_dir = run_search(config, root / "run")
     return run_dir, model, corpus

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from search_fixtures import comparable, one_line_error, search_config, write_config, write_corpus, write_model
+from search_fixtures import comparable, one_line_error, search_config, write_config
 from typer.testing import CliRunner
 
 from longrope_search import checkpoint
@@ -38,10 +38,9 @@ GENERATIONS = 3
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    model, corpus = write_model(root), write_corpus(root)
-    cfg = write_config(root / "cfg.yaml", search_config(model, corpus, generations=GENERATIONS))
+def setup(tiny_files):
+    model, corpus = tiny_files("faults")
+    cfg = write_config(model.parent / "cfg.yaml", search_config(model, corpus, generations=GENERATIONS))
     return model, corpus, cfg
 
 

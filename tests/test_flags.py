@@ -23,9 +23,9 @@ FLAGS = ["--dtype", "bf16", "--revision", "main", "--trust-remote-code", "--attn
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flags")
-    model, corpus = write_model(root), write_corpus(root)
+def files(tiny_files):
+    model, corpus = tiny_files("flags")
+    root = model.parent
     other = write_model(root / "other")  # the same tiny model in another folder: what --model points to
     config = search_config(model, corpus, population=4, parents=2, generations=0)
     return root, model, other, corpus, write_config(root / "cfg.yaml", config)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from search_fixtures import (CODE, comparable, kill_9_then_resume, one_line_error, search_config, write_code_corpus,
-                             write_config, write_model)
+                             write_config)
 from tiny_models import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -32,10 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_files):
     """A tiny model with a 64-token window and a code corpus: 4x windows of 256 tokens hold two needles."""
-    root = tmp_path_factory.mktemp("joint")
-    return write_model(root, window=64), write_code_corpus(root, documents=12)
+    return tiny_files("joint", window=64, corpus=write_code_corpus, documents=12)
 
 
 def joint_config(model: Path, corpus: Path, **search) -> dict:

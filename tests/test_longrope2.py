@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from search_fixtures import CODE, cli, search_config, write_code_corpus, write_config, write_model
+from search_fixtures import CODE, cli, search_config, write_code_corpus, write_config
 from tiny_models import tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -37,10 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_files):
     """A tiny model with a 64-token window (room for a needle prompt) and a code corpus of long documents."""
-    root = tmp_path_factory.mktemp("longrope2")
-    return write_model(root, window=64), write_code_corpus(root)
+    return tiny_files("longrope2", window=64, corpus=write_code_corpus)
 
 
 def v2_config(model: Path, corpus: Path, **search) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.image import imread
-from search_fixtures import search_config, write_corpus, write_model
+from search_fixtures import search_config
 
 from longrope_search.config import from_dict
 from longrope_search.errors import CheckpointError, ExportError
@@ -31,11 +31,10 @@ EVAL = {
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("plot")
-    config = search_config(write_model(root), write_corpus(root, documents=6), generations=2,
-                           population=4, parents=2, mutations=2, crossovers=2)
-    _, run_dir = run_search(from_dict(config), root / "run")
+def run(tiny_files) -> Path:
+    model, corpus = tiny_files("plot", documents=6)
+    config = search_config(model, corpus, generations=2, population=4, parents=2, mutations=2, crossovers=2)
+    _, run_dir = run_search(from_dict(config), model.parent / "run")
     return run_dir
 
 

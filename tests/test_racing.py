@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from search_fixtures import search_config, write_corpus, write_model
+from search_fixtures import search_config
 
 from longrope_search import checkpoint, evolution
 from longrope_search.config import from_dict
@@ -23,9 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("racing")
-    return write_model(root), write_corpus(root, documents=12)
+def setup(tiny_files):
+    return tiny_files("racing", documents=12)
 
 
 def history(run_dir) -> list[dict]:

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from search_fixtures import one_line_error, search_config, write_config, write_corpus, write_model
+from search_fixtures import one_line_error, search_config, write_config
 from typer.testing import CliRunner
 
 from longrope_search.cli import app
@@ -22,9 +22,9 @@ PAIRS = 8  # the tiny llama's rotary pairs
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("csv")
-    model, corpus = write_model(root), write_corpus(root)
+def files(tiny_files):
+    model, corpus = tiny_files("csv")
+    root = model.parent
     run = root / "run"
     run_search(from_dict(search_config(model, corpus, population=4, parents=2, generations=0)), run)
     return root, model, corpus, run

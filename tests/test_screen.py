@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from search_fixtures import comparable, kill_9_then_resume, search_config, write_config, write_corpus, write_model
+from search_fixtures import comparable, kill_9_then_resume, search_config, write_config
 from tiny_models import tiny_model
 
 from longrope_search import checkpoint
@@ -25,9 +25,8 @@ SCREENED = dict(screen_windows=1, screen_keep=0.5, race_margin=1e-6)  # a random
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("screen")
-    return write_model(root), write_corpus(root, documents=12)
+def setup(tiny_files):
+    return tiny_files("screen", documents=12)
 
 
 def screened_config(model, corpus, **search) -> dict:

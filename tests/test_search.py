@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from search_fixtures import (comparable, kill_9_then_resume, one_line_error, search_config, write_config, write_corpus,
-                             write_model)
+from search_fixtures import comparable, kill_9_then_resume, one_line_error, search_config, write_config, write_corpus
 from typer.testing import CliRunner
 
 from longrope_search import checkpoint
@@ -28,9 +27,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search")
-    return write_model(root), write_corpus(root)
+def setup(tiny_files):
+    return tiny_files("search")
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from search_fixtures import search_config, write_corpus, write_model
+from search_fixtures import search_config, write_corpus
 from typer.testing import CliRunner
 
 from longrope_search.cli import app
@@ -25,9 +25,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    return write_model(root), write_corpus(root)
+def setup(tiny_files):
+    return tiny_files("stages")
 
 
 def staged_config(path: Path, model: Path, corpus: Path, stages: list[dict] | None = None) -> Path:

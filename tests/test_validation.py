@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from search_fixtures import comparable, search_config, write_config, write_corpus, write_model
+from search_fixtures import comparable, search_config, write_config
 from typer.testing import CliRunner
 
 from longrope_search import checkpoint
@@ -27,9 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("validation")
-    return write_model(root), write_corpus(root, documents=12)
+def setup(tiny_files):
+    return tiny_files("validation", documents=12)
 
 
 def validated_config(model, corpus, **search) -> dict:
