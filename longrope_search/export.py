@@ -3,32 +3,29 @@ as rope type "longrope", then reload it and check its logits against the search-
 
 SRC is only ever read: weights are symlinked (or copied), config.json is rewritten in DST from SRC's raw JSON.
 
-Over 450 lines: the config writer (three rope types, Phi-3's strict form, both transformers majors), the refusals,
-the staged write and the reload check belong to one promise, a model that loads and matches; the model card, the
-hub and the authors' CSVs are already apart.
+Over 450 lines: the refusals, the placed files (weights linked, a tokenizer config both transformers majors read) and
+the staged write are one promise, a folder that is whole or absent; config.json's rope keys (`hf_config`), the
+reload check (`reload_check`), the model card, the hub and the authors' CSVs are apart.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import sysconfig
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from longrope_search import builtin, checkpoint, hub, methods
 from longrope_search.config import canonical_dtype, load_config as load_run_config, parse_length
 from longrope_search.data import CorpusSpec, build_samples
 from longrope_search.errors import CheckpointError, ExportError, LongRopeError, ModelError
 from longrope_search.eval_result import read_eval
-from longrope_search.factors import LONGROPE, FactorsFile, check_geometry, factors_path, load_factors
+from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.files import (
     atomic_copy,
     atomic_write_text,
@@ -40,12 +37,12 @@ from longrope_search.files import (
     storage_error,
 )
 from longrope_search.fitness import perplexity
-from longrope_search.memory import available_bytes, chunk_mlp
+from longrope_search.hf_config import compatibility_notes, hf_rope_config, partial_rotary_factor
+from longrope_search.memory import chunk_mlp
 from longrope_search.model import (
     DEFAULT_LOAD,
     LoadOptions,
     check_device,
-    check_device_map,
     install_rope,
     load_model_config,
     load_tokenizer,
@@ -53,8 +50,7 @@ from longrope_search.model import (
     rope_spec,
 )
 from longrope_search.model_card import CARD_FILE, model_card
-from longrope_search.plan import activation_bytes, format_bytes
-from longrope_search.rope import longrope_mscale
+from longrope_search.reload_check import LONG_VERIFY_MARGIN, check_verify_settings, checked_length, verify_export
 from longrope_search.rundir import (
     CONFIG_FILE,
     EVAL_FILE,
@@ -63,19 +59,11 @@ from longrope_search.rundir import (
     LOG_FILE,
     entries,
 )
-from longrope_search.shapes import shape_from_config
 
 # Files transformers loads weights from; symlinked by default because they are the only big ones.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 # Other frameworks' checkpoints: transformers never reads them, and copying them would double the disk use.
 FOREIGN_WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5", ".onnx")
-VERIFY_DTYPES = ("float32", "bfloat16", "float16")  # what the export check may load the models in
-# An mscale this close to transformers' default needs no explicit `attention_factor` (keeps Phi-3's strict form).
-MSCALE_RTOL = 1e-6
-# Short-factor check length: any length <= the original window selects the short factors, so keep it cheap.
-SHORT_VERIFY_LENGTH = 64
-# Past the original window by a little: enough to select the long factors, cheap on CPU.
-LONG_VERIFY_MARGIN = 16
 
 
 # tokenizer_config.json's class as transformers 5 saves it; 4.x knows the same tokenizer as PreTrainedTokenizerFast.
@@ -95,118 +83,6 @@ class ExportReport:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "out": str(self.out)}
-
-
-# --- config.json ------------------------------------------------------------------------------------------
-
-
-def needs_attention_factor(ff: FactorsFile) -> bool:
-    """True when the searched mscale is not the one transformers and vLLM derive from target/original."""
-    default = longrope_mscale(ff.scale, ff.rope.original_length)
-    return not math.isclose(ff.mscale, default, rel_tol=MSCALE_RTOL)
-
-
-def hf_rope_config(ff: FactorsFile, model_type: str, partial_rotary_factor: float | None = None) -> dict[str, Any]:
-    """The config.json keys that make a transformers 4.5x / 5.x or vLLM model run these factors as longrope.
-
-    `rope_scaling` is what 4.5x and vLLM read, and what 5.x prefers over `rope_parameters` when both are present;
-    `rope_parameters` mirrors it in 5.x's standardised form so a reader of the new key sees the same RoPE.
-    Top-level `original_max_position_embeddings` is required: 4.5x takes the window from there, not from
-    `rope_scaling`, and without it would fall back to `max_position_embeddings` (never switching to long factors).
-    """
-    if ff.method != LONGROPE:
-        return _method_rope_config(ff, partial_rotary_factor)
-    original = ff.rope.original_length
-    long_factor = [float(x) for x in ff.factors]
-    short_factor = [float(x) for x in ff.short_or_ones]
-    full = {
-        "rope_type": "longrope",
-        "long_factor": long_factor,
-        "short_factor": short_factor,
-        "factor": ff.scale,
-        "original_max_position_embeddings": original,
-    }
-    if needs_attention_factor(ff):
-        full["attention_factor"] = ff.mscale
-        # vLLM ignores attention_factor; it takes these instead and otherwise derives the default sqrt formula
-        full["short_mscale"] = full["long_mscale"] = ff.mscale
-    if model_type == "phi3" and "attention_factor" not in full:
-        # transformers 4.x Phi3Config rejects rope_scaling unless it has exactly these three keys
-        rope_scaling: dict[str, Any] = {"type": "longrope", "short_factor": short_factor, "long_factor": long_factor}
-    else:
-        rope_scaling = dict(full)
-    rope_parameters = {**full, "rope_theta": ff.rope.base}
-    updates: dict[str, Any] = {
-        "rope_scaling": rope_scaling,
-        "rope_parameters": rope_parameters,
-        "rope_theta": ff.rope.base,
-        "original_max_position_embeddings": original,
-        "max_position_embeddings": ff.target_length,
-    }
-    if partial_rotary_factor is not None:
-        rope_parameters["partial_rotary_factor"] = partial_rotary_factor
-        # 5.x reads rope_scaling first and 4.x never reads rope_parameters: the top level is the one both see
-        updates["partial_rotary_factor"] = partial_rotary_factor
-    return updates
-
-
-# transformers' rope_type for each baseline a factors file can hold; ntk runs as plain RoPE with a larger rope_theta
-METHOD_ROPE_TYPES = {LONGROPE: "longrope", "yarn": "yarn", "pi": "linear", "ntk": "default"}
-
-
-def _method_rope_config(ff: FactorsFile, partial_rotary_factor: float | None) -> dict[str, Any]:
-    """config.json keys for a baseline at ff.target_length as transformers (4.5x and 5.x) runs it: rope_type yarn
-    (its default beta_fast 32, beta_slow 1 and attention factor 0.1 ln s + 1), linear, or NTK-aware as rope_theta
-    base * s^(d/(d-2)) with no rope scaling."""
-    original, scale = ff.rope.original_length, ff.scale
-    theta = ff.rope.base * scale ** (ff.rope.rotary_dim / (ff.rope.rotary_dim - 2)) if ff.method == "ntk" else ff.rope.base
-    scaling: dict[str, Any] | None = {"rope_type": METHOD_ROPE_TYPES[ff.method], "factor": scale}
-    if ff.method == "yarn":
-        scaling = {**scaling, "original_max_position_embeddings": original, "beta_fast": 32.0, "beta_slow": 1.0}
-    elif ff.method == "ntk":
-        scaling = None
-    parameters = {**(scaling or {"rope_type": "default"}), "rope_theta": theta}
-    updates: dict[str, Any] = {"rope_scaling": scaling, "rope_parameters": parameters, "rope_theta": theta,
-                               "original_max_position_embeddings": original, "max_position_embeddings": ff.target_length}
-    if partial_rotary_factor is not None:
-        parameters["partial_rotary_factor"] = partial_rotary_factor
-        updates["partial_rotary_factor"] = partial_rotary_factor
-    return updates
-
-
-def _partial_rotary_factor(config_doc: dict[str, Any]) -> float | None:
-    """SRC's partial rotary factor wherever its config.json keeps it (5.x may keep it inside rope_parameters)."""
-    if config_doc.get("partial_rotary_factor") is not None:
-        return float(config_doc["partial_rotary_factor"])
-    params = config_doc.get("rope_parameters")
-    if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
-        return float(params["partial_rotary_factor"])
-    return None
-
-
-def compatibility_notes(ff: FactorsFile, model_type: str) -> list[str]:
-    """What the exported config cannot carry, or carries with a different meaning than the search used."""
-    if ff.method != LONGROPE:
-        return [f"{ff.method} at {ff.target_length} tokens runs at every length, inside the original window too "
-                f"(attention factor {ff.mscale:.6g}): transformers has no short set for it."]
-    notes = []
-    if needs_attention_factor(ff):
-        default = longrope_mscale(ff.scale, ff.rope.original_length)
-        notes.append(
-            f"mscale {ff.mscale:.6g} differs from the default {default:.6g}: written as attention_factor "
-            "(transformers) and short_mscale/long_mscale (vLLM); other runtimes use the default."
-        )
-        if model_type == "phi3":
-            notes.append(
-                "Phi-3 with a custom attention_factor cannot use the strict 3-key rope_scaling, so transformers "
-                "4.x will refuse this config.json (5.x and vLLM load it); search with mscale: auto to avoid this."
-            )
-    if ff.mscale != 1.0:
-        notes.append(
-            f"transformers and vLLM apply the attention factor {ff.mscale:.6g} inside the original window too, so "
-            "the exported model differs from the original one on short inputs even where the short factors are 1.0."
-        )
-    return notes
 
 
 # --- files ------------------------------------------------------------------------------------------------
@@ -368,66 +244,7 @@ def _check_destination(out: Path, src: Path, force: bool) -> None:
                                   "aside or choose another --out.")
 
 
-# --- verification -----------------------------------------------------------------------------------------
-
-
-def _random_ids(vocab_size: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))  # (1, L)
-
-
-@torch.no_grad()
-def _full_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids.to(model.get_input_embeddings().weight.device)).logits.float().cpu()  # (1, L, vocab)
-
-
-def loaded_rope_type(config: Any) -> str | None:
-    """The rope type transformers runs a loaded config with: 5.x's rope_parameters, 4.x's rope_scaling."""
-    for key in ("rope_parameters", "rope_scaling"):
-        params = getattr(config, key, None)
-        if isinstance(params, dict) and (params.get("rope_type") or params.get("type")):
-            return params.get("rope_type") or params.get("type")
-    return None
-
-
-def _load_for_check(path: Path, dtype: str, device: str, device_map: str | None, options: LoadOptions) -> Any:
-    """A model for the reload check: on `device`, or placed by accelerate with a device map (sharded)."""
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "trust_remote_code": options.trust_remote_code}
-    if device_map is not None:
-        return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **kwargs).eval()
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-
-
-def verify_export(
-    out: Path, src: Path, ff: FactorsFile, n_hat: int, length: int, device: str = "cpu", dtype: str = "float32",
-    device_map: str | None = None, options: LoadOptions = DEFAULT_LOAD,
-) -> tuple[float, float, Any]:
-    """(long, short) max abs logit differences: DST loaded plainly vs SRC with our rotary module installed,
-    and the loaded SRC model, so a later measurement need not load it again.
-
-    The same dtype on both sides (fp32 by default, so the comparison measures the RoPE, not rounding; bf16
-    halves the memory). The two models are loaded one after the other to keep peak memory at one copy of
-    the weights; `device_map` (e.g. auto) shards each over the GPUs instead of putting it on `device`.
-    """
-    check_device_map(device_map)
-    dst_config = AutoConfig.from_pretrained(out, trust_remote_code=options.trust_remote_code)
-    rope_type, expected = loaded_rope_type(dst_config) or "default", METHOD_ROPE_TYPES[ff.method]
-    if rope_type != expected:
-        raise ExportError(f"verification failed: transformers loads {out} with rope_type {rope_type!r}, not "
-                          f"{expected!r}; report this with your transformers version.")
-    vocab = dst_config.get_text_config().vocab_size
-    long_ids = _random_ids(vocab, length)
-    short_ids = _random_ids(vocab, min(SHORT_VERIFY_LENGTH, ff.rope.original_length), seed=1)
-    short = ff.short_or_ones
-
-    dst = _load_for_check(out, dtype, device, device_map, options)
-    dst_long, dst_short = _full_logits(dst, long_ids), _full_logits(dst, short_ids)
-    del dst
-    ref = _load_for_check(src, dtype, device, device_map, options)
-    install_rope(ref, ff.factors, n_hat=n_hat, mscale=ff.mscale)
-    ref_long = _full_logits(ref, long_ids)
-    install_rope(ref, short, n_hat=0, mscale=ff.mscale)
-    ref_short = _full_logits(ref, short_ids)
-    return (dst_long - ref_long).abs().max().item(), (dst_short - ref_short).abs().max().item(), ref
+# --- the n_hat measurement ---------------------------------------------------------------------------------
 
 
 def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[float, float] | None:
@@ -455,37 +272,6 @@ def n_hat_cost(run_dir: Path, src: Path, model: Any, ff: FactorsFile) -> tuple[f
 # --- export -----------------------------------------------------------------------------------------------
 
 
-def _verify_length(ff: FactorsFile, config: Any, requested: int | None, dtype: str, device: str | None) -> int:
-    """The check's length (default: the original window + LONG_VERIFY_MARGIN), refused when it does not reach the long
-    factors or cannot fit in the device's memory."""
-    original = ff.rope.original_length
-    length = requested if requested is not None else original + LONG_VERIFY_MARGIN
-    if length <= original:
-        raise ExportError(f"--verify-length {length} must exceed the original window {original} to test the long "
-                          "factors; pass a longer --verify-length.")
-    _check_verify_memory(config, length, dtype, device)
-    return length
-
-
-def _check_verify_memory(config: Any, length: int, dtype: str, device: str | None) -> None:
-    """Refuse a check that cannot fit: one model's weights, a forward at `length` and two sets of full logits (the
-    export's and the searched model's), against the memory free on `device` (unknown there, or sharded: not refused)."""
-    free = available_bytes(device) if device is not None else None
-    try:
-        shape = shape_from_config(config, "the model")
-    except ModelError:  # a config without the sizes plan reads: its memory is unknown, the check may try
-        return
-    if free is None:
-        return
-    size = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-    need = (shape.params * size + max(activation_bytes(shape, length, size).values())
-            + 2 * length * shape.vocab_size * 4)
-    if need > free:
-        raise ExportError(f"--verify-length {length} needs about {format_bytes(need)} for the check on {device}, which "
-                          f"has {format_bytes(free)} free; pass a shorter --verify-length (the default, the original "
-                          "window + 16 tokens, already runs the long factors).")
-
-
 def _n_hat_note(run_dir: Path, src: Path, ref: Any, ff: FactorsFile) -> list[str]:
     """What dropping n_hat costs on the search samples, measured after the export is in place: a measurement that
     fails (the run's corpus gone) becomes a note, never a failed export."""
@@ -498,21 +284,6 @@ def _n_hat_note(run_dir: Path, src: Path, ref: Any, ff: FactorsFile) -> list[str
     kept, dropped = cost
     return [f"dropping n_hat={ff.n_hat} changes the search-sample PPL at {ff.target_length} tokens from {kept:.4f} "
             f"to {dropped:.4f} ({100 * (dropped / kept - 1):+.2f}%)"]
-
-
-def _check_verify_settings(tolerance: float, dtype: str, device: str | None, device_map: str | None) -> None:
-    """The logit check's own settings (and its device, when it runs and no device map places the models), refused
-    before anything is read or written."""
-    if device is not None and device_map is not None:  # the check runs, placed by accelerate
-        check_device_map(device_map)
-    elif device is not None:  # the check runs on this device
-        check_device(device)
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ExportError(f"--tolerance {tolerance} is not a finite number >= 0; the default 1e-4 suits float32 "
-                          "(bfloat16 needs about 1e-1).")
-    if dtype not in VERIFY_DTYPES:
-        raise ExportError(f"--dtype {dtype!r} is not one of {', '.join(VERIFY_DTYPES)}; float32 checks exactly, "
-                          "bfloat16 halves the memory of the check.")
 
 
 def export(
@@ -545,7 +316,7 @@ def export(
     """
     phase = progress if progress is not None else (lambda line: None)
     dtype = canonical_dtype(dtype, "--dtype")
-    _check_verify_settings(tolerance, dtype, device if verify else None, device_map)
+    check_verify_settings(tolerance, dtype, device if verify else None, device_map)
     ff = load_factors(source)  # a run directory (not a stages folder) or a factors.json
     source_file = factors_path(source)
     if ff.n_hat > 0 and not drop_n_hat:
@@ -557,7 +328,7 @@ def export(
     src, config, options = source_model(ff, source_file, model, revision)
     out = Path(out).expanduser().absolute()
     _check_destination(out.resolve(), src, force)
-    length = _verify_length(ff, config, verify_length, dtype, device if device_map is None else None) if verify else 0
+    length = checked_length(ff, config, verify_length, dtype, device if device_map is None else None) if verify else 0
 
     phase(f"writing {out}")
     with _staged(out, force) as folder:
@@ -662,7 +433,7 @@ def _write(ff: FactorsFile, source_file: Path, src: Path, out: Path, model_type:
     with the longrope keys, longrope.json, the model card (naming the model `name`); the notes."""
     config_doc = json.loads((src / "config.json").read_text())
     model_type = str(config_doc.get("model_type", model_type))
-    config_doc.update(hf_rope_config(ff, model_type, _partial_rotary_factor(config_doc)))
+    config_doc.update(hf_rope_config(ff, model_type, partial_rotary_factor(config_doc)))
     config_doc["transformers_version"] = transformers.__version__  # what wrote this config, not SRC's
     notes = _place_files(src, out, copy_weights, weights)
     atomic_write_text(out / "config.json", json.dumps(config_doc, indent=2) + "\n")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from longrope_search import checkpoint, data, export, methods, packing
+from longrope_search import checkpoint, data, export, hf_config, methods, packing, reload_check
 from longrope_search.config import Config, apply_overrides, from_dict, parse_length, read_yaml
 from longrope_search.data import CorpusSpec, same_documents
 from longrope_search.errors import (CheckpointError, ConfigError, DataError, DependencyError, ExportError, ModelError,
@@ -406,7 +406,7 @@ def load_start_model(setup: Setup, start: Path) -> Any:
             trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelError(f"cannot load {start} for training ({exc}); check model.attn_implementation.") from exc
-    loaded, expected = export.loaded_rope_type(model.config) or "default", export.METHOD_ROPE_TYPES[setup.factors.method]
+    loaded, expected = hf_config.loaded_rope_type(model.config) or "default", hf_config.METHOD_ROPE_TYPES[setup.factors.method]
     if loaded != expected:
         raise ExportError(f"transformers loads {start} with rope type {loaded!r}, not {expected}; report this with "
                           "your transformers version.")
@@ -465,10 +465,10 @@ def finish(setup: Setup, folder: Path, dtype: str, reporter: Reporter) -> tuple[
     doc = json.loads((folder / "config.json").read_text())
     keys = [k for k in ("dtype", "torch_dtype") if k in doc] or ["torch_dtype"]
     atomic_write_text(folder / "config.json", json.dumps({**doc, **{k: dtype for k in keys}}, indent=2) + "\n")
-    length = setup.factors.rope.original_length + export.LONG_VERIFY_MARGIN
+    length = setup.factors.rope.original_length + reload_check.LONG_VERIFY_MARGIN
     reporter.phase(f"checking {folder}: reloading it with plain transformers and comparing logits with longrope's RoPE")
     device = default_device() if setup.config.model.device == "auto" else setup.config.model.device
-    long_diff, short_diff, _ = export.verify_export(folder, folder, setup.factors, n_hat=0, length=length,
+    long_diff, short_diff, _ = reload_check.verify_export(folder, folder, setup.factors, n_hat=0, length=length,
                                                     device=device, options=setup.options)
     if not max(long_diff, short_diff) <= 1e-4:
         raise ExportError(f"verification failed: {folder} differs from its weights under longrope's RoPE by "
@@ -559,7 +559,7 @@ def _train(setup: Setup, folder: Path, stream: data.TokenStream, layout: packing
         if is_main_process():
             reporter.phase(f"exporting {setup.installed} into {start} (the model training starts from)")
             write_start(setup, start)
-    reporter.phase(f"loading {start} with plain transformers (rope_type {export.METHOD_ROPE_TYPES[setup.factors.method]})")
+    reporter.phase(f"loading {start} with plain transformers (rope_type {hf_config.METHOD_ROPE_TYPES[setup.factors.method]})")
     set_seed(f.seed)
     model = load_start_model(setup, start)
     resume_from = latest_checkpoint(folder, clean=is_main_process(), reporter=reporter)
