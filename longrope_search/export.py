@@ -27,8 +27,10 @@ from longrope_search.errors import CheckpointError, ExportError, LongRopeError, 
 from longrope_search.eval_result import read_eval
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.files import (
+    LOCK_FILE,
     atomic_copy,
     atomic_write_text,
+    folder_lock,
     make_dirs,
     move_into,
     remove_staging,
@@ -331,7 +333,7 @@ def export(
     length = checked_length(ff, config, verify_length, dtype, device if device_map is None else None) if verify else 0
 
     phase(f"writing {out}")
-    with _staged(out, force) as folder:
+    with _claimed(out, src, force), _staged(out, force) as folder:
         notes = _write(ff, source_file, src, folder, config.model_type, copy_weights, push_to_hub or str(out))
         notes += checkpoint.unfinished_note(source_file.parent)
         report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=ff.n_hat > 0, notes=notes)
@@ -360,7 +362,7 @@ def export_method(method: str, target: str | int, model: str, out: Path, force: 
     _check_destination(out.resolve(), src, force)
     if progress is not None:
         progress(f"writing {out}")
-    with _staged(out, force) as folder:
+    with _claimed(out, src, force), _staged(out, force) as folder:
         ff.save(folder / EXPORT_FACTORS_FILE)  # the factors file _write records: written first, read back unchanged
         notes = _write(ff, folder / EXPORT_FACTORS_FILE, src, folder, config.model_type, False, str(out))
         report = ExportReport(out=out, max_abs_diff=None, verify_length=None, dropped_n_hat=False, notes=notes)
@@ -369,21 +371,34 @@ def export_method(method: str, target: str | int, model: str, out: Path, force: 
 
 
 @contextlib.contextmanager
+def _claimed(out: Path, src: Path, force: bool) -> Iterator[None]:
+    """`out`'s parent folders made, and `out` locked for the block (the lock file `.NAME.longrope.lock` beside it): a
+    second export into `out` is refused while this one runs, and the destination is checked again under the lock (an
+    export that ended meanwhile filled it). The folders made are removed again when the block fails."""
+    created = make_dirs(out.parent)
+    try:
+        with folder_lock(out.parent, f".{out.name}{LOCK_FILE}", what=out):
+            _check_destination(out.resolve(), src, force)
+            yield
+    except BaseException:
+        for made in reversed(created):
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def _staged(out: Path, force: bool) -> Iterator[Path]:
     """A private folder for the block to write and check the export in (inside `out` when it exists, so on its disk
     even behind a link and whatever its parent allows; else beside it), moved into `out` when the block succeeds (temp
-    files a kill left there removed; with --force, the previous export's weights too) and deleted with the folders
-    made for it when it fails. Staging folders a killed export left for `out` go first."""
+    files a kill left there removed; with --force, the previous export's weights too) and deleted when it fails.
+    Staging folders a killed export left for `out` go first (under `_claimed`'s lock, never a running export's)."""
     remove_staging(out)
-    created = make_dirs(out.parent)
     folder = staging_folder(out, inside=out.is_dir())
     try:
         yield folder
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
-        for made in reversed(created):
-            with contextlib.suppress(OSError):
-                made.rmdir()
         raise
     if out.is_dir():
         remove_temps(out)  # what a kill of an older version's export left

@@ -460,6 +460,18 @@ def test_a_failed_export_leaves_no_model_and_a_killed_one_is_cleaned_by_the_next
     assert result.exit_code == 0 and not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_second_export_into_the_same_folder_is_refused_while_the_first_runs(reference, tmp_path):
+    models, out = tmp_path / "models", tmp_path / "models" / "export"
+    models.mkdir()
+    running = models / ".export.r4nn1ng0.tmp"  # the staging folder of the export that is running
+    running.mkdir()
+    with folder_lock(models, f".export{LOCK_FILE}", what=out):  # that export's lock, held through another open file
+        one_line_error(runner.invoke(app, ["export", str(reference), "--out", str(out), "--drop-n-hat"]),
+                       f"{out} is in use by pid {os.getpid()}", "wait until it ends")
+    assert running.is_dir() and not out.exists()  # its staging folder is not taken for a killed export's
+    assert sorted(p.name for p in models.iterdir()) == [running.name]  # and the lock went with its holder
+
+
 def test_a_finished_run_resumed_again_is_left_as_it_is(reference, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
