@@ -18,7 +18,8 @@ import torch
 
 from longrope_search import checkpoint
 from longrope_search.config import DEFAULT_CHUNK_SIZE, DEFAULT_MLP_CHUNK, parse_length
-from longrope_search.data import CorpusSpec, build_samples, same_documents
+from longrope_search.corpus import CorpusSpec, same_documents
+from longrope_search.data import build_samples
 from longrope_search.errors import ConfigError, DataError
 from longrope_search.eval_result import EvalResult
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors

@@ -22,7 +22,8 @@ import transformers
 
 from longrope_search import builtin, checkpoint, hub, methods
 from longrope_search.config import canonical_dtype, load_config as load_run_config, parse_length
-from longrope_search.data import CorpusSpec, build_samples
+from longrope_search.corpus import CorpusSpec
+from longrope_search.data import build_samples
 from longrope_search.errors import CheckpointError, ExportError, LongRopeError, ModelError
 from longrope_search.eval_result import read_eval
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors

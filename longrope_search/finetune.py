@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, PrinterCallback, Trainer, Trainer
 
 from longrope_search import checkpoint, data, export, hf_config, methods, packing, reload_check
 from longrope_search.config import Config, apply_overrides, from_dict, parse_length, read_yaml
-from longrope_search.data import CorpusSpec, same_documents
+from longrope_search.corpus import CorpusSpec, corpus_identity, same_documents
 from longrope_search.errors import (CheckpointError, ConfigError, DataError, DependencyError, ExportError, ModelError,
                                     install_hint)
 from longrope_search.factors import FactorsFile, factors_path, load_factors, software_versions
@@ -544,7 +544,7 @@ def run_finetune(config: Config | None, out: Path | None, resume: bool = False, 
             else:
                 checkpoint.append_log(log_path, {"event": "start", "fingerprint": {
                     "run": str(setup.config.finetune.run), "factors": setup.factors.factors, "model": str(setup.src),
-                    "corpus": data.corpus_identity(setup.corpus), "tokens": layout.tokens,
+                    "corpus": corpus_identity(setup.corpus), "tokens": layout.tokens,
                     "tokenizer": data.tokenizer_fingerprint(tokenizer)}})
             claim.keep()  # the fine-tune exists: a failure from here on leaves it to be resumed
         return _train(setup, folder, stream, layout, reporter)

@@ -14,6 +14,7 @@ import torch
 
 from longrope_search import data
 from longrope_search.config import Config
+from longrope_search.corpus import CorpusSpec
 from longrope_search.errors import ConfigError
 from longrope_search.fitness import Joint
 from longrope_search.needle import NeedleSample, answer_targets, answers_only, asked_windows, needle_samples
@@ -58,7 +59,7 @@ class Split:
         return set(self.windows.search_docs) | set(self.windows.heldout_docs[self.heldout_samples:])
 
 
-def draw_split(tokenizer: Any, corpus: data.CorpusSpec, length: int, samples: int, heldout: int, validation: int,
+def draw_split(tokenizer: Any, corpus: CorpusSpec, length: int, samples: int, heldout: int, validation: int,
                seed: int, cache_dir: Any = None) -> Split:
     """The documents of a search with these data settings at `length` tokens (the sample cache keeps them)."""
     windows = data.build_samples(tokenizer, corpus, length, samples, heldout + validation, seed, cache_dir)
@@ -86,7 +87,7 @@ def reweighed(sets: SampleSets, weight: float) -> SampleSets:
 def sample_sets(tokenizer: Any, config: Config, length: int) -> SampleSets:
     """The search's sets at `length` tokens, on the documents of `draw_split`."""
     d = config.data
-    split = draw_split(tokenizer, data.CorpusSpec.of(d), length, d.samples, d.heldout_samples, d.validation_samples,
+    split = draw_split(tokenizer, CorpusSpec.of(d), length, d.samples, d.heldout_samples, d.validation_samples,
                        d.seed, d.cache_dir)
     windows, heldout_plain, validation_plain = split.windows, split.heldout, split.validation
     s = config.search

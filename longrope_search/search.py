@@ -27,6 +27,7 @@ from longrope_search.attention import fit_attention, long_heldout
 from longrope_search.checkpoint import Evaluation, SearchState
 from longrope_search.comparison import SEARCH_BEST, Comparison, NeedleCheck, compare_methods
 from longrope_search.config import Config
+from longrope_search.corpus import CorpusSpec
 from longrope_search.errors import CheckpointError, ConfigError, DataError
 from longrope_search.factors import (
     AttentionFit,
@@ -330,7 +331,7 @@ def load(setup: SearchSetup, model_config: Any, ctx: distributed.Context, report
                    f"{d.validation_samples} validation windows of {setup.target_length} tokens (cached after the "
                    "first time)")
     sets = sample_sets(tokenizer, config, setup.target_length)
-    corpus = data.CorpusSpec.of(d)
+    corpus = CorpusSpec.of(d)
     long_samples = None
     if setup.fits_mscale:  # the long set's own length, for the attention-factor fit
         try:

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from longrope_search import data
-from longrope_search.data import CorpusSpec, build_samples, load_texts
+from longrope_search.corpus import CorpusSpec, load_texts
+from longrope_search.data import build_samples
 from longrope_search.errors import DataError
 
 VOCAB = 60

@@ -18,7 +18,8 @@ from longrope_search import evaluate as ev
 from longrope_search import methods as mt
 from longrope_search import passkey as pk
 from longrope_search.config import from_dict
-from longrope_search.data import CorpusSpec, build_samples
+from longrope_search.corpus import CorpusSpec
+from longrope_search.data import build_samples
 from longrope_search.errors import ConfigError, DataError, ModelError
 from longrope_search.factors import FactorsFile, Scores, load_factors
 from longrope_search.fitness import perplexity

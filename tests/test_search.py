@@ -179,7 +179,8 @@ def test_progressive_stage_composes_with_the_previous_factors(setup, finished_ru
     import numpy as np
     import torch
 
-    from longrope_search.data import CorpusSpec, build_samples
+    from longrope_search.corpus import CorpusSpec
+    from longrope_search.data import build_samples
     from longrope_search.factors import load_factors
     from longrope_search.fitness import perplexity
     from longrope_search.model import install_rope, load_model
@@ -233,7 +234,8 @@ def test_short_readjustment_lowers_the_attention_factor_within_the_long_toleranc
     import numpy as np
     import torch
 
-    from longrope_search.data import CorpusSpec, build_samples
+    from longrope_search.corpus import CorpusSpec
+    from longrope_search.data import build_samples
     from longrope_search.factors import load_factors
     from longrope_search.fitness import perplexity
     from longrope_search.model import install_rope, load_model
