@@ -9,7 +9,7 @@ the trained weights go into DIR itself beside export's config.json, tokenizer, l
 reload check of `longrope export` runs on them. DIR/finetune.json, written last, marks a finished fine-tune.
 
 Over 450 lines: setup, data, the Trainer's arguments and callbacks, the written model and its check; the
-checkpoints folder is apart (trainer_checkpoints.py).
+checkpoints folder (trainer_checkpoints.py) and the result record (finetune_result.py) are apart.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from longrope_search.corpus import CorpusSpec, corpus_identity, same_documents
 from longrope_search.errors import (CheckpointError, ConfigError, DataError, DependencyError, ExportError, ModelError,
                                     install_hint)
 from longrope_search.factors import FactorsFile, factors_path, load_factors, software_versions
-from longrope_search.files import atomic_write_text, json_text, make_readable, remove_temps
+from longrope_search.files import atomic_write_text, make_readable, remove_temps
+from longrope_search.finetune_result import FinetuneResult, is_trained, load_result
 from longrope_search.model import LoadOptions, attention_backend, default_device, load_model_config, load_tokenizer, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.trainer_checkpoints import CHECKPOINTS_KEPT, check_checkpoints, latest_checkpoint, remove_from
@@ -58,68 +59,6 @@ from longrope_search.rundir import (
 
 HELD_OUT_CORPUS = "builtin:cpython"  # what searches and evals of the shipped model score on: never trained on
 CONFIG_SECTIONS = ("model", "finetune", "output")  # what a fine-tune's --config may set; data and search are RUN's
-
-
-# --- the result -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FinetuneResult:
-    """DIR/finetune.json: what was trained, on what, and how the written model checked out."""
-
-    run: str  # the search run whose factors the model trained with
-    model: str  # the model trained (the run's, or model.name)
-    out: str
-    method: str  # full | lora
-    target_length: int  # the factors' target
-    length: int  # tokens of a long row
-    short_length: int  # tokens of a short row
-    steps: int
-    tokens: int  # trained tokens (every row of every step)
-    short_share: float  # the share of blocks that were short rows
-    long_rows_share: float  # of the long rows, the share whose longest document ran the long factors
-    losses: list[float] = field(default_factory=list)  # the training loss of each step
-    seconds: float = 0.0  # training time (a resumed fine-tune adds its runs' times)
-    max_abs_diff: float | None = None  # export's reload check: long factors, at verify_length tokens
-    short_max_abs_diff: float | None = None  # ... and inside the original window
-    verify_length: int | None = None
-    versions: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def first_loss(self) -> float:
-        return self.losses[0] if self.losses else math.nan
-
-    @property
-    def last_loss(self) -> float:
-        return self.losses[-1] if self.losses else math.nan
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any], source: str = FINETUNE_FILE) -> "FinetuneResult":
-        try:
-            known = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in doc.items() if k in known})
-        except TypeError as exc:
-            raise CheckpointError(f"{source} is missing a field ({exc}); the file is damaged.") from None
-
-    def save(self, path: Path) -> None:
-        atomic_write_text(path, json_text(self.to_json(), indent=2) + "\n")
-
-
-def load_result(folder: Path) -> FinetuneResult:
-    path = Path(folder) / FINETUNE_FILE
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} ({type(exc).__name__}); the fine-tune's result is missing or "
-                              "damaged.") from None
-    return FinetuneResult.from_json(doc, str(path))
-
-
-def is_trained(folder: Path) -> bool:
-    return (Path(folder) / FINETUNE_FILE).is_file()
 
 
 # --- the config -------------------------------------------------------------------------------------------

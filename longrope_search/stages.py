@@ -25,10 +25,11 @@ from longrope_search.stages_file import ExportStage, load_stages, stage_kind, st
 from longrope_search.errors import CheckpointError, ConfigError, LongRopeError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import atomic_write_text
+from longrope_search.finetune_result import FinetuneResult, is_trained, load_result
 from longrope_search.model import LoadOptions, load_model_config, rope_spec
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import (
-    CONFIG_FILE, EXPORT_FACTORS_FILE, FACTORS_FILE, FINETUNE_FILE, FINETUNE_RESUME_KEYS, PIPELINE_FILE,
+    CONFIG_FILE, EXPORT_FACTORS_FILE, FACTORS_FILE, FINETUNE_RESUME_KEYS, PIPELINE_FILE,
     Claim, absolute_paths, absolute_raw_paths, claimed, default_stages_dir, entries, resume_change, unstarted,
 )
 from longrope_search.search import run_search
@@ -58,7 +59,7 @@ class StageResult:
     stage: Stage
     final: FactorsFile  # a finetune stage: the factors its model carries
     status: str  # "searched", "resumed" or "kept"; a finetune stage: "fine-tuned", "resumed" or "kept"
-    trained: Any = None  # a finetune stage's FinetuneResult
+    trained: FinetuneResult | None = None  # a finetune stage's
 
 
 def plan_stages(path: Path, overrides: list[str], root: Path | None) -> tuple[Path, list[Stage]]:
@@ -117,7 +118,7 @@ def status(stage: Stage) -> str:
     if stage.kind == "export":
         return "finished" if _exported(stage) == _export_record(stage) else "unfinished"
     if stage.kind == "finetune":
-        return "finished" if (run_dir / FINETUNE_FILE).is_file() else "unfinished"
+        return "finished" if is_trained(run_dir) else "unfinished"
     return "finished" if checkpoint.search_finished(run_dir) else "unfinished"
 
 
@@ -356,7 +357,7 @@ def _run_finetune_stage(stage: Stage, state: str, changes: list[str], done: list
 
     try:
         if state == "finished" and not changes:
-            result, kind = finetune.load_result(stage.run_dir), "kept"
+            result, kind = load_result(stage.run_dir), "kept"
             reporter.note(f"stage {stage.name}: finished earlier, kept ({stage.run_dir})")
         elif state == "new":
             reporter.note(f"stage {stage.name}: fine-tuning in {stage.run_dir}")

@@ -32,7 +32,7 @@ from pathlib import Path
 from longrope_search.config import parse_length
 from longrope_search.evaluate import eval_ppl, needle_fillers, run_inputs
 from longrope_search.factors import FactorsFile, load_factors
-from longrope_search.finetune import load_result
+from longrope_search.finetune_result import load_result
 from longrope_search.methods import file_row
 from longrope_search.model import load_model
 from longrope_search.retrieval import NeedleSettings, mean_over_depths, needle_accuracy

@@ -28,6 +28,7 @@ from longrope_search.config import from_dict
 from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile, load_factors
 from longrope_search.files import file_mode
+from longrope_search.finetune_result import load_result
 from longrope_search.fitness import sequence_nll
 from longrope_search.model import install_rope, load_model, load_tokenizer, rope_spec
 from longrope_search.rope import longrope_mscale
@@ -234,7 +235,7 @@ def test_a_kill_resumes_from_the_last_checkpoint_with_the_same_loss_curve(setup,
     assert not (folder / "finetune.json").exists()
     result = run_cli("--resume", str(folder))
     assert result.exit_code == 0, (result.output, result.exception)
-    resumed = finetune.load_result(folder)
+    resumed = load_result(folder)
     assert resumed.losses == pytest.approx(reference.losses, rel=1e-5)
     lines = step_lines(folder)
     after = [line["step"] for line in lines[[line["event"] for line in lines].index("resume") + 1:]]
@@ -285,7 +286,7 @@ def test_a_resume_refuses_changes_to_what_is_trained_and_returns_a_finished_resu
                    "finetune.learning_rate cannot change when resuming")
     result = run_cli("--resume", str(folder), "--set", "finetune.save_every=7")
     assert result.exit_code == 0 and "is finished" in result.output
-    assert finetune.load_result(folder).losses == first.losses
+    assert load_result(folder).losses == first.losses
     one_line_error(run_cli("--resume", str(tmp_path / "nothing")), "holds no fine-tune")
     one_line_error(run_cli(str(setup["run"]), "--resume", str(folder)), "drop RUN")
 
@@ -341,7 +342,7 @@ def test_a_yarn_fine_tune_without_a_run_writes_a_checked_yarn_model_and_exports_
     result = run_cli(*argv)
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"with yarn at {WINDOW * SCALE} tokens" in result.output
-    done = finetune.load_result(folder)
+    done = load_result(folder)
     assert done.run == f"yarn at {WINDOW * SCALE} tokens" and done.max_abs_diff <= 1e-4
     doc = json.loads((folder / "config.json").read_text())
     assert doc["rope_parameters"]["rope_type"] == "yarn" and doc["rope_parameters"]["factor"] == SCALE
@@ -385,7 +386,7 @@ def test_a_baseline_fine_tune_resumes_and_a_fine_tune_folder_is_named_as_one(set
     (folder / "model.safetensors").unlink()
     result = run_cli("--resume", str(folder))
     assert result.exit_code == 0, (result.output, result.exception)
-    assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-6)
+    assert load_result(folder).losses == pytest.approx(first.losses, rel=1e-6)
     assert run_cli("--resume", str(folder)).exit_code == 0  # finished: returned as it is
     one_line_error(runner.invoke(app, ["search", "--resume", str(folder)]), "holds a fine-tune (a model), not a search")
     one_line_error(runner.invoke(app, ["eval", str(folder), "--lengths", "1x"]), "holds a fine-tune (a model)")
@@ -433,7 +434,7 @@ def test_a_resume_never_deletes_what_it_did_not_write_and_warns_of_a_damaged_sta
     result = run_cli("--resume", str(folder))
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"checkpoints/{newest.name}/trainer_state.json is damaged" in result.output
-    assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
+    assert load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors"])
@@ -452,7 +453,7 @@ def test_a_checkpoint_cut_short_is_warned_about_and_the_one_before_it_used(setup
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"{newest.name}/{name} is damaged (cut short by a kill or a full disk?); removing that checkpoint" in (
         result.output.replace("\n", " ").replace("  ", " "))
-    assert finetune.load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
+    assert load_result(folder).losses == pytest.approx(first.losses, rel=1e-5)
 
 
 def test_report_to_reaches_the_trainer(setup, tmp_path):
