@@ -19,7 +19,7 @@ from longrope_search.errors import ConfigError
 from longrope_search.factors import FactorsFile
 from longrope_search.progress import SILENT, Reporter
 from longrope_search.rundir import CONFIG_FILE, PIPELINE_FILE, default_run_dir, is_pipeline, is_sweep
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 from longrope_search.stages import StageResult, run_stages
 from longrope_search.sweep import SweepResult, run_sweep
 

@@ -32,7 +32,7 @@ from longrope_search.rundir import (
     CONFIG_FILE, EXPORT_FACTORS_FILE, FACTORS_FILE, FINETUNE_RESUME_KEYS, PIPELINE_FILE,
     Claim, absolute_paths, absolute_raw_paths, claimed, default_stages_dir, entries, resume_change, unstarted,
 )
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 
 @dataclass

@@ -27,7 +27,7 @@ from longrope_search.factors import load_factors
 from longrope_search.fitness import Evaluator
 from longrope_search.model import LoadOptions, load_model
 from longrope_search.sample_sets import sample_sets
-from longrope_search.search import set_up
+from longrope_search.search_run import set_up
 
 
 

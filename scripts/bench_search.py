@@ -45,7 +45,7 @@ from longrope_search.factors import COLUMN, load_factors
 from longrope_search.fitness import Evaluator
 from longrope_search.rundir import FACTORS_FILE, LOG_FILE
 from longrope_search.sample_sets import reweighed
-from longrope_search.search import load, open_run, run_search, set_up
+from longrope_search.search_run import load, open_run, run_search, set_up
 from longrope_search.validation import Validator
 
 

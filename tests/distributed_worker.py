@@ -138,7 +138,7 @@ def cp_scenario(ctx: distributed.Context) -> dict:
 
 def search_scenario(ctx: distributed.Context, config_path: Path, existing: Path, partial: Path, out: Path) -> dict:
     from longrope_search import config as config_mod
-    from longrope_search.search import run_search
+    from longrope_search.search_run import run_search
 
     config = config_mod.load_config(config_path, [])
     existing_error = describe(raised(lambda: run_search(config, existing, ctx=ctx)))

@@ -17,7 +17,7 @@ from search_fixtures import comparable, search_config, write_config, write_corpu
 
 from longrope_search import checkpoint, distributed
 from longrope_search.config import from_dict
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from longrope_search.config import load_config
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 TINY = Path(__file__).parent.parent / "configs" / "tiny.yaml"
 SMALL_BUDGET = ["search.population=8", "search.parents=3", "search.mutations=2", "search.crossovers=1",

@@ -25,7 +25,7 @@ from longrope_search.factors import FactorsFile, Scores, load_factors
 from longrope_search.fitness import perplexity
 from longrope_search.model import install_rope
 from longrope_search.rope import RopeSpec, ntk_factors, scaled_inv_freq
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 SPEC = RopeSpec(base=10000.0, rotary_dim=16, original_length=32)  # the tiny llama saved by write_model
 ALL = {"none", "pi", "ntk", "yarn", "pi@4x", "ntk@4x", "yarn@4x", "longrope"}

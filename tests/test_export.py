@@ -217,7 +217,7 @@ def test_drop_n_hat_reports_the_measured_ppl_cost(tmp_path):
     from search_fixtures import search_config, write_corpus, write_model
 
     from longrope_search.config import from_dict
-    from longrope_search.search import run_search
+    from longrope_search.search_run import run_search
 
     model, corpus = write_model(tmp_path), write_corpus(tmp_path)
     config = from_dict(search_config(model, corpus, generations=0, population=4, parents=2, n_hat=[4]))

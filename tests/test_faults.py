@@ -28,7 +28,7 @@ from longrope_search.errors import ExportError
 from longrope_search.factors import FactorsFile, Scores, load_factors
 from longrope_search.files import LOCK_FILE, folder_lock
 from longrope_search.rope import RopeSpec
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 runner = CliRunner()
 GENERATIONS = 3

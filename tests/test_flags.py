@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from longrope_search import evaluate as ev
-from longrope_search import search as search_module
+from longrope_search import search_run as search_module
 from longrope_search.cli import app
 from longrope_search.config import canonical_dtype, from_dict
 from longrope_search.errors import ConfigError

@@ -8,7 +8,7 @@ import pytest
 from search_fixtures import search_config, write_corpus, write_model
 
 from longrope_search.config import from_dict
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 # the model and corpus of tests/search_fixtures.py (seeded), 2 generations of the paper's search on them
 FACTORS = [1.14, 1.22, 1.22, 1.4, 2.21, 2.93, 3.28, 4.11]

@@ -25,7 +25,7 @@ from longrope_search.fitness import IGNORE, Evaluator, Joint
 from longrope_search.model import load_model_config, rope_spec
 from longrope_search.needle import answer_targets, answers_found, answers_only, asked_windows, needle_samples, text_only
 from longrope_search.rundir import CONFIG_FILE, config_for_resume
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 from longrope_search.search_setup import make_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")

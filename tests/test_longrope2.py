@@ -27,7 +27,7 @@ from longrope_search.fitness import IGNORE, Evaluator, sequence_nll
 from longrope_search.model import load_model_config, rope_spec
 from longrope_search.needle import answer_targets, answers_only, asked_windows, needle_samples
 from longrope_search.rope import RopeSpec
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 from longrope_search.search_setup import make_setup
 
 runner = CliRunner()

@@ -20,7 +20,7 @@ from longrope_search.errors import ConfigError, DataError
 from longrope_search.eval_result import EvalResult, render_tables
 from longrope_search.factors import FactorsFile
 from longrope_search.rope import RopeSpec
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 runner = CliRunner()
 

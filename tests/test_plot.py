@@ -18,7 +18,7 @@ from longrope_search.config import format_length
 from longrope_search.checkpoint import load_state
 from longrope_search.factors import load_factors
 from longrope_search.plot import load_eval, plot_run, work_curve
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

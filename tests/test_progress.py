@@ -12,7 +12,7 @@ from search_fixtures import search_config, write_corpus, write_model
 
 from longrope_search import progress
 from longrope_search.config import from_dict
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 
 def test_a_search_without_a_terminal_prints_its_phases_and_periodic_progress(tmp_path):

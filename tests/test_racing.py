@@ -15,7 +15,8 @@ from longrope_search import checkpoint, evolution
 from longrope_search.config import from_dict
 from longrope_search.fitness import FitnessResult, Race
 from longrope_search.model import load_model_config, rope_spec
-from longrope_search.search import Search, run_search
+from longrope_search.search import Search
+from longrope_search.search_run import run_search
 from longrope_search.search_setup import make_setup
 
 

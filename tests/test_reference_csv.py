@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.factors import load_factors
-from longrope_search.search import run_search, set_up
+from longrope_search.search_run import run_search, set_up
 from longrope_search.search_setup import seed_vectors
 
 runner = CliRunner()

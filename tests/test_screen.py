@@ -17,7 +17,7 @@ from longrope_search import checkpoint
 from longrope_search.config import from_dict
 from longrope_search.fitness import Evaluator, Race, Screen
 from longrope_search.rundir import CONFIG_FILE, FACTORS_FILE, LOG_FILE, config_for_resume
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

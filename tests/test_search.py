@@ -18,7 +18,7 @@ from longrope_search.config import from_dict
 from longrope_search.errors import CheckpointError, ConfigError
 from longrope_search.factors import load_factors
 from longrope_search.evolution import SearchSpace
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 from longrope_search.search_setup import make_setup as make_plan
 from longrope_search.model import load_model_config, rope_spec
 from longrope_search.rope import longrope_mscale

@@ -17,7 +17,7 @@ from longrope_search.cli import app
 from longrope_search.config import from_dict
 from longrope_search.model import load_model
 from longrope_search.sample_sets import sample_sets
-from longrope_search.search import run_search
+from longrope_search.search_run import run_search
 from longrope_search.validation import KEY_PREFIX, stalled
 
 runner = CliRunner()
