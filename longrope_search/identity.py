@@ -24,18 +24,19 @@ ADDED = ("weights",)
 
 @dataclass(frozen=True)
 class RunIdentity:
-    model: str  # name@hash of its config: another checkpoint under the same path is caught
-    target_length: int
-    original_length: int
-    rotary_dim: int
-    rope_base: float
-    data: str  # the search windows' fingerprint
-    tokenizer: str
-    space: list[Any]  # [max_factor, min_factor, step, monotonic, n_hat choices]
-    mscale: Any  # the attention factor, or ["fit", the prior's, long_tolerance] for a short search that fits it
-    seeds: list[str]
-    prior: list[float] | None
-    short: bool
+    # every field optional, as the checkpoints of earlier versions may lack any (a missing one then differs)
+    model: str | None = None  # name@hash of its config: another checkpoint under the same path is caught
+    target_length: int | None = None
+    original_length: int | None = None
+    rotary_dim: int | None = None
+    rope_base: float | None = None
+    data: str | None = None  # the search windows' fingerprint
+    tokenizer: str | None = None
+    space: list[Any] | None = None  # [max_factor, min_factor, step, monotonic, n_hat choices]
+    mscale: Any = None  # the attention factor, or ["fit", the prior's, long_tolerance] for a short search that fits it
+    seeds: list[str] | None = None
+    prior: list[float] | None = None  # always written, None for a first stage
+    short: bool | None = None
     # only when they apply (so the identity of runs that never had them stays the same):
     weights: dict[str, str] | None = None  # weight file -> "SIZE:HASH", when the files are found
     critical_dim: int | None = None

@@ -23,3 +23,8 @@ def test_a_field_this_version_does_not_know_is_kept_and_compared():
     saved = RunIdentity.from_json({**SAVED, "retired": 3})
     assert saved.other == {"retired": 3} and saved.to_json() == {**SAVED, "retired": 3}
     assert RunIdentity.from_json(SAVED).differences(saved) == ["retired: checkpoint has 3, now None"]
+
+
+def test_an_identity_missing_a_field_reads_and_differs_instead_of_failing():
+    partial = RunIdentity.from_json({k: v for k, v in SAVED.items() if k != "seeds"})
+    assert RunIdentity.from_json(SAVED).differences(partial) == ["seeds: checkpoint has None, now ['ntk', 'pi', 'yarn']"]
