@@ -94,7 +94,8 @@ def main() -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args()
 
-    from longrope_search.plan import activation_bytes, format_bytes, shape_from_config
+    from longrope_search.plan import activation_bytes, format_bytes
+    from longrope_search.shapes import shape_from_config
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     if args.lengths:

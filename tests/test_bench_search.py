@@ -84,3 +84,18 @@ def test_race_replay_refuses_a_raced_run(bench):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "race_replay.py"), str(runs / "4x-race")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 2 and "search.race_margin=0" in out.stderr.splitlines()[-1]
+
+
+def test_bench_long_context_runs_on_a_tiny_shape_and_its_memory_model_holds():
+    """The first GPU run of scripts/bench_long_context.py must not fail on an import: a tiny shape on CPU, both modes
+    at two lengths, the measured peak within 5% of plan's prediction."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_long_context.py"), "--hidden", "64",
+                          "--layers", "1", "--intermediate", "128", "--heads", "2", "--kv-heads", "2", "--vocab", "512",
+                          "--lengths", "256,512"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.strip().startswith(("256", "512"))]
+    assert sorted((int(r[0]), r[1].strip()) for r in rows) == [(256, "chunked"), (256, "whole"), (512, "chunked"),
+                                                               (512, "whole")]
+    assert all(abs(float(r[-1]) - 1) < 0.05 for r in rows)
+    assert "whole: longest length scored 512" in out.stdout and "chunked: longest length scored 512" in out.stdout
