@@ -28,7 +28,6 @@ from longrope_search.errors import CheckpointError, ExportError, LongRopeError, 
 from longrope_search.eval_result import read_eval
 from longrope_search.factors import FactorsFile, check_geometry, factors_path, load_factors
 from longrope_search.files import (
-    LOCK_FILE,
     atomic_copy,
     atomic_write_text,
     folder_lock,
@@ -309,8 +308,8 @@ def export(
 ) -> ExportReport:
     """Write a Hugging Face model directory at `out` that runs the searched factors as rope type longrope, with a
     model card (README.md) of its own; optionally upload it to the hub repository `push_to_hub`. The files are
-    written and checked in a folder beside `out` and moved into it only when the check passes: a failed or killed
-    export leaves `out` as it was (the next export removes what a kill left).
+    written and checked in a hidden folder inside `out` and moved into place only when the check passes: a failed
+    or killed export leaves `out` as it was (the next export removes what a kill left).
 
     source: a run directory or factors.json; model: the model to export onto (default: the one searched), a local
     folder, builtin:NAME or a hub id (downloaded with huggingface_hub; `revision` pins it, default: the run's
@@ -373,12 +372,13 @@ def export_method(method: str, target: str | int, model: str, out: Path, force: 
 
 @contextlib.contextmanager
 def _claimed(out: Path, src: Path, force: bool) -> Iterator[None]:
-    """`out`'s parent folders made, and `out` locked for the block (the lock file `.NAME.longrope.lock` beside it): a
-    second export into `out` is refused while this one runs, and the destination is checked again under the lock (an
-    export that ended meanwhile filled it). The folders made are removed again when the block fails."""
-    created = make_dirs(out.parent)
+    """`out` made (with its parents) and locked for the block, the lock file inside it (so an existing `out` needs no
+    write access to its parent, and the lock a kill leaves is ignored like a run folder's): a second export into `out`
+    is refused while this one runs, and the destination is checked again under the lock (an export that ended
+    meanwhile filled it). The folders made are removed again when the block fails."""
+    created = make_dirs(out)
     try:
-        with folder_lock(out.parent, f".{out.name}{LOCK_FILE}", what=out):
+        with folder_lock(out):
             _check_destination(out.resolve(), src, force)
             yield
     except BaseException:
@@ -390,12 +390,12 @@ def _claimed(out: Path, src: Path, force: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _staged(out: Path, force: bool) -> Iterator[Path]:
-    """A private folder for the block to write and check the export in (inside `out` when it exists, so on its disk
-    even behind a link and whatever its parent allows; else beside it), moved into `out` when the block succeeds (temp
+    """A private folder for the block to write and check the export in (inside `out`, which `_claimed` made: on its
+    disk even behind a link, whatever its parent allows), moved into `out` when the block succeeds (temp
     files a kill left there removed; with --force, the previous export's weights too) and deleted when it fails.
     Staging folders a killed export left for `out` go first (under `_claimed`'s lock, never a running export's)."""
     remove_staging(out)
-    folder = staging_folder(out, inside=out.is_dir())
+    folder = staging_folder(out, inside=True)  # `_claimed` made `out`: on its disk, whatever its parent allows
     try:
         yield folder
     except BaseException:

@@ -287,13 +287,13 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, name: str = LOCK_FILE, what: Path | None = None) -> Iterator[Path]:
-    """Hold an exclusive lock on `folder` (or on `what`, through the lock file `name` in `folder`) for the block: a
-    second command there is refused, naming the process that holds it. The lock is the kernel's (flock), so a killed
-    holder never blocks the next command; the file is removed when the block ends."""
+def folder_lock(folder: Path) -> Iterator[Path]:
+    """Hold an exclusive lock on `folder` for the block: a second command in the same folder is refused, naming the
+    process that holds it. The lock is the kernel's (flock), so a killed holder never blocks the next command; the
+    file is removed when the block ends."""
     import fcntl
 
-    path = Path(folder) / name
+    path = Path(folder) / LOCK_FILE
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -304,7 +304,7 @@ def folder_lock(folder: Path, name: str = LOCK_FILE, what: Path | None = None) -
         except BlockingIOError:
             os.close(fd)
             raise CheckpointError(
-                f"{what or folder} is in use by {_holder(path)}; wait until it ends (or stop it), then run this again."
+                f"{folder} is in use by {_holder(path)}; wait until it ends (or stop it), then run this again."
             ) from None
         except OSError as exc:
             os.close(fd)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -461,15 +462,45 @@ def test_a_failed_export_leaves_no_model_and_a_killed_one_is_cleaned_by_the_next
 
 
 def test_a_second_export_into_the_same_folder_is_refused_while_the_first_runs(reference, tmp_path):
-    models, out = tmp_path / "models", tmp_path / "models" / "export"
-    models.mkdir()
-    running = models / ".export.r4nn1ng0.tmp"  # the staging folder of the export that is running
-    running.mkdir()
-    with folder_lock(models, f".export{LOCK_FILE}", what=out):  # that export's lock, held through another open file
+    out = tmp_path / "models" / "export"
+    running = out / ".export.r4nn1ng0.tmp"  # the staging folder of the export that is running, inside --out
+    running.mkdir(parents=True)
+    with folder_lock(out):  # that export's lock, held through another open file
         one_line_error(runner.invoke(app, ["export", str(reference), "--out", str(out), "--drop-n-hat"]),
                        f"{out} is in use by pid {os.getpid()}", "wait until it ends")
-    assert running.is_dir() and not out.exists()  # its staging folder is not taken for a killed export's
-    assert sorted(p.name for p in models.iterdir()) == [running.name]  # and the lock went with its holder
+    assert sorted(p.name for p in out.iterdir()) == [running.name]  # not taken for a killed export's; the lock gone
+    # a kill -9 leaves the lock file: the next export treats the folder as empty and takes it
+    (out / LOCK_FILE).write_text("pid 1 on elsewhere\n")
+    running.rmdir()
+    result = runner.invoke(app, ["export", str(reference), "--out", str(out), "--drop-n-hat"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert not (out / LOCK_FILE).exists() and (out / "config.json").is_file()
+
+
+def test_an_export_into_an_existing_folder_needs_no_write_access_to_its_parent(reference, tmp_path, monkeypatch):
+    """--out a mount point under a read-only parent: the lock and the staging folder are inside --out."""
+    out = tmp_path / "ro" / "export"
+    out.mkdir(parents=True)
+    parent_writes = []
+    real_open = os.open
+
+    def watched(path, flags, *args, **kwargs):  # root ignores a read-only mode: catch a write in the parent instead
+        if Path(path).parent == out.parent and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            parent_writes.append(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def watched_mkdtemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) == out.parent:
+            parent_writes.append(dir)
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched)
+    monkeypatch.setattr(tempfile, "mkdtemp", watched_mkdtemp)
+    result = runner.invoke(app, ["export", str(reference), "--out", str(out), "--drop-n-hat"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert parent_writes == [] and sorted(p.name for p in out.parent.iterdir()) == ["export"]
 
 
 def test_a_finished_run_resumed_again_is_left_as_it_is(reference, tmp_path):
